@@ -1,0 +1,300 @@
+// Package hsmtransit is a Vault secrets engine with the API of Vault's
+// built-in transit engine. Its software keyring is the SDK's keysutil.
+package hsmtransit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/consts"
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+const (
+	// operationPrefix names the OpenAPI operations as built-in transit does,
+	// so that generated clients and the UI see the same operation IDs.
+	operationPrefix = "transit"
+
+	// minCacheSize is the smallest non-zero policy cache size; 0 means unbounded.
+	minCacheSize = 10
+
+	// autoRotateCheckInterval bounds how often the periodic function walks
+	// every key looking for one due for automatic rotation.
+	autoRotateCheckInterval = time.Hour
+
+	// Storage prefixes written by keysutil.
+	policyPrefix  = "policy/"
+	archivePrefix = "archive/"
+)
+
+// errEnterpriseOnly is the message built-in transit gives for key types whose
+// implementation exists only in Vault Enterprise's keysutil.
+const errEnterpriseOnly = "key type %s is only available in enterprise versions of Vault"
+
+// backend is one mount of the engine. Every mount of a multiplexed plugin
+// process has its own backend; they share nothing but the process.
+type backend struct {
+	*framework.Backend
+
+	// lm owns the policy cache and the per-key locks. It is replaced only by
+	// InitCache under cacheMu; every access goes through the helpers below.
+	lm *keysutil.LockManager
+
+	// cacheMu guards lm's cache against being swapped while in use. The
+	// read side is taken on every key access, the write side only when the
+	// cache size changes.
+	cacheMu sync.RWMutex
+	// cacheStale is set when another node changed the cache size; the next
+	// key access re-reads it from storage.
+	cacheStale atomic.Bool
+
+	// autoRotateMu makes auto-rotation single-flight; nextAutoRotate is the
+	// earliest time of the next walk over the keys.
+	autoRotateMu   sync.Mutex
+	nextAutoRotate time.Time
+	// autoRotateEvery is autoRotateCheckInterval, shorter in tests.
+	autoRotateEvery time.Duration
+}
+
+// Factory returns a configured backend. It must not touch storage: an external
+// plugin has none until Initialize.
+func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
+	b, err := newBackend(conf)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.Setup(ctx, conf); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func newBackend(conf *logical.BackendConfig) (*backend, error) {
+	useCache := conf == nil || conf.System == nil || !conf.System.CachingDisabled()
+	lm, err := keysutil.NewLockManager(useCache, 0)
+	if err != nil {
+		return nil, fmt.Errorf("creating lock manager: %w", err)
+	}
+	b := &backend{lm: lm, autoRotateEvery: autoRotateCheckInterval}
+	b.Backend = &framework.Backend{
+		Help:        backendHelp,
+		BackendType: logical.TypeLogical,
+		PathsSpecial: &logical.Paths{
+			// Key material is marked for seal wrapping, as built-in transit does.
+			SealWrapStorage: []string{archivePrefix, policyPrefix},
+		},
+		Paths: framework.PathAppend(
+			// Paths with a fixed suffix come before keys/:name, whose
+			// handler would otherwise be tried first.
+			[]*framework.Path{
+				b.pathRotate(),
+				b.pathKeysConfig(),
+				b.pathTrim(),
+				b.pathImport(),
+				b.pathImportVersion(),
+				b.pathCreateCSR(),
+				b.pathSetCertificate(),
+				b.pathKeys(),
+				b.pathListKeys(),
+				b.pathWrappingKey(),
+				b.pathEncrypt(),
+				b.pathDecrypt(),
+				b.pathRewrap(),
+				b.pathDatakey(),
+				b.pathSign(),
+				b.pathVerify(),
+				b.pathHMAC(),
+				b.pathHash(),
+				b.pathRandom(),
+				b.pathExport(),
+				b.pathBYOKExport(),
+				b.pathBackup(),
+				b.pathRestore(),
+				b.pathCacheConfig(),
+				b.pathConfigKeys(),
+			},
+		),
+		InitializeFunc: b.initialize,
+		Invalidate:     b.invalidate,
+		PeriodicFunc:   b.periodic,
+		Clean:          b.clean,
+	}
+	return b, nil
+}
+
+// initialize runs once storage is available: it sizes the policy cache from
+// the stored cache-config.
+func (b *backend) initialize(ctx context.Context, req *logical.InitializationRequest) error {
+	return b.loadCacheSize(ctx, req.Storage)
+}
+
+// loadCacheSize resizes the policy cache to the size kept in storage.
+func (b *backend) loadCacheSize(ctx context.Context, s logical.Storage) error {
+	if !b.lm.GetUseCache() {
+		return nil
+	}
+	size, err := readCacheSize(ctx, s)
+	if err != nil {
+		return err
+	}
+	b.cacheMu.Lock()
+	defer b.cacheMu.Unlock()
+	b.cacheStale.Store(false)
+	if size == b.lm.GetCacheSize() {
+		return nil
+	}
+	if err := b.lm.InitCache(size); err != nil {
+		return fmt.Errorf("resizing policy cache: %w", err)
+	}
+	return nil
+}
+
+// invalidate drops cached state that another node changed in storage.
+func (b *backend) invalidate(_ context.Context, key string) {
+	switch {
+	case strings.HasPrefix(key, policyPrefix):
+		b.cacheMu.RLock()
+		defer b.cacheMu.RUnlock()
+		b.lm.InvalidatePolicy(strings.TrimPrefix(key, policyPrefix))
+	case key == cacheConfigStoragePath:
+		b.cacheStale.Store(true)
+	}
+}
+
+// clean releases the mount's cached keys when it is unmounted or reloaded.
+func (b *backend) clean(_ context.Context) {
+	b.cacheMu.Lock()
+	defer b.cacheMu.Unlock()
+	if b.lm.GetUseCache() {
+		// A fresh cache drops every reference to key material.
+		_ = b.lm.InitCache(b.lm.GetCacheSize())
+	}
+}
+
+// periodic is Vault's periodic callback (about once a minute).
+func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
+	return b.autoRotateKeys(ctx, req.Storage)
+}
+
+// withLM runs f with the lock manager, holding the cache guard. It re-reads a
+// cache size changed by another node first.
+func (b *backend) withLM(ctx context.Context, s logical.Storage, f func(lm *keysutil.LockManager) error) error {
+	if b.cacheStale.Load() {
+		if err := b.loadCacheSize(ctx, s); err != nil {
+			return err
+		}
+	}
+	b.cacheMu.RLock()
+	defer b.cacheMu.RUnlock()
+	return f(b.lm)
+}
+
+// errKeyNotFound is returned by lockedPolicy when the key does not exist and
+// was not to be created.
+var errKeyNotFound = errors.New("key not found")
+
+// lockedPolicy loads (or with polReq.Upsert, creates) a policy and locks it,
+// shared or exclusive. The returned unlock must be called exactly once, and is
+// a no-op when the policy is nil. upserted reports that this call created it.
+//
+// keysutil hands out policies unlocked when caching is on and already
+// write-locked when it is off; this hides the difference.
+func (b *backend) lockedPolicy(ctx context.Context, polReq keysutil.PolicyRequest, exclusive bool) (p *keysutil.Policy, upserted bool, unlock func(), err error) {
+	err = b.withLM(ctx, polReq.Storage, func(lm *keysutil.LockManager) error {
+		var gerr error
+		p, upserted, gerr = lm.GetPolicy(ctx, polReq, b.GetRandomReader())
+		return gerr
+	})
+	if err != nil {
+		return nil, false, func() {}, err
+	}
+	if p == nil {
+		return nil, false, func() {}, nil
+	}
+	if b.lm.GetUseCache() {
+		p.Lock(exclusive)
+	}
+	if p.Type.IsEnterpriseOnly() {
+		p.Unlock()
+		return nil, false, func() {}, logical.CodedError(400, fmt.Sprintf(errEnterpriseOnly, p.Type))
+	}
+	var once sync.Once
+	return p, upserted, func() { once.Do(p.Unlock) }, nil
+}
+
+// readPolicy returns an existing key, locked shared or exclusive; p is nil
+// when the key does not exist.
+func (b *backend) readPolicy(ctx context.Context, s logical.Storage, name string, exclusive bool) (*keysutil.Policy, func(), error) {
+	p, _, unlock, err := b.lockedPolicy(ctx, keysutil.PolicyRequest{Storage: s, Name: name}, exclusive)
+	return p, unlock, err
+}
+
+// autoRotateKeys rotates every key whose auto_rotate_period has passed since
+// its latest version was created. It walks the keys at most once per
+// autoRotateEvery and never runs twice at once.
+func (b *backend) autoRotateKeys(ctx context.Context, s logical.Storage) error {
+	if !b.autoRotateMu.TryLock() {
+		return nil
+	}
+	defer b.autoRotateMu.Unlock()
+	if time.Now().Before(b.nextAutoRotate) {
+		return nil
+	}
+	b.nextAutoRotate = time.Now().Add(b.autoRotateEvery)
+
+	// Replicated secondaries and standbys must not write.
+	if sys := b.System(); sys != nil {
+		rs := sys.ReplicationState()
+		if rs.HasState(consts.ReplicationDRSecondary|consts.ReplicationPerformanceStandby) ||
+			(!sys.LocalMount() && rs.HasState(consts.ReplicationPerformanceSecondary)) {
+			return nil
+		}
+	}
+
+	names, err := s.List(ctx, policyPrefix)
+	if err != nil {
+		return fmt.Errorf("listing keys for auto-rotation: %w", err)
+	}
+	var errs []error
+	for _, name := range names {
+		if strings.HasSuffix(name, "/") {
+			continue
+		}
+		if err := b.rotateIfDue(ctx, s, name); err != nil {
+			errs = append(errs, fmt.Errorf("key %q: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// rotateIfDue rotates one key if its automatic rotation period has passed.
+func (b *backend) rotateIfDue(ctx context.Context, s logical.Storage, name string) error {
+	p, unlock, err := b.readPolicy(ctx, s, name, true)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if p == nil || p.AutoRotatePeriod == 0 || (p.Imported && !p.AllowImportedKeyRotation) {
+		return nil
+	}
+	latest, ok := p.Keys[strconv.Itoa(p.LatestVersion)]
+	if !ok || time.Now().Before(latest.CreationTime.Add(p.AutoRotatePeriod)) {
+		return nil
+	}
+	b.Logger().Info("rotating key automatically", "name", name, "period", p.AutoRotatePeriod.String())
+	return p.Rotate(ctx, s, b.GetRandomReader())
+}
+
+const backendHelp = `
+The hsm-transit secrets engine encrypts, decrypts, signs, verifies and MACs
+data with named keys, with the API of Vault's built-in transit engine. Keys
+are versioned and can be rotated; data is never stored.
+`

@@ -1,0 +1,247 @@
+package hsmtransit
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/errutil"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// batchItem is one element of batch_input for encrypt, decrypt, rewrap and
+// datakey, or the single request's top-level fields.
+type batchItem struct {
+	Plaintext            string
+	Ciphertext           string
+	Context              string
+	Nonce                string
+	AssociatedData       string
+	Reference            string
+	PaddingScheme        string
+	EncryptPaddingScheme string
+	DecryptPaddingScheme string
+	IV                   string
+	KeyVersion           int
+
+	// Decoded forms, filled by decode.
+	context []byte
+	nonce   []byte
+	iv      []byte
+	aad     []byte
+}
+
+// decodeBatchInput turns batch_input into items. required names a field every
+// item must carry ("plaintext" for encrypt, "ciphertext" for decrypt), or "".
+// The error is the caller's: a 400 that names the item and field.
+func decodeBatchInput(raw interface{}, required, requiredMsg string) ([]batchItem, error) {
+	list, ok := raw.([]interface{})
+	if !ok {
+		if _, isString := raw.(string); isString {
+			return nil, errors.New("batch_input must be a JSON list of objects, not a string; send the request body as JSON (for the CLI: vault write <path> @request.json)")
+		}
+		return nil, fmt.Errorf("batch_input must be a list of objects, got %T", raw)
+	}
+	items := make([]batchItem, len(list))
+	var problems []string
+	for i, el := range list {
+		m, ok := el.(map[string]interface{})
+		if !ok {
+			return nil, fmt.Errorf("[%d] expected a map, got '%T'", i, el)
+		}
+		if required != "" {
+			if _, has := m[required]; !has {
+				problems = append(problems, fmt.Sprintf("'[%d].%s' %s", i, required, requiredMsg))
+			}
+		}
+		for key, v := range m {
+			if v == nil {
+				continue
+			}
+			if key == "key_version" {
+				n, err := toInt(v)
+				if err != nil {
+					problems = append(problems, fmt.Sprintf("'[%d].key_version' %s", i, err))
+				} else {
+					items[i].KeyVersion = n
+				}
+				continue
+			}
+			dst := items[i].stringField(key)
+			if dst == nil {
+				continue
+			}
+			s, ok := v.(string)
+			if !ok {
+				problems = append(problems, fmt.Sprintf("'[%d].%s' expected type 'string', got unconvertible type '%T'", i, key, v))
+				continue
+			}
+			*dst = s
+		}
+	}
+	if len(problems) > 0 {
+		sort.Strings(problems)
+		return nil, fmt.Errorf("%d error(s) decoding batch_input: %s", len(problems), strings.Join(problems, "; "))
+	}
+	return items, nil
+}
+
+// stringField returns the destination of a string batch field, or nil for a
+// key that is not one.
+func (it *batchItem) stringField(key string) *string {
+	switch key {
+	case "plaintext":
+		return &it.Plaintext
+	case "ciphertext":
+		return &it.Ciphertext
+	case "context":
+		return &it.Context
+	case "nonce":
+		return &it.Nonce
+	case "associated_data":
+		return &it.AssociatedData
+	case "reference":
+		return &it.Reference
+	case "padding_scheme":
+		return &it.PaddingScheme
+	case "encrypt_padding_scheme":
+		return &it.EncryptPaddingScheme
+	case "decrypt_padding_scheme":
+		return &it.DecryptPaddingScheme
+	case "iv":
+		return &it.IV
+	}
+	return nil
+}
+
+// toInt accepts the shapes a JSON number takes on its way to a plugin.
+func toInt(v interface{}) (int, error) {
+	switch n := v.(type) {
+	case int:
+		return n, nil
+	case int64:
+		return int(n), nil
+	case json.Number:
+		i, err := n.Int64()
+		if err != nil {
+			return 0, fmt.Errorf("expected an integer, got %q", n.String())
+		}
+		return int(i), nil
+	case float64:
+		if n != math.Trunc(n) {
+			return 0, fmt.Errorf("expected an integer, got %v", n)
+		}
+		return int(n), nil
+	case string:
+		i, err := strconv.Atoi(n)
+		if err != nil {
+			return 0, fmt.Errorf("expected an integer, got %q", n)
+		}
+		return i, nil
+	}
+	return 0, fmt.Errorf("expected type 'int', got unconvertible type '%T'", v)
+}
+
+// checkContextConsistency enforces transit's rule that context is given on
+// every item or on none.
+func checkContextConsistency(items []batchItem) error {
+	set := items[0].Context != ""
+	for _, it := range items {
+		if (it.Context != "") != set {
+			return errors.New("context should be set either in all the request blocks or in none")
+		}
+	}
+	return nil
+}
+
+// decodeCommon base64-decodes an item's context, nonce, IV and associated
+// data; the error message is the item's.
+func (it *batchItem) decodeCommon() error {
+	var err error
+	if it.Context != "" {
+		if it.context, err = base64.StdEncoding.DecodeString(it.Context); err != nil {
+			return err
+		}
+	}
+	if it.Nonce != "" {
+		if it.nonce, err = base64.StdEncoding.DecodeString(it.Nonce); err != nil {
+			return err
+		}
+	}
+	if it.IV != "" {
+		if it.iv, err = base64.StdEncoding.DecodeString(it.IV); err != nil {
+			return err
+		}
+	}
+	if it.AssociatedData != "" {
+		if it.aad, err = base64.StdEncoding.DecodeString(it.AssociatedData); err != nil {
+			return fmt.Errorf("failed to base64-decode associated_data: %w", err)
+		}
+	}
+	return nil
+}
+
+// batchOutcome tallies a batch's results for its status code.
+type batchOutcome struct {
+	success, userErr, internalErr bool
+}
+
+// record classifies one item's error: keysutil's InternalError is ours, any
+// other error the caller's.
+func (o *batchOutcome) record(err error) {
+	switch {
+	case err == nil:
+		o.success = true
+	case isInternal(err):
+		o.internalErr = true
+	default:
+		o.userErr = true
+	}
+}
+
+func isInternal(err error) bool {
+	var ie errutil.InternalError
+	return errors.As(err, &ie)
+}
+
+// respond sets the batch's status code as built-in transit does: a user error
+// anywhere is 400, else an internal error 500; partial_failure_response_code
+// replaces either when at least one item succeeded.
+func (o batchOutcome) respond(d *framework.FieldData, req *logical.Request, resp *logical.Response) (*logical.Response, error) {
+	if !o.userErr && !o.internalErr {
+		return resp, nil
+	}
+	code := http.StatusBadRequest
+	if !o.userErr {
+		code = http.StatusInternalServerError
+	}
+	if raw, ok := d.GetOk("partial_failure_response_code"); ok && o.success {
+		if n := raw.(int); n < 1 || n > 599 {
+			resp.AddWarning(fmt.Sprintf("invalid HTTP response code override from partial_failure_response_code, reverting to %d", code))
+		} else {
+			code = n
+		}
+	}
+	return logical.RespondWithStatusCode(resp, req, code)
+}
+
+// singleItemError answers a non-batch request whose one item failed.
+func singleItemError(msg string, internal bool) (*logical.Response, error) {
+	if internal {
+		return nil, errutil.InternalError{Err: msg}
+	}
+	return logical.ErrorResponse(msg), logical.ErrInvalidRequest
+}
+
+// staticAAD hands keysutil associated data that is already decoded.
+type staticAAD []byte
+
+// GetAssociatedData implements keysutil.AssociatedDataFactory.
+func (a staticAAD) GetAssociatedData() ([]byte, error) { return a, nil }

@@ -1,0 +1,181 @@
+package hsmtransit
+
+import (
+	"context"
+	"errors"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/errutil"
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// decryptResult is one decrypt batch result, with the JSON shape of built-in
+// transit (plaintext is always present).
+type decryptResult struct {
+	Plaintext string `json:"plaintext"`
+	Error     string `json:"error,omitempty"`
+	Reference string `json:"reference"`
+}
+
+// pathDecrypt decrypts one ciphertext or a batch.
+func (b *backend) pathDecrypt() *framework.Path {
+	return &framework.Path{
+		Pattern: "decrypt/" + framework.GenericNameRegex("name"),
+		DisplayAttrs: &framework.DisplayAttributes{
+			OperationPrefix: operationPrefix,
+			OperationVerb:   "decrypt",
+		},
+		Fields: map[string]*framework.FieldSchema{
+			"name":       {Type: framework.TypeString, Description: "Name of the key"},
+			"ciphertext": {Type: framework.TypeString, Description: "Ciphertext to decrypt, as returned by encrypt"},
+			"padding_scheme": {
+				Type:        framework.TypeString,
+				Description: "RSA padding scheme: oaep (default) or pkcs1v15. RSA keys only.",
+			},
+			"context": {
+				Type:        framework.TypeString,
+				Description: "Base64-encoded context for key derivation; required for derived keys.",
+			},
+			"nonce": {
+				Type:        framework.TypeString,
+				Description: "Base64-encoded nonce used at encryption; only for convergent keys created before Vault 0.6.2.",
+			},
+			"partial_failure_response_code": {
+				Type:        framework.TypeInt,
+				Description: "Status code to return instead of 400 when some batch items fail and others succeed.",
+			},
+			"associated_data": {
+				Type:        framework.TypeString,
+				Description: "Base64-encoded associated data given at encryption (AEAD keys only).",
+			},
+			"batch_input": {
+				Type:        framework.TypeSlice,
+				Description: "List of items to decrypt; when set, the single-item fields are ignored. Results keep the input's order.",
+			},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathDecryptWrite},
+		},
+		HelpSynopsis:    pathDecryptHelpSyn,
+		HelpDescription: pathDecryptHelpDesc,
+	}
+}
+
+// ciphertextItems reads the items of a decrypt or rewrap: batch_input, or the
+// single fields.
+func ciphertextItems(d *framework.FieldData, single func() batchItem) ([]batchItem, error) {
+	if raw := d.Raw["batch_input"]; raw != nil {
+		items, err := decodeBatchInput(raw, "ciphertext", "missing ciphertext to decrypt")
+		if err != nil {
+			return nil, err
+		}
+		if len(items) == 0 {
+			return nil, errors.New("missing batch input to process")
+		}
+		return items, nil
+	}
+	it := single()
+	if it.Ciphertext == "" {
+		return nil, errors.New("missing ciphertext to decrypt")
+	}
+	return []batchItem{it}, nil
+}
+
+// pathDecryptWrite decrypts the request's items.
+func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	items, err := ciphertextItems(d, func() batchItem {
+		return batchItem{
+			Ciphertext:     d.Get("ciphertext").(string),
+			Context:        d.Get("context").(string),
+			Nonce:          d.Get("nonce").(string),
+			AssociatedData: d.Get("associated_data").(string),
+			PaddingScheme:  d.Get("padding_scheme").(string),
+		}
+	})
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	if err := checkContextConsistency(items); err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	results := make([]decryptResult, len(items))
+	for i := range items {
+		if items[i].Ciphertext == "" {
+			results[i].Error = "missing ciphertext to decrypt"
+		} else if err := items[i].decodeCommon(); err != nil {
+			results[i].Error = err.Error()
+		}
+	}
+
+	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
+	defer unlock()
+	if err != nil {
+		return nil, err
+	}
+	if p == nil {
+		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
+	}
+
+	var outcome batchOutcome
+	for i := range items {
+		if results[i].Error != "" {
+			outcome.userErr = true
+			continue
+		}
+		pt, err := decryptItem(p, &items[i], items[i].PaddingScheme, "padding_scheme", i)
+		outcome.record(err)
+		if err != nil {
+			results[i].Error = err.Error()
+			continue
+		}
+		results[i].Plaintext = pt
+	}
+
+	resp := &logical.Response{}
+	if d.Raw["batch_input"] != nil {
+		for i := range items {
+			results[i].Reference = items[i].Reference
+		}
+		resp.Data = map[string]interface{}{"batch_results": results}
+	} else {
+		if results[0].Error != "" {
+			return singleItemError(results[0].Error, outcome.internalErr)
+		}
+		resp.Data = map[string]interface{}{"plaintext": results[0].Plaintext}
+	}
+	return outcome.respond(d, req, resp)
+}
+
+// decryptItem decrypts one decoded item with p, which the caller holds
+// locked, and returns the base64 plaintext. As in built-in transit, a nonce
+// is only read by version 1 convergent keys and otherwise ignored.
+func decryptItem(p *keysutil.Policy, it *batchItem, paddingScheme, paddingField string, index int) (string, error) {
+	factories, err := cryptoFactories(p, paddingScheme, paddingField, it.aad, index)
+	if err != nil {
+		return "", err
+	}
+	pt, err := p.DecryptWithOptions(keysutil.EncryptionOptions{
+		Context: it.context,
+		Nonce:   it.nonce,
+	}, it.Ciphertext, factories...)
+	if err != nil && p.Type.PaddingSchemesSupported() && isInternal(err) &&
+		strings.HasPrefix(err.Error(), rsaDecryptFailure) {
+		// keysutil calls a failed RSA decryption internal; it means a
+		// tampered ciphertext or the wrong padding scheme: the caller's.
+		return "", errutil.UserError{Err: err.Error()}
+	}
+	return pt, err
+}
+
+// rsaDecryptFailure begins keysutil's message for an RSA ciphertext that does
+// not decrypt.
+const rsaDecryptFailure = "failed to RSA decrypt the ciphertext"
+
+const pathDecryptHelpSyn = `Decrypt a ciphertext value using a named key`
+
+const pathDecryptHelpDesc = `
+This path decrypts a ciphertext, or a batch of them, with the named key. The
+plaintext is returned base64-encoded.
+`

@@ -1,0 +1,311 @@
+package hsmtransit
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/errutil"
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// errNonceNotAllowed refuses a caller-chosen nonce on keys that would use it
+// with a random-nonce mode (CVE-2023-4680).
+var errNonceNotAllowed = errors.New("provided nonce not allowed for this key")
+
+// encryptResult is one encrypt or rewrap batch result, with the JSON shape of
+// built-in transit.
+type encryptResult struct {
+	Ciphertext string `json:"ciphertext,omitempty"`
+	KeyVersion int    `json:"key_version,omitempty"`
+	Error      string `json:"error,omitempty"`
+	Reference  string `json:"reference"`
+}
+
+// pathEncrypt encrypts one plaintext or a batch.
+func (b *backend) pathEncrypt() *framework.Path {
+	return &framework.Path{
+		Pattern: "encrypt/" + framework.GenericNameRegex("name"),
+		DisplayAttrs: &framework.DisplayAttributes{
+			OperationPrefix: operationPrefix,
+			OperationVerb:   "encrypt",
+		},
+		Fields: map[string]*framework.FieldSchema{
+			"name":      {Type: framework.TypeString, Description: "Name of the key"},
+			"plaintext": {Type: framework.TypeString, Description: "Base64-encoded plaintext to encrypt"},
+			"padding_scheme": {
+				Type:        framework.TypeString,
+				Description: "RSA padding scheme: oaep (default) or pkcs1v15. RSA keys only.",
+			},
+			"context": {
+				Type:        framework.TypeString,
+				Description: "Base64-encoded context for key derivation; required for derived keys.",
+			},
+			"nonce": {
+				Type:        framework.TypeString,
+				Description: "Base64-encoded 96-bit nonce; only for convergent keys created before Vault 0.6.2.",
+			},
+			"type": {
+				Type:        framework.TypeString,
+				Default:     "aes256-gcm96",
+				Description: "Type of key to create when the key does not exist (upsert).",
+			},
+			"convergent_encryption": {
+				Type:        framework.TypeBool,
+				Description: "When the key is created by this request: enable convergent encryption (requires context).",
+			},
+			"key_version": {
+				Type:        framework.TypeInt,
+				Description: "Version to encrypt with: 0 (latest, default) or at least min_encryption_version.",
+			},
+			"partial_failure_response_code": {
+				Type:        framework.TypeInt,
+				Description: "Status code to return instead of 400 when some batch items fail and others succeed.",
+			},
+			"associated_data": {
+				Type:        framework.TypeString,
+				Description: "Base64-encoded associated data, authenticated but not encrypted (AEAD keys only).",
+			},
+			"batch_input": {
+				Type:        framework.TypeSlice,
+				Description: "List of items to encrypt; when set, the single-item fields are ignored. Results keep the input's order.",
+			},
+			"iv": {
+				Type:        framework.TypeString,
+				Description: "Base64-encoded IV for AES-CBC keys (Vault Enterprise key types; refused).",
+			},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.CreateOperation: &framework.PathOperation{Callback: b.pathEncryptWrite},
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathEncryptWrite},
+		},
+		// With an existence check, a write to a missing key is a create, so
+		// that an ACL can allow encrypting without allowing key creation.
+		ExistenceCheck:  b.pathEncryptExistenceCheck,
+		HelpSynopsis:    pathEncryptHelpSyn,
+		HelpDescription: pathEncryptHelpDesc,
+	}
+}
+
+// pathEncryptExistenceCheck reports whether the named key exists.
+func (b *backend) pathEncryptExistenceCheck(ctx context.Context, req *logical.Request, d *framework.FieldData) (bool, error) {
+	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
+	defer unlock()
+	if err != nil {
+		return false, err
+	}
+	return p != nil, nil
+}
+
+// encryptItems reads the request's items: batch_input, or the single fields.
+func encryptItems(d *framework.FieldData) ([]batchItem, error) {
+	if raw := d.Raw["batch_input"]; raw != nil {
+		items, err := decodeBatchInput(raw, "plaintext", "missing plaintext to encrypt")
+		if err != nil {
+			return nil, err
+		}
+		if len(items) == 0 {
+			return nil, errors.New("missing batch input to process")
+		}
+		return items, nil
+	}
+	plaintext, ok, err := d.GetOkErr("plaintext")
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, errors.New("missing plaintext to encrypt")
+	}
+	return []batchItem{{
+		Plaintext:      plaintext.(string),
+		Context:        d.Get("context").(string),
+		Nonce:          d.Get("nonce").(string),
+		KeyVersion:     d.Get("key_version").(int),
+		AssociatedData: d.Get("associated_data").(string),
+		IV:             d.Get("iv").(string),
+		PaddingScheme:  d.Get("padding_scheme").(string),
+	}}, nil
+}
+
+// pathEncryptWrite encrypts the request's items, creating the key first when
+// this is a create operation and config/keys allows it.
+func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	items, err := encryptItems(d)
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	if err := checkContextConsistency(items); err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	results := make([]encryptResult, len(items))
+	for i := range items {
+		if _, err := base64.StdEncoding.DecodeString(items[i].Plaintext); err != nil {
+			results[i].Error = err.Error()
+		} else if err := items[i].decodeCommon(); err != nil {
+			results[i].Error = err.Error()
+		}
+	}
+
+	polReq, err := b.encryptPolicyRequest(ctx, req, d, items[0].Context != "")
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	p, upserted, unlock, err := b.lockedPolicy(ctx, polReq, false)
+	defer unlock()
+	if err != nil {
+		return nil, err
+	}
+	if p == nil {
+		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
+	}
+
+	var outcome batchOutcome
+	for i := range items {
+		if results[i].Error != "" {
+			outcome.userErr = true
+			continue
+		}
+		ct, ver, err := encryptItem(p, &items[i], i)
+		outcome.record(err)
+		if err != nil {
+			results[i].Error = err.Error()
+			continue
+		}
+		results[i].Ciphertext, results[i].KeyVersion = ct, ver
+	}
+
+	resp := &logical.Response{}
+	if d.Raw["batch_input"] != nil {
+		for i := range items {
+			results[i].Reference = items[i].Reference
+		}
+		resp.Data = map[string]interface{}{"batch_results": results}
+	} else {
+		if results[0].Error != "" {
+			return singleItemError(results[0].Error, outcome.internalErr)
+		}
+		resp.Data = map[string]interface{}{
+			"ciphertext":  results[0].Ciphertext,
+			"key_version": results[0].KeyVersion,
+		}
+	}
+	if req.Operation == logical.CreateOperation && !upserted {
+		resp.AddWarning("Attempted creation of the key during the encrypt operation, but it was created beforehand")
+	}
+	return outcome.respond(d, req, resp)
+}
+
+// encryptPolicyRequest is the key lookup for an encrypt: on a create
+// operation, an upsert of the requested type unless config/keys forbids it.
+func (b *backend) encryptPolicyRequest(ctx context.Context, req *logical.Request, d *framework.FieldData, contextSet bool) (keysutil.PolicyRequest, error) {
+	polReq := keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)}
+	if req.Operation != logical.CreateOperation {
+		return polReq, nil
+	}
+	convergent := d.Get("convergent_encryption").(bool)
+	if convergent && !contextSet {
+		return polReq, errors.New("convergent encryption requires derivation to be enabled, so context is required")
+	}
+	cfg, err := readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return polReq, err
+	}
+	typeName := d.Get("type").(string)
+	kt, err := parseKeyType(typeName)
+	if err != nil {
+		return polReq, err
+	}
+	if !kt.EncryptionSupported() {
+		return polReq, fmt.Errorf("key type %v not supported for this operation", typeName)
+	}
+	if err := checkDerivation(kt, contextSet, convergent); err != nil {
+		return polReq, err
+	}
+	polReq.Upsert = !cfg.DisableUpsert
+	polReq.KeyType = kt
+	polReq.Derived = contextSet
+	polReq.Convergent = convergent
+	return polReq, nil
+}
+
+// encryptItem encrypts one decoded item with p, which the caller holds
+// locked. It returns the ciphertext and the version used.
+func encryptItem(p *keysutil.Policy, it *batchItem, index int) (string, int, error) {
+	if it.Nonce != "" && !nonceAllowed(p) {
+		return "", 0, errNonceNotAllowed
+	}
+	factories, err := cryptoFactories(p, it.PaddingScheme, "padding_scheme", it.aad, index)
+	if err != nil {
+		return "", 0, err
+	}
+	ct, err := p.EncryptWithOptions(keysutil.EncryptionOptions{
+		KeyVersion: it.KeyVersion,
+		Context:    it.context,
+		Nonce:      it.nonce,
+		IV:         it.iv,
+	}, it.Plaintext, factories...)
+	if err != nil {
+		return "", 0, err
+	}
+	if ct == "" {
+		return "", 0, fmt.Errorf("empty ciphertext returned for input item %d", index)
+	}
+	ver := it.KeyVersion
+	if ver == 0 {
+		ver = p.LatestVersion
+	}
+	return ct, ver, nil
+}
+
+// cryptoFactories builds keysutil's per-call options for an item: the RSA
+// padding scheme and the associated data, refused where the key type has none.
+func cryptoFactories(p *keysutil.Policy, paddingScheme, paddingField string, aad []byte, index int) ([]any, error) {
+	var factories []any
+	if paddingScheme != "" {
+		ps, err := parsePaddingScheme(p.Type, paddingScheme)
+		if err != nil {
+			return nil, errutil.UserError{Err: fmt.Sprintf("'[%d].%s' invalid: %s", index, paddingField, err)}
+		}
+		factories = append(factories, ps)
+	}
+	if aad != nil {
+		if !p.Type.AssociatedDataSupported() {
+			return nil, errutil.UserError{Err: fmt.Sprintf("'[%d].associated_data' provided for non-AEAD cipher suite %v", index, p.Type)}
+		}
+		factories = append(factories, staticAAD(aad))
+	}
+	return factories, nil
+}
+
+// parsePaddingScheme validates an RSA padding scheme for the key type.
+func parsePaddingScheme(kt keysutil.KeyType, s string) (keysutil.PaddingScheme, error) {
+	ps, err := keysutil.ParsePaddingScheme(s)
+	if err != nil {
+		return "", err
+	}
+	if !kt.PaddingSchemesSupported() {
+		return "", fmt.Errorf("unsupported key type %s for padding scheme", kt)
+	}
+	return ps, nil
+}
+
+// nonceAllowed reports whether a caller's nonce would be used as-is: only by
+// version 1 convergent keys, whose nonce the caller must supply.
+func nonceAllowed(p *keysutil.Policy) bool {
+	switch p.Type {
+	case keysutil.KeyType_AES128_GCM96, keysutil.KeyType_AES256_GCM96, keysutil.KeyType_ChaCha20_Poly1305:
+		return p.ConvergentEncryption && p.ConvergentVersion == 1
+	}
+	return false
+}
+
+const pathEncryptHelpSyn = `Encrypt a plaintext value or a batch of plaintext blocks using a named key`
+
+const pathEncryptHelpDesc = `
+This path encrypts a base64-encoded plaintext, or a batch of them, with the
+named key. A write to a key that does not exist creates it (of the given type)
+unless config/keys sets disable_upsert.
+`

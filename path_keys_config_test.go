@@ -1,0 +1,169 @@
+package hsmtransit
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestKeysConfigVersions(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/k", nil)
+	cts := []string{e.encrypt(t, "k", "v1", nil)}
+	for i := 0; i < 3; i++ {
+		e.mustWrite(t, "keys/k/rotate", nil)
+		cts = append(cts, e.encrypt(t, "k", "v", nil))
+	}
+	data := e.mustWrite(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 3, "min_encryption_version": 3})
+	require.Equal(t, float64(3), data["min_decryption_version"])
+	require.Equal(t, float64(3), data["min_encryption_version"])
+	for v, ct := range cts {
+		r := e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct})
+		if v+1 < 3 {
+			requireStatus(t, r, 400, "too old")
+		} else {
+			requireStatus(t, r, 200, "")
+		}
+	}
+	requireStatus(t, e.write(t, "encrypt/k", map[string]interface{}{"plaintext": "", "key_version": 2}), 400, "less than the minimum encryption key version")
+	requireStatus(t, e.write(t, "encrypt/k", map[string]interface{}{"plaintext": "", "key_version": 3}), 200, "")
+
+	// Lowering min_decryption_version again restores access (nothing was trimmed).
+	e.mustWrite(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 1, "min_encryption_version": 0})
+	require.Equal(t, "v1", e.decrypt(t, "k", cts[0], nil))
+}
+
+func TestKeysConfigErrorsChangeNothing(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/k", nil)
+	e.mustWrite(t, "keys/k/rotate", nil)
+	before := e.read(t, "keys/k").data
+	cases := []struct {
+		name string
+		data map[string]interface{}
+		msg  string
+	}{
+		{"negative min_decryption_version", map[string]interface{}{"min_decryption_version": -1}, "cannot be negative"},
+		{"min_decryption_version past latest", map[string]interface{}{"min_decryption_version": 3}, "latest key version is 2"},
+		{"negative min_encryption_version", map[string]interface{}{"min_encryption_version": -1}, "cannot be negative"},
+		{"min_encryption_version past latest", map[string]interface{}{"min_encryption_version": 3}, "latest key version is 2"},
+		{"encryption below decryption", map[string]interface{}{"min_decryption_version": 2, "min_encryption_version": 1}, "must be greater than or equal to min decryption version"},
+		{"auto rotate too short", map[string]interface{}{"auto_rotate_period": "10m", "deletion_allowed": true}, "at least an hour"},
+		{"bad duration", map[string]interface{}{"auto_rotate_period": "often"}, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			requireStatus(t, e.write(t, "keys/k/config", tc.data), 400, tc.msg)
+			require.Equal(t, before, e.read(t, "keys/k").data, "a refused change leaves the key as it was")
+		})
+	}
+	requireStatus(t, e.write(t, "keys/none/config", map[string]interface{}{"deletion_allowed": true}), 400, "no existing key named none could be found")
+}
+
+func TestKeysConfigFlags(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/k", nil)
+	r := e.write(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 0})
+	requireStatus(t, r, 200, "")
+	require.Contains(t, r.resp.Warnings, "since Vault 0.3, transit key numbering starts at 1; forcing minimum to 1")
+
+	data := e.mustWrite(t, "keys/k/config", map[string]interface{}{
+		"exportable": true, "allow_plaintext_backup": true, "deletion_allowed": true, "auto_rotate_period": "36h",
+	})
+	require.Equal(t, true, data["exportable"])
+	require.Equal(t, true, data["allow_plaintext_backup"])
+	require.Equal(t, true, data["deletion_allowed"])
+	require.Equal(t, float64(36*3600), data["auto_rotate_period"])
+
+	// Export and plaintext backup cannot be taken back; deletion can.
+	data = e.mustWrite(t, "keys/k/config", map[string]interface{}{
+		"exportable": false, "allow_plaintext_backup": false, "deletion_allowed": false, "auto_rotate_period": 0,
+	})
+	require.Equal(t, true, data["exportable"])
+	require.Equal(t, true, data["allow_plaintext_backup"])
+	require.Equal(t, false, data["deletion_allowed"])
+	require.Equal(t, float64(0), data["auto_rotate_period"])
+
+	// Settings survive a reload from storage.
+	e.b.invalidate(t.Context(), "policy/k")
+	require.Equal(t, true, e.read(t, "keys/k").data["exportable"])
+}
+
+func TestRotate(t *testing.T) {
+	e := getTestBackend(t)
+	for _, kt := range []string{"aes256-gcm96", "ed25519", "hmac", "ecdsa-p256"} {
+		t.Run(kt, func(t *testing.T) {
+			e.mustWrite(t, "keys/"+kt, map[string]interface{}{"type": kt})
+			data := e.mustWrite(t, "keys/"+kt+"/rotate", nil)
+			require.Equal(t, float64(2), data["latest_version"])
+			if kt != "hmac" {
+				require.Len(t, data["keys"], 2)
+			}
+		})
+	}
+	requireStatus(t, e.write(t, "keys/none/rotate", nil), 400, "key not found")
+}
+
+func TestTrim(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/k", nil)
+	var cts []string
+	for i := 0; i < 4; i++ {
+		cts = append(cts, e.encrypt(t, "k", "x", nil))
+		e.mustWrite(t, "keys/k/rotate", nil)
+	}
+	requireStatus(t, e.write(t, "keys/k/trim", map[string]interface{}{"min_available_version": 2}), 400, "minimum available version cannot be set when minimum encryption version is not set")
+	e.mustWrite(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 3, "min_encryption_version": 4})
+
+	cases := []struct {
+		name string
+		data map[string]interface{}
+		msg  string
+	}{
+		{"missing", map[string]interface{}{}, "missing min_available_version"},
+		{"above min decryption", map[string]interface{}{"min_available_version": 4}, "cannot be greater than minimum decryption version"},
+		{"above min encryption", map[string]interface{}{"min_available_version": 5}, "cannot be greater than minmum encryption version"},
+		{"zero", map[string]interface{}{"min_available_version": 0}, "should be positive"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			requireStatus(t, e.write(t, "keys/k/trim", tc.data), 400, tc.msg)
+		})
+	}
+
+	data := e.mustWrite(t, "keys/k/trim", map[string]interface{}{"min_available_version": 3})
+	require.Equal(t, float64(3), data["min_available_version"])
+	keys := data["keys"].(map[string]interface{})
+	require.NotContains(t, keys, "1")
+	require.NotContains(t, keys, "2")
+	require.Contains(t, keys, "3")
+
+	requireStatus(t, e.write(t, "keys/k/trim", map[string]interface{}{"min_available_version": 2}), 400, "cannot be decremented")
+	// Trimmed versions are gone for good: lowering min_decryption_version
+	// below the available versions is refused.
+	requireStatus(t, e.write(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 1}), 400, "min decryption version should not be less then min available version")
+	e.b.invalidate(t.Context(), "policy/k")
+	requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": cts[0]}), 400, "")
+	require.Equal(t, "x", e.decrypt(t, "k", cts[2], nil))
+	requireStatus(t, e.write(t, "keys/none/trim", map[string]interface{}{"min_available_version": 1}), 400, "invalid key name")
+}
+
+func TestCacheConfig(t *testing.T) {
+	e := getTestBackend(t)
+	require.Equal(t, float64(0), e.read(t, "cache-config").data["size"])
+	requireStatus(t, e.write(t, "cache-config", map[string]interface{}{"size": 5}), 400, "size must be 0 or a value greater or equal to 10")
+	requireStatus(t, e.write(t, "cache-config", map[string]interface{}{"size": -1}), 400, "")
+	require.Equal(t, float64(20), e.mustWrite(t, "cache-config", map[string]interface{}{"size": 20})["size"])
+	require.Equal(t, float64(20), e.read(t, "cache-config").data["size"])
+	require.Equal(t, 20, e.b.lm.GetCacheSize())
+
+	// A bounded cache evicts keys; they load again from storage.
+	for i := 0; i < 40; i++ {
+		e.mustWrite(t, "keys/k"+string(rune('a'+i%26))+string(rune('a'+i/26)), nil)
+	}
+	ct := e.encrypt(t, "kaa", "still here", nil)
+	for i := 1; i < 40; i++ {
+		e.encrypt(t, "k"+string(rune('a'+i%26))+string(rune('a'+i/26)), "x", nil)
+	}
+	require.Equal(t, "still here", e.decrypt(t, "kaa", ct, nil))
+}

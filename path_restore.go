@@ -1,0 +1,87 @@
+package hsmtransit
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// pathRestore restores a key from a backup, under its own name or another.
+func (b *backend) pathRestore() *framework.Path {
+	return &framework.Path{
+		Pattern: "restore" + framework.OptionalParamRegex("name"),
+		DisplayAttrs: &framework.DisplayAttributes{
+			OperationPrefix: operationPrefix,
+			OperationVerb:   "restore",
+			OperationSuffix: "key|and-rename-key",
+		},
+		Fields: map[string]*framework.FieldSchema{
+			"backup": {Type: framework.TypeString, Description: "The backup, as returned by backup/"},
+			"name":   {Type: framework.TypeString, Description: "Name for the restored key; the backed-up name when omitted."},
+			"force": {
+				Type:        framework.TypeBool,
+				Default:     false,
+				Description: "Overwrite a key of the same name.",
+			},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRestoreWrite},
+		},
+		HelpSynopsis:    pathRestoreHelpSyn,
+		HelpDescription: pathRestoreHelpDesc,
+	}
+}
+
+// pathRestoreWrite restores the backup.
+func (b *backend) pathRestoreWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	backup := d.Get("backup").(string)
+	if backup == "" {
+		return logical.ErrorResponse("'backup' must be supplied"), logical.ErrInvalidRequest
+	}
+	name := d.Get("name").(string)
+	if name == "" {
+		name = backedUpName(backup)
+	}
+	if strings.Contains(name, "/") {
+		return logical.ErrorResponse(errKeyNameIsPath.Error()), logical.ErrInvalidRequest
+	}
+	err := b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
+		return lm.RestorePolicy(ctx, req.Storage, name, backup, d.Get("force").(bool))
+	})
+	if err != nil {
+		// A malformed backup or an existing key: the caller's to fix.
+		return logical.ErrorResponse("restoring key: %s", err), logical.ErrInvalidRequest
+	}
+	return nil, nil
+}
+
+// backedUpName is the key name recorded in a backup, or "" when the backup
+// does not parse (RestorePolicy then reports why).
+func backedUpName(backup string) string {
+	raw, err := base64.StdEncoding.DecodeString(backup)
+	if err != nil {
+		return ""
+	}
+	var kd struct {
+		Policy struct {
+			Name string `json:"name"`
+		} `json:"policy"`
+	}
+	if json.Unmarshal(raw, &kd) != nil {
+		return ""
+	}
+	return kd.Policy.Name
+}
+
+const pathRestoreHelpSyn = `Restore the named key`
+
+const pathRestoreHelpDesc = `
+This path restores a key from a backup made by backup/ (here or in Vault's
+built-in transit engine). With force, an existing key of the same name is
+overwritten.
+`
