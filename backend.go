@@ -85,8 +85,9 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 	}
 	b := &backend{lm: lm, autoRotateEvery: autoRotateCheckInterval}
 	b.Backend = &framework.Backend{
-		Help:        backendHelp,
-		BackendType: logical.TypeLogical,
+		Help:           backendHelp,
+		BackendType:    logical.TypeLogical,
+		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
 			// Key material is marked for seal wrapping, as built-in transit does.
 			SealWrapStorage: []string{archivePrefix, policyPrefix},

@@ -17,7 +17,7 @@ func (e *testEnv) call(op logical.Operation, path string, data map[string]interf
 	resp, err := e.b.HandleRequest(context.Background(), &logical.Request{
 		Operation: op, Path: path, Data: data, Storage: e.storage,
 	})
-	if err == nil && resp != nil && resp.IsError() {
+	if resp != nil && resp.IsError() {
 		err = resp.Error()
 	}
 	return resp, err

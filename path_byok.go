@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
-	"errors"
 	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -81,6 +80,9 @@ func (b *backend) pathBYOKExportRead(ctx context.Context, req *logical.Request, 
 	keys := make(map[string]string, len(versions))
 	for _, v := range versions {
 		entry := src.Keys[v]
+		if entry.IsPrivateKeyMissing() {
+			return logical.ErrorResponse("version %s of key %s has no private key to export (imported as a public key)", v, src.Name), logical.ErrInvalidRequest
+		}
 		wrapped, err := wrapForExport(dst, src.Type, &entry, hashName)
 		if err != nil {
 			return nil, fmt.Errorf("wrapping version %s: %w", v, err)
@@ -109,9 +111,6 @@ func wrapForExport(dst *keysutil.Policy, kt keysutil.KeyType, k *keysutil.KeyEnt
 		target = ed25519.PrivateKey(k.Key)
 	default:
 		return "", fmt.Errorf("unable to export to unknown key type: %v", kt)
-	}
-	if k.IsPrivateKeyMissing() {
-		return "", errors.New("the version has no private key to export")
 	}
 	h, err := parseHashFn(hashName)
 	if err != nil {

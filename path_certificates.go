@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -125,6 +126,11 @@ func (b *backend) pathSetCertificateWrite(ctx context.Context, req *logical.Requ
 	defer unlock()
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	if entry, ok := p.Keys[strconv.Itoa(version)]; ok && p.Type.PaddingSchemesSupported() && entry.RSAKey == nil {
+		// keysutil compares the leaf with the private key and would
+		// dereference nil for an RSA version imported as a public key.
+		return logical.ErrorResponse("version %d of key %s has no private key; import it with import_version first", version, p.Name), logical.ErrInvalidRequest
 	}
 	if err := p.ValidateAndPersistCertificateChain(ctx, version, chain, req.Storage); err != nil {
 		if isInternal(err) {

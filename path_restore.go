@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -43,14 +45,18 @@ func (b *backend) pathRestoreWrite(ctx context.Context, req *logical.Request, d 
 	if backup == "" {
 		return logical.ErrorResponse("'backup' must be supplied"), logical.ErrInvalidRequest
 	}
+	backedUp, err := backedUpName(backup)
+	if err != nil {
+		return logical.ErrorResponse("invalid backup: %s", err), logical.ErrInvalidRequest
+	}
 	name := d.Get("name").(string)
 	if name == "" {
-		name = backedUpName(backup)
+		name = backedUp
 	}
 	if strings.Contains(name, "/") {
 		return logical.ErrorResponse(errKeyNameIsPath.Error()), logical.ErrInvalidRequest
 	}
-	err := b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
+	err = b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
 		return lm.RestorePolicy(ctx, req.Storage, name, backup, d.Get("force").(bool))
 	})
 	if err != nil {
@@ -60,22 +66,25 @@ func (b *backend) pathRestoreWrite(ctx context.Context, req *logical.Request, d 
 	return nil, nil
 }
 
-// backedUpName is the key name recorded in a backup, or "" when the backup
-// does not parse (RestorePolicy then reports why).
-func backedUpName(backup string) string {
+// backedUpName checks that a backup holds a key and returns its name.
+// keysutil assumes both and would panic on a backup without a policy.
+func backedUpName(backup string) (string, error) {
 	raw, err := base64.StdEncoding.DecodeString(backup)
 	if err != nil {
-		return ""
+		return "", fmt.Errorf("not base64: %w", err)
 	}
 	var kd struct {
-		Policy struct {
+		Policy *struct {
 			Name string `json:"name"`
 		} `json:"policy"`
 	}
-	if json.Unmarshal(raw, &kd) != nil {
-		return ""
+	if err := json.Unmarshal(raw, &kd); err != nil {
+		return "", fmt.Errorf("not a transit key backup: %w", err)
 	}
-	return kd.Policy.Name
+	if kd.Policy == nil {
+		return "", errors.New("the backup holds no key policy")
+	}
+	return kd.Policy.Name, nil
 }
 
 const pathRestoreHelpSyn = `Restore the named key`

@@ -159,7 +159,7 @@ func parseSignArgs(d *framework.FieldData) (signArgs, error) {
 // parseSaltLength reads salt_length: auto, hash or a byte count.
 func parseSaltLength(s string) (int, error) {
 	switch strings.ToLower(s) {
-	case "", "auto":
+	case "auto":
 		return rsa.PSSSaltLengthAuto, nil
 	case "hash":
 		return rsa.PSSSaltLengthEqualsHash, nil
@@ -174,9 +174,9 @@ func parseSaltLength(s string) (int, error) {
 	return n, nil
 }
 
-// check validates the options against the key, as built-in transit does in
-// Vault's community edition.
-func (a signArgs) check(p *keysutil.Policy, sigContext string) error {
+// check validates the request-wide options against the key, as built-in
+// transit does in Vault's community edition.
+func (a signArgs) check(p *keysutil.Policy) error {
 	if !p.Type.SigningSupported() {
 		return fmt.Errorf("key type %v does not support signing", p.Type)
 	}
@@ -190,6 +190,12 @@ func (a signArgs) check(p *keysutil.Policy, sigContext string) error {
 			return fmt.Errorf("unsupported rsa signature algorithm %s", a.sigAlgorithm)
 		}
 	}
+	return nil
+}
+
+// checkItem validates one item: Ed25519 keys sign only pure Ed25519 (the
+// prehashed and context variants are Vault Enterprise's).
+func (a signArgs) checkItem(p *keysutil.Policy, sigContext string) error {
 	if p.Type == keysutil.KeyType_ED25519 {
 		switch {
 		case a.prehashed:
@@ -202,6 +208,10 @@ func (a signArgs) check(p *keysutil.Policy, sigContext string) error {
 	}
 	return nil
 }
+
+// errMissingContext is keysutil's message for a derived key used without a
+// context, which keysutil reports as an internal error when signing.
+var errMissingContext = errutil.UserError{Err: "missing 'context' for key derivation; the key was created using a derived key, which means additional, per-request information must be included in order to perform operations with the key"}
 
 // options turns the arguments into keysutil's signing options.
 func (a signArgs) options() keysutil.SigningOptions {
@@ -297,7 +307,7 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 	if p == nil {
 		return logical.ErrorResponse("signing key not found"), logical.ErrInvalidRequest
 	}
-	if err := args.check(p, ""); err != nil {
+	if err := args.check(p); err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 
@@ -337,8 +347,11 @@ func signItem(p *keysutil.Policy, args signArgs, keyVersion int, it map[string]s
 	if err != nil {
 		return signResult{Error: "failed to base64-decode context"}
 	}
-	if err := args.check(p, it["signature_context"]); err != nil {
+	if err := args.checkItem(p, it["signature_context"]); err != nil {
 		return signResult{Error: fmt.Sprintf("failed to parse batch item: %s", err)}
+	}
+	if p.Derived && len(keyContext) == 0 {
+		return signResult{Error: errMissingContext.Error()}
 	}
 	opts := args.options()
 	sig, err := p.SignWithOptions(keyVersion, keyContext, args.digest(p, input), &opts)
@@ -441,7 +454,7 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 	if p == nil {
 		return logical.ErrorResponse("signature verification key not found"), logical.ErrInvalidRequest
 	}
-	if err := args.check(p, ""); err != nil {
+	if err := args.check(p); err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	results := make([]verifyResult, len(items))
@@ -462,8 +475,11 @@ func verifyItem(p *keysutil.Policy, args signArgs, it map[string]string) verifyR
 	if err != nil {
 		return verifyResult{Error: fmt.Sprintf("failed to parse item: failed to parse context: %s", err)}
 	}
-	if err := args.check(p, it["signature_context"]); err != nil {
+	if err := args.checkItem(p, it["signature_context"]); err != nil {
 		return verifyResult{Error: fmt.Sprintf("failed to parse item: failed to parse batch item: %s", err)}
+	}
+	if p.Derived && len(keyContext) == 0 {
+		return verifyResult{Error: errMissingContext.Error()}
 	}
 	opts := args.options()
 	valid, err := p.VerifySignatureWithOptions(keyContext, args.digest(p, input), it["signature"], &opts)
