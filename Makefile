@@ -54,7 +54,7 @@ vet:
 	go vet ./...
 
 .PHONY: dev
-dev: build vault
+dev:
 	./scripts/dev.sh start
 
 .PHONY: dev-stop
