@@ -1,0 +1,138 @@
+// Package hsm is hsm-transit's access to a PKCS#11 token: one module per
+// library per process, shared tokens with a bounded session pool and a single
+// login, AES keys kept in the token, AES-GCM inside it, and its random
+// generator.
+package hsm
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Kind classifies failures by what the caller should do about them.
+type Kind int
+
+const (
+	// Unavailable: the module, token or device cannot be reached now; the
+	// operation may succeed later without any change.
+	Unavailable Kind = iota + 1
+	// Credentials: the PIN was refused or the user is locked. Retrying
+	// would lock the token: nothing is retried until the PIN changes.
+	Credentials
+	// NotFound: the named key is not in the token.
+	NotFound
+	// Configuration: the configuration itself is wrong (library not
+	// allowed, both or neither of slot and token label).
+	Configuration
+	// Failed: the token refused the operation on these inputs (a
+	// ciphertext that does not authenticate, say).
+	Failed
+)
+
+func (k Kind) String() string {
+	switch k {
+	case Unavailable:
+		return "unavailable"
+	case Credentials:
+		return "credentials refused"
+	case NotFound:
+		return "not found"
+	case Configuration:
+		return "configuration"
+	case Failed:
+		return "operation failed"
+	}
+	return "unknown"
+}
+
+// Error is a failure of an HSM operation.
+type Error struct {
+	Kind Kind
+	Op   string
+	Err  error
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("HSM %s: %v", e.Op, e.Err) }
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// KindOf returns the kind of err, or 0 when it is not an *Error.
+func KindOf(err error) Kind {
+	var he *Error
+	if errors.As(err, &he) {
+		return he.Kind
+	}
+	return 0
+}
+
+// IsUnavailable reports a transient failure.
+func IsUnavailable(err error) bool { return KindOf(err) == Unavailable }
+
+func newError(kind Kind, op string, err error) *Error {
+	return &Error{Kind: kind, Op: op, Err: err}
+}
+
+// classify turns a PKCS#11 return value into an *Error of the right kind.
+func classify(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	var he *Error
+	if errors.As(err, &he) {
+		return err
+	}
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) {
+		return newError(Unavailable, op, err)
+	}
+	switch rv {
+	case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_LEN_RANGE,
+		pkcs11.CKR_PIN_EXPIRED, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_USER_PIN_NOT_INITIALIZED:
+		return newError(Credentials, op, err)
+	case pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+		pkcs11.CKR_DATA_INVALID, pkcs11.CKR_DATA_LEN_RANGE, pkcs11.CKR_MECHANISM_PARAM_INVALID,
+		pkcs11.CKR_SIGNATURE_INVALID:
+		return newError(Failed, op, err)
+	case pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_KEY_TYPE_INCONSISTENT, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED,
+		pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_TEMPLATE_INCOMPLETE,
+		pkcs11.CKR_FUNCTION_NOT_SUPPORTED:
+		return newError(Configuration, op, err)
+	}
+	return newError(Unavailable, op, err)
+}
+
+// needsReconnect reports PKCS#11 failures after which the session, the login
+// or the whole module must be set up again.
+func needsReconnect(err error) bool {
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_USER_NOT_LOGGED_IN,
+		pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_DEVICE_REMOVED,
+		pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_SLOT_ID_INVALID, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED,
+		pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID:
+		return true
+	}
+	return false
+}
+
+// needsRescan reports failures after which the module itself must be
+// finalised and initialised again: some tokens (SoftHSM2 among them) list
+// their slots only at C_Initialize.
+func needsRescan(err error) bool {
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_DEVICE_REMOVED,
+		pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_SLOT_ID_INVALID, pkcs11.CKR_GENERAL_ERROR,
+		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED:
+		return true
+	}
+	return false
+}

@@ -1,0 +1,297 @@
+package hsm
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
+)
+
+// The tests run against real SoftHSM2 tokens in a temporary directory.
+// SOFTHSM2_CONF is read at C_Initialize, once per process, so TestMain sets
+// it up before any test runs.
+
+const testPIN = "1234"
+
+var (
+	softhsmLib  string
+	softhsmConf string
+	tokenDir    string
+)
+
+
+func TestMain(m *testing.M) {
+	os.Exit(runTests(m))
+}
+
+func runTests(m *testing.M) int {
+	lib, err := softhsm.FindLibrary()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "hsm tests need a real token:", err)
+		return 1
+	}
+	softhsmLib = lib
+	dir, err := os.MkdirTemp("", "hsm-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	tokenDir = filepath.Join(dir, "tokens")
+	if softhsmConf, err = softhsm.Setup(dir, testPIN, "token-a", "token-b"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return m.Run()
+}
+
+func openToken(t *testing.T, label, pin string) *Token {
+	t.Helper()
+	tok, err := Open(Config{Library: softhsmLib, TokenLabel: label, PIN: pin})
+	require.NoError(t, err)
+	t.Cleanup(tok.Close)
+	return tok
+}
+
+func TestKEKGenerateAndAttributes(t *testing.T) {
+	tok := openToken(t, "token-a", testPIN)
+	has, err := tok.HasKey("kek-attrs")
+	require.NoError(t, err)
+	require.False(t, has)
+	require.NoError(t, tok.GenerateKey("kek-attrs"))
+	has, err = tok.HasKey("kek-attrs")
+	require.NoError(t, err)
+	require.True(t, has)
+
+	attrs, err := tok.Attributes("kek-attrs")
+	require.NoError(t, err)
+	require.Equal(t, KeyAttributes{Sensitive: true, Extractable: false, NeverExtractable: true, Token: true}, attrs)
+
+	err = tok.GenerateKey("kek-attrs")
+	require.Equal(t, Configuration, KindOf(err), "a second key with the same label is refused: %v", err)
+}
+
+func TestSealUnsealRoundTrip(t *testing.T) {
+	tok := openToken(t, "token-a", testPIN)
+	require.NoError(t, tok.GenerateKey("kek-roundtrip"))
+	root, err := tok.Random(32)
+	require.NoError(t, err)
+	require.Len(t, root, 32)
+	other, err := tok.Random(32)
+	require.NoError(t, err)
+	require.NotEqual(t, root, other)
+
+	aad := []byte("mount-1234")
+	sealed, err := tok.EncryptGCM("kek-roundtrip", root, aad)
+	require.NoError(t, err)
+	require.Len(t, sealed, GCMNonceSize+32+GCMTagSize)
+	require.False(t, bytes.Contains(sealed, root))
+
+	opened, err := tok.DecryptGCM("kek-roundtrip", sealed, aad)
+	require.NoError(t, err)
+	require.Equal(t, root, opened)
+
+	_, err = tok.DecryptGCM("kek-roundtrip", sealed, []byte("mount-9999"))
+	require.Equal(t, Failed, KindOf(err), "the AAD binds the mount: %v", err)
+	tampered := append([]byte{}, sealed...)
+	tampered[20] ^= 1
+	_, err = tok.DecryptGCM("kek-roundtrip", tampered, aad)
+	require.Equal(t, Failed, KindOf(err), "%v", err)
+	_, err = tok.DecryptGCM("kek-roundtrip", sealed[:10], aad)
+	require.Equal(t, Failed, KindOf(err))
+}
+
+func TestMissingKEK(t *testing.T) {
+	tok := openToken(t, "token-a", testPIN)
+	_, err := tok.EncryptGCM("no-such-kek", []byte("x"), nil)
+	require.Equal(t, NotFound, KindOf(err), "%v", err)
+	require.Contains(t, err.Error(), `no AES key labelled "no-such-kek"`)
+	require.Equal(t, NotFound, KindOf(tok.DestroyKey("no-such-kek")))
+}
+
+func TestKEKRotationBetweenLabels(t *testing.T) {
+	tok := openToken(t, "token-a", testPIN)
+	require.NoError(t, tok.GenerateKey("kek-old"))
+	require.NoError(t, tok.GenerateKey("kek-new"))
+	secret := []byte("root key bytes, 32 of them......")
+	underOld, err := tok.EncryptGCM("kek-old", secret, nil)
+	require.NoError(t, err)
+
+	// Re-seal: open under the old KEK, seal under the new one.
+	opened, err := tok.DecryptGCM("kek-old", underOld, nil)
+	require.NoError(t, err)
+	underNew, err := tok.EncryptGCM("kek-new", opened, nil)
+	require.NoError(t, err)
+	_, err = tok.DecryptGCM("kek-old", underNew, nil)
+	require.Error(t, err, "the old KEK cannot open what the new one sealed")
+	got, err := tok.DecryptGCM("kek-new", underNew, nil)
+	require.NoError(t, err)
+	require.Equal(t, secret, got)
+
+	require.NoError(t, tok.DestroyKey("kek-old"))
+	has, err := tok.HasKey("kek-old")
+	require.NoError(t, err)
+	require.False(t, has)
+	labels, err := tok.KeyLabels("kek-")
+	require.NoError(t, err)
+	require.Contains(t, labels, "kek-new")
+	require.NotContains(t, labels, "kek-old")
+}
+
+func TestWrongPINIsNotRetried(t *testing.T) {
+	tok := openToken(t, "token-b", "0000")
+	for i := 0; i < 5; i++ {
+		_, err := tok.Random(8)
+		require.Equal(t, Credentials, KindOf(err), "%v", err)
+		require.Contains(t, err.Error(), "PIN refused")
+	}
+	require.Equal(t, 1, tok.loginAttempts(), "one refused login, then the error is sticky")
+
+	// The right PIN is another Token and works.
+	good := openToken(t, "token-b", testPIN)
+	_, err := good.Random(8)
+	require.NoError(t, err)
+
+	// Once logged in with the right PIN, another PIN is refused without
+	// asking the token (which would answer "already logged in").
+	other := openToken(t, "token-b", "9999")
+	_, err = other.Random(8)
+	require.Equal(t, Credentials, KindOf(err), "%v", err)
+}
+
+func TestTokensAreSharedAndBounded(t *testing.T) {
+	a1 := openToken(t, "token-a", testPIN)
+	a2 := openToken(t, "token-a", testPIN)
+	require.Same(t, a1, a2, "one token per library, token and PIN in a process")
+	require.Equal(t, DefaultMaxSessions, cap(a1.inUse))
+}
+
+func TestConfigurationRefused(t *testing.T) {
+	slot := uint(0)
+	cases := map[string]Config{
+		"library not allowed":  {Library: "/tmp/evil.so", TokenLabel: "token-a", PIN: testPIN},
+		"relative library":     {Library: "libsofthsm2.so", TokenLabel: "token-a", PIN: testPIN},
+		"traversal":            {Library: "/usr/lib/softhsm/../../../tmp/evil.so", TokenLabel: "token-a", PIN: testPIN},
+		"no token":             {Library: softhsmLib, PIN: testPIN},
+		"both label and slot":  {Library: softhsmLib, TokenLabel: "token-a", Slot: &slot, PIN: testPIN},
+		"no PIN":               {Library: softhsmLib, TokenLabel: "token-a"},
+		"no library":           {TokenLabel: "token-a", PIN: testPIN},
+		"empty allowlist path": {Library: "/", TokenLabel: "token-a", PIN: testPIN},
+	}
+	for name, cfg := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := Open(cfg)
+			require.Equal(t, Configuration, KindOf(err), "%v", err)
+		})
+	}
+	t.Run("allowlist from the environment", func(t *testing.T) {
+		t.Setenv(LibrariesEnv, "/opt/hsm/lib.so")
+		_, err := Open(Config{Library: softhsmLib, TokenLabel: "token-a", PIN: testPIN})
+		require.Equal(t, Configuration, KindOf(err))
+		require.Contains(t, err.Error(), LibrariesEnv)
+	})
+}
+
+func TestUnknownTokenIsUnavailable(t *testing.T) {
+	tok := openToken(t, "no-such-token", testPIN)
+	_, err := tok.Random(4)
+	require.Equal(t, Unavailable, KindOf(err), "%v", err)
+	// The other tokens of the module still work after the rescan.
+	_, err = openToken(t, "token-a", testPIN).Random(4)
+	require.NoError(t, err)
+}
+
+func TestConcurrentUseOfTwoTokens(t *testing.T) {
+	a := openToken(t, "token-a", testPIN)
+	b := openToken(t, "token-b", testPIN)
+	require.NoError(t, a.GenerateKey("kek-conc"))
+	require.NoError(t, b.GenerateKey("kek-conc"))
+	var wg sync.WaitGroup
+	errs := make(chan error, 200)
+	for i := 0; i < 100; i++ {
+		for _, tok := range []*Token{a, b} {
+			wg.Add(1)
+			go func(tok *Token, i int) {
+				defer wg.Done()
+				msg := []byte(fmt.Sprintf("message %d", i))
+				ct, err := tok.EncryptGCM("kek-conc", msg, []byte("aad"))
+				if err != nil {
+					errs <- err
+					return
+				}
+				pt, err := tok.DecryptGCM("kek-conc", ct, []byte("aad"))
+				if err != nil {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(pt, msg) {
+					errs <- fmt.Errorf("round trip gave %q", pt)
+				}
+			}(tok, i)
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	require.LessOrEqual(t, len(a.idle), DefaultMaxSessions, "sessions stay bounded")
+}
+
+// TestTokenRemovedAndRestored takes the token directory away while the
+// token is in use: operations fail as unavailable, then work again once it
+// is back, on the same Token, with no reconfiguration.
+func TestTokenRemovedAndRestored(t *testing.T) {
+	require.NoError(t, softhsm.InitToken(softhsmConf, "token-outage", testPIN))
+	tok := openToken(t, "token-outage", testPIN)
+	require.NoError(t, tok.GenerateKey("kek-outage"))
+	sealed, err := tok.EncryptGCM("kek-outage", []byte("survives"), nil)
+	require.NoError(t, err)
+
+	dir := findTokenDir(t, "token-outage")
+	aside := filepath.Join(filepath.Dir(tokenDir), "aside-"+filepath.Base(dir))
+	require.NoError(t, os.Rename(dir, aside))
+	for i := 0; i < 3; i++ {
+		_, err = tok.DecryptGCM("kek-outage", sealed, nil)
+		require.Equal(t, Unavailable, KindOf(err), "%v", err)
+		_, err = tok.Random(4)
+		require.Equal(t, Unavailable, KindOf(err), "%v", err)
+	}
+	// The other token of the module kept working through the rescans.
+	_, err = openToken(t, "token-a", testPIN).Random(4)
+	require.NoError(t, err)
+
+	require.NoError(t, os.Rename(aside, dir))
+	var got []byte
+	require.Eventually(t, func() bool {
+		got, err = tok.DecryptGCM("kek-outage", sealed, nil)
+		return err == nil
+	}, 10*time.Second, 100*time.Millisecond, "last error: %v", err)
+	require.Equal(t, []byte("survives"), got)
+}
+
+// findTokenDir returns SoftHSM2's directory for the token with the label.
+func findTokenDir(t *testing.T, label string) string {
+	t.Helper()
+	entries, err := os.ReadDir(tokenDir)
+	require.NoError(t, err)
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(tokenDir, e.Name(), "token.object"))
+		if err == nil && bytes.Contains(b, []byte(label)) {
+			return filepath.Join(tokenDir, e.Name())
+		}
+	}
+	out, _ := exec.Command("softhsm2-util", "--show-slots").CombinedOutput()
+	t.Fatalf("no directory for token %q in %s:\n%s", label, tokenDir, out)
+	return ""
+}
