@@ -62,6 +62,9 @@ type backend struct {
 	nextAutoRotate time.Time
 	// autoRotateEvery is autoRotateCheckInterval, shorter in tests.
 	autoRotateEvery time.Duration
+
+	// seal is the HSM seal of the mount's root key.
+	seal *sealManager
 }
 
 // Factory returns a configured backend. It must not touch storage: an external
@@ -84,6 +87,11 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 		return nil, fmt.Errorf("creating lock manager: %w", err)
 	}
 	b := &backend{lm: lm, autoRotateEvery: autoRotateCheckInterval}
+	mountUUID := ""
+	if conf != nil {
+		mountUUID = conf.BackendUUID
+	}
+	b.seal = newSealManager(b, mountUUID)
 	b.Backend = &framework.Backend{
 		Help:           backendHelp,
 		BackendType:    logical.TypeLogical,
@@ -92,7 +100,12 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 			// Key material is marked for seal wrapping, as built-in transit does.
 			SealWrapStorage: []string{archivePrefix, policyPrefix},
 		},
-		Paths: framework.PathAppend(
+		Paths: b.gatePaths(framework.PathAppend(
+			[]*framework.Path{
+				b.pathConfigSeal(),
+				b.pathSealStatus(),
+				b.pathSealRotate(),
+			},
 			// Paths with a fixed suffix come before keys/:name, whose
 			// handler would otherwise be tried first.
 			[]*framework.Path{
@@ -122,7 +135,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 				b.pathCacheConfig(),
 				b.pathConfigKeys(),
 			},
-		),
+		)),
 		InitializeFunc: b.initialize,
 		Invalidate:     b.invalidate,
 		PeriodicFunc:   b.periodic,
@@ -131,10 +144,11 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 	return b, nil
 }
 
-// initialize runs once storage is available: it sizes the policy cache from
-// the stored cache-config.
-func (b *backend) initialize(ctx context.Context, req *logical.InitializationRequest) error {
-	return b.loadCacheSize(ctx, req.Storage)
+// initialize runs once storage is available: it starts unsealing the root
+// key in the background (the cache size is read once unsealed).
+func (b *backend) initialize(_ context.Context, req *logical.InitializationRequest) error {
+	b.seal.start(req.Storage)
+	return nil
 }
 
 // loadCacheSize resizes the policy cache to the size kept in storage.
@@ -170,8 +184,10 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	}
 }
 
-// clean releases the mount's cached keys when it is unmounted or reloaded.
+// clean releases the mount's root key, token and cached keys when it is
+// unmounted or reloaded.
 func (b *backend) clean(_ context.Context) {
+	b.seal.close()
 	b.cacheMu.Lock()
 	defer b.cacheMu.Unlock()
 	if b.lm.GetUseCache() {
@@ -180,9 +196,15 @@ func (b *backend) clean(_ context.Context) {
 	}
 }
 
-// periodic is Vault's periodic callback (about once a minute).
+// periodic is Vault's periodic callback (about once a minute). Keys rotate
+// only while the root key is unsealed.
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
-	return b.autoRotateKeys(ctx, req.Storage)
+	s, err := b.seal.view(ctx, req.Storage)
+	if err != nil {
+		return nil
+	}
+	b.seal.resumeRotation(ctx, req.Storage)
+	return b.autoRotateKeys(ctx, s)
 }
 
 // withLM runs f with the lock manager, holding the cache guard. It re-reads a

@@ -5,39 +5,126 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net/http"
+	"os"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/go-uuid"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
 )
+
+// The unit tests run every backend sealed by a real SoftHSM2 token, set up
+// once per test binary (SoftHSM2 reads its configuration at C_Initialize).
+const (
+	testPIN     = "4321"
+	testToken   = "unit-tests"
+	testKEK     = "unit-kek"
+	outageToken = "outage-tests"
+	spareToken  = "spare-tests"
+)
+
+var (
+	softhsmLib  string
+	softhsmConf string
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(runTests(m))
+}
+
+func runTests(m *testing.M) int {
+	lib, err := softhsm.FindLibrary()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "unit tests need a real token:", err)
+		return 1
+	}
+	softhsmLib = lib
+	dir, err := os.MkdirTemp("", "hsm-transit-unit-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	if softhsmConf, err = softhsm.Setup(dir, testPIN, testToken, outageToken, spareToken); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	tok, err := hsm.Open(hsm.Config{Library: lib, TokenLabel: testToken, PIN: testPIN})
+	if err == nil {
+		err = tok.GenerateKey(testKEK)
+		tok.Close()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "creating the test KEK:", err)
+		return 1
+	}
+	return m.Run()
+}
+
+// testSealConfig is the config/seal of the unit tests' token and KEK.
+func testSealConfig() map[string]interface{} {
+	return map[string]interface{}{
+		"library":     softhsmLib,
+		"token_label": testToken,
+		"pin":         testPIN,
+		"key_label":   testKEK,
+	}
+}
 
 // testEnv is a backend over in-memory storage, as Vault would run it.
 type testEnv struct {
-	b       *backend
-	storage logical.Storage
+	b         *backend
+	storage   logical.Storage
+	mountUUID string
 }
 
-// getTestBackend returns an initialised backend with empty storage.
+// getTestBackend returns an initialised backend with empty storage, sealed
+// by the test token.
 func getTestBackend(tb testing.TB) *testEnv {
 	tb.Helper()
-	return getTestBackendWithConfig(tb, logical.TestBackendConfig())
+	e := startBackend(tb, &logical.InmemStorage{}, newMountUUID(tb))
+	e.mustWrite(tb, "config/seal", testSealConfig())
+	return e
 }
 
-func getTestBackendWithConfig(tb testing.TB, conf *logical.BackendConfig) *testEnv {
+// startBackend starts a backend over storage as a (re)started plugin
+// process would: Factory, then Initialize. It is not configured or waited
+// for.
+func startBackend(tb testing.TB, s logical.Storage, mountUUID string) *testEnv {
 	tb.Helper()
+	conf := logical.TestBackendConfig()
 	conf.Logger = hclog.NewNullLogger()
 	conf.StorageView = nil // external plugins have no storage in Factory
+	conf.BackendUUID = mountUUID
 	lb, err := Factory(context.Background(), conf)
 	require.NoError(tb, err)
 	b := lb.(*backend)
-	s := &logical.InmemStorage{}
 	require.NoError(tb, b.Initialize(context.Background(), &logical.InitializationRequest{Storage: s}))
 	tb.Cleanup(func() { b.Cleanup(context.Background()) })
-	return &testEnv{b: b, storage: s}
+	return &testEnv{b: b, storage: s, mountUUID: mountUUID}
+}
+
+func newMountUUID(tb testing.TB) string {
+	tb.Helper()
+	id, err := uuid.GenerateUUID()
+	require.NoError(tb, err)
+	return id
+}
+
+// restart stops this backend and starts another over the same storage and
+// mount, as a plugin restart or a Vault restart does.
+func (e *testEnv) restart(tb testing.TB) *testEnv {
+	tb.Helper()
+	e.b.Cleanup(context.Background())
+	return startBackend(tb, e.storage, e.mountUUID)
 }
 
 // result is a request's outcome as an HTTP client of Vault would see it.
@@ -191,6 +278,14 @@ func (e *testEnv) decrypt(tb testing.TB, key, ciphertext string, extra map[strin
 	return unb64(tb, out["plaintext"].(string))
 }
 
+// sealed returns the test storage as the unsealed mount sees it.
+func (e *testEnv) sealed(tb testing.TB) logical.Storage {
+	tb.Helper()
+	s, err := e.b.seal.view(context.Background(), e.storage)
+	require.NoError(tb, err)
+	return s
+}
+
 func TestFactoryDoesNotTouchStorage(t *testing.T) {
 	conf := logical.TestBackendConfig()
 	conf.StorageView = nil
@@ -200,19 +295,14 @@ func TestFactoryDoesNotTouchStorage(t *testing.T) {
 	require.NotNil(t, b)
 }
 
-func TestInitializeReadsCacheSize(t *testing.T) {
-	s := &logical.InmemStorage{}
-	entry, err := logical.StorageEntryJSON(cacheConfigStoragePath, cacheConfig{Size: 42})
-	require.NoError(t, err)
-	require.NoError(t, s.Put(context.Background(), entry))
+func TestCacheSizeIsReadOnceUnsealed(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "cache-config", map[string]interface{}{"size": 42})
 
-	conf := logical.TestBackendConfig()
-	lb, err := Factory(context.Background(), conf)
-	require.NoError(t, err)
-	b := lb.(*backend)
-	require.Equal(t, 0, b.lm.GetCacheSize(), "no size before Initialize")
-	require.NoError(t, b.Initialize(context.Background(), &logical.InitializationRequest{Storage: s}))
-	require.Equal(t, 42, b.lm.GetCacheSize())
+	// A restarted plugin reads the (sealed) cache-config as soon as the
+	// root key is unsealed, without any request.
+	e = e.restart(t)
+	require.Eventually(t, func() bool { return e.b.lm.GetCacheSize() == 42 }, 10*time.Second, 20*time.Millisecond)
 }
 
 func TestInvalidateCacheConfigReloadsSize(t *testing.T) {
@@ -220,7 +310,7 @@ func TestInvalidateCacheConfigReloadsSize(t *testing.T) {
 	// Another node stores a new size and Vault invalidates the key here.
 	entry, err := logical.StorageEntryJSON(cacheConfigStoragePath, cacheConfig{Size: 25})
 	require.NoError(t, err)
-	require.NoError(t, e.storage.Put(context.Background(), entry))
+	require.NoError(t, e.sealed(t).Put(context.Background(), entry))
 	e.b.invalidate(context.Background(), cacheConfigStoragePath)
 	e.mustWrite(t, "keys/k", nil)
 	require.Equal(t, 25, e.b.lm.GetCacheSize())
@@ -233,11 +323,11 @@ func TestInvalidatePolicyDropsCachedKey(t *testing.T) {
 
 	// Another node rotates the key and moves min_decryption_version past v1,
 	// writing storage directly; only invalidation tells this node.
-	p, err := keysutil.LoadPolicy(context.Background(), e.storage, "policy/k")
+	p, err := keysutil.LoadPolicy(context.Background(), e.sealed(t), "policy/k")
 	require.NoError(t, err)
-	require.NoError(t, p.Rotate(context.Background(), e.storage, rand.Reader))
+	require.NoError(t, p.Rotate(context.Background(), e.sealed(t), rand.Reader))
 	p.MinDecryptionVersion = 2
-	require.NoError(t, p.Persist(context.Background(), e.storage))
+	require.NoError(t, p.Persist(context.Background(), e.sealed(t)))
 
 	require.Equal(t, "secret", e.decrypt(t, "k", ct, nil), "cached policy still allows v1")
 	e.b.invalidate(context.Background(), "policy/k")
@@ -253,12 +343,12 @@ func TestAutoRotate(t *testing.T) {
 
 	// Age every key's latest version by two hours.
 	for _, name := range []string{"due", "fresh", "never"} {
-		p, unlock, err := e.b.readPolicy(context.Background(), e.storage, name, true)
+		p, unlock, err := e.b.readPolicy(context.Background(), e.sealed(t), name, true)
 		require.NoError(t, err)
 		entry := p.Keys["1"]
 		entry.CreationTime = entry.CreationTime.Add(-2 * time.Hour)
 		p.Keys["1"] = entry
-		require.NoError(t, p.Persist(context.Background(), e.storage))
+		require.NoError(t, p.Persist(context.Background(), e.sealed(t)))
 		unlock()
 	}
 
@@ -269,7 +359,7 @@ func TestAutoRotate(t *testing.T) {
 	}
 
 	// The next walk waits for the check interval.
-	p, unlock, err := e.b.readPolicy(context.Background(), e.storage, "due", true)
+	p, unlock, err := e.b.readPolicy(context.Background(), e.sealed(t), "due", true)
 	require.NoError(t, err)
 	entry := p.Keys["2"]
 	entry.CreationTime = entry.CreationTime.Add(-2 * time.Hour)

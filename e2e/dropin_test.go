@@ -20,6 +20,7 @@ func TestDropInReplacementForTransit(t *testing.T) {
 	v.mustCLI("write", "sys/plugins/pins/secret/transit", "version="+pluginVersion)
 
 	v.mustCLI("secrets", "enable", "transit")
+	v.configureSeal("transit")
 	mounts, err := v.client.Sys().ListMounts()
 	require.NoError(t, err)
 	m := mounts["transit/"]
@@ -38,6 +39,7 @@ func TestDropInReplacementForTransit(t *testing.T) {
 
 	// A second mount enabled the same way is the plugin too.
 	v.mustCLI("secrets", "enable", "-path=transit2", "transit")
+	v.configureSeal("transit2")
 	mounts, err = v.client.Sys().ListMounts()
 	require.NoError(t, err)
 	require.Equal(t, pluginVersion, mounts["transit2/"].RunningVersion)

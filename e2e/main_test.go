@@ -8,19 +8,31 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
 )
 
 const (
 	pluginName    = "vault-plugin-secrets-hsm-transit"
 	pluginVersion = "v0.1.0"
 	modulePath    = "github.com/hsm-transit/vault-plugin-secrets-hsm-transit"
+
+	// The SoftHSM2 token every test Vault's plugin is sealed by. The tests'
+	// SOFTHSM2_CONF reaches Vault, and so the plugin, through the
+	// environment.
+	hsmToken = "e2e"
+	hsmPIN   = "246810"
+	hsmKEK   = "e2e-kek"
 )
 
 var (
-	repoRoot  string
-	vaultBin  string
-	pluginBin string // the plugin at pluginVersion, built from this tree
-	buildDir  string
+	repoRoot    string
+	vaultBin    string
+	pluginBin   string // the plugin at pluginVersion, built from this tree
+	buildDir    string
+	softhsmLib  string
+	softhsmConf string
 )
 
 func TestMain(m *testing.M) {
@@ -51,7 +63,28 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
+	if err := setupToken(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		return 1
+	}
 	return m.Run()
+}
+
+// setupToken makes a SoftHSM2 token with the KEK for the tests' mounts.
+func setupToken() error {
+	var err error
+	if softhsmLib, err = softhsm.FindLibrary(); err != nil {
+		return err
+	}
+	if softhsmConf, err = softhsm.Setup(filepath.Join(buildDir, "softhsm"), hsmPIN, hsmToken); err != nil {
+		return err
+	}
+	tok, err := hsm.Open(hsm.Config{Library: softhsmLib, TokenLabel: hsmToken, PIN: hsmPIN})
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	return tok.GenerateKey(hsmKEK)
 }
 
 // findRepoRoot walks up from the test's directory to the module root.

@@ -263,11 +263,20 @@ func (s *vaultServer) registerPlugin(name string, flags ...string) {
 	s.mustCLI(args...)
 }
 
-// mountPlugin registers the plugin and enables it at path.
+// mountPlugin registers the plugin, enables it at path and seals the mount
+// with the test token.
 func (s *vaultServer) mountPlugin(path string) {
 	s.t.Helper()
 	s.registerPlugin(pluginName)
 	s.mustCLI("secrets", "enable", "-path="+path, "-plugin-version="+pluginVersion, pluginName)
+	s.configureSeal(path)
+}
+
+// configureSeal seals a plugin mount with the test token's KEK.
+func (s *vaultServer) configureSeal(path string) {
+	s.t.Helper()
+	s.mustCLI("write", path+"/config/seal", "library="+softhsmLib, "token_label="+hsmToken,
+		"pin="+hsmPIN, "key_label="+hsmKEK)
 }
 
 // rawRequest sends a request and returns the status code and the decoded

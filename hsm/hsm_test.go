@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -26,7 +25,6 @@ var (
 	softhsmConf string
 	tokenDir    string
 )
-
 
 func TestMain(m *testing.M) {
 	os.Exit(runTests(m))
@@ -258,7 +256,8 @@ func TestTokenRemovedAndRestored(t *testing.T) {
 	sealed, err := tok.EncryptGCM("kek-outage", []byte("survives"), nil)
 	require.NoError(t, err)
 
-	dir := findTokenDir(t, "token-outage")
+	dir, err := softhsm.TokenDir(softhsmConf, "token-outage")
+	require.NoError(t, err)
 	aside := filepath.Join(filepath.Dir(tokenDir), "aside-"+filepath.Base(dir))
 	require.NoError(t, os.Rename(dir, aside))
 	for i := 0; i < 3; i++ {
@@ -278,20 +277,4 @@ func TestTokenRemovedAndRestored(t *testing.T) {
 		return err == nil
 	}, 10*time.Second, 100*time.Millisecond, "last error: %v", err)
 	require.Equal(t, []byte("survives"), got)
-}
-
-// findTokenDir returns SoftHSM2's directory for the token with the label.
-func findTokenDir(t *testing.T, label string) string {
-	t.Helper()
-	entries, err := os.ReadDir(tokenDir)
-	require.NoError(t, err)
-	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(tokenDir, e.Name(), "token.object"))
-		if err == nil && bytes.Contains(b, []byte(label)) {
-			return filepath.Join(tokenDir, e.Name())
-		}
-	}
-	out, _ := exec.Command("softhsm2-util", "--show-slots").CombinedOutput()
-	t.Fatalf("no directory for token %q in %s:\n%s", label, tokenDir, out)
-	return ""
 }

@@ -3,6 +3,7 @@
 package softhsm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -27,17 +28,11 @@ func FindLibrary() (string, error) {
 	return "", errors.New("SoftHSM2 is not installed (apt-get install -y softhsm2)")
 }
 
-// Setup writes dir/softhsm2.conf with tokens in dir/tokens, points
-// SOFTHSM2_CONF at it for this process (and the processes it starts), and
-// initialises one token per label with user PIN pin.
+// Setup writes a configuration (Configure), points SOFTHSM2_CONF at it for
+// this process and the processes it starts, and initialises one token per
+// label with user PIN pin.
 func Setup(dir, pin string, labels ...string) (conf string, err error) {
-	tokens := filepath.Join(dir, "tokens")
-	if err := os.MkdirAll(tokens, 0o700); err != nil {
-		return "", err
-	}
-	conf = filepath.Join(dir, "softhsm2.conf")
-	body := fmt.Sprintf("directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", tokens)
-	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+	if conf, err = Configure(dir); err != nil {
 		return "", err
 	}
 	if err := os.Setenv("SOFTHSM2_CONF", conf); err != nil {
@@ -49,6 +44,35 @@ func Setup(dir, pin string, labels ...string) (conf string, err error) {
 		}
 	}
 	return conf, nil
+}
+
+// Configure writes dir/softhsm2.conf with tokens in dir/tokens and returns
+// its path, for a process started with SOFTHSM2_CONF set to it.
+func Configure(dir string) (string, error) {
+	tokens := filepath.Join(dir, "tokens")
+	if err := os.MkdirAll(tokens, 0o700); err != nil {
+		return "", err
+	}
+	conf := filepath.Join(dir, "softhsm2.conf")
+	body := fmt.Sprintf("directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", tokens)
+	return conf, os.WriteFile(conf, []byte(body), 0o600)
+}
+
+// TokenDir returns the directory SoftHSM2 keeps the labelled token in,
+// under a configuration made by Configure.
+func TokenDir(conf, label string) (string, error) {
+	root := filepath.Join(filepath.Dir(conf), "tokens")
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		return "", err
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(root, e.Name(), "token.object"))
+		if err == nil && bytes.Contains(b, []byte(label)) {
+			return filepath.Join(root, e.Name()), nil
+		}
+	}
+	return "", fmt.Errorf("no token labelled %q under %s", label, root)
 }
 
 // InitToken initialises a new token with the label in the configuration's

@@ -1,0 +1,346 @@
+package hsmtransit
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
+)
+
+// pathConfigSeal configures the HSM that seals the mount's root key.
+func (b *backend) pathConfigSeal() *framework.Path {
+	return &framework.Path{
+		Pattern: "config/seal",
+		DisplayAttrs: &framework.DisplayAttributes{
+			OperationPrefix: operationPrefix,
+		},
+		Fields: map[string]*framework.FieldSchema{
+			"library": {
+				Type:        framework.TypeString,
+				Description: "Absolute path of the PKCS#11 library; it must be allowed by the operator (HSM_TRANSIT_PKCS11_LIBRARIES).",
+			},
+			"token_label": {Type: framework.TypeString, Description: "Label of the token; or give slot."},
+			"slot":        {Type: framework.TypeInt, Description: "Slot number of the token; or give token_label."},
+			"pin": {
+				Type:        framework.TypeString,
+				Description: "User PIN: the PIN, env://NAME (from the plugin's environment) or file:///path. Write-only.",
+				DisplayAttrs: &framework.DisplayAttributes{
+					Sensitive: true,
+				},
+			},
+			"key_label": {Type: framework.TypeString, Description: "Label of the AES key in the token that seals the root key (the KEK)."},
+			"generate_key": {
+				Type:        framework.TypeBool,
+				Description: "Create the KEK in the token when there is no key with key_label.",
+			},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback:     b.pathConfigSealWrite,
+				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "configure", OperationSuffix: "seal"},
+			},
+			logical.ReadOperation: &framework.PathOperation{
+				Callback:     b.pathConfigSealRead,
+				DisplayAttrs: &framework.DisplayAttributes{OperationSuffix: "seal-configuration"},
+			},
+		},
+		HelpSynopsis:    pathConfigSealHelpSyn,
+		HelpDescription: pathConfigSealHelpDesc,
+	}
+}
+
+// mergeSealConfig applies the request's fields over the current
+// configuration (nil when there is none) and checks the result.
+func mergeSealConfig(cur *sealConfig, d *framework.FieldData) (*sealConfig, error) {
+	next := &sealConfig{}
+	if cur != nil {
+		c := *cur
+		next = &c
+	}
+	if v, ok := d.GetOk("library"); ok {
+		next.Library = v.(string)
+	}
+	_, labelGiven := d.GetOk("token_label")
+	_, slotGiven := d.GetOk("slot")
+	if labelGiven && slotGiven {
+		return nil, errors.New("give token_label or slot, not both")
+	}
+	if labelGiven {
+		next.TokenLabel, next.Slot = d.Get("token_label").(string), nil
+	}
+	if slotGiven {
+		n := d.Get("slot").(int)
+		if n < 0 {
+			return nil, errors.New("slot cannot be negative")
+		}
+		slot := uint(n)
+		next.Slot, next.TokenLabel = &slot, ""
+	}
+	if v, ok := d.GetOk("pin"); ok {
+		next.PIN = v.(string)
+	}
+	if v, ok := d.GetOk("key_label"); ok {
+		next.KeyLabel = v.(string)
+	}
+	var missing []string
+	if next.Library == "" {
+		missing = append(missing, "library")
+	}
+	if next.TokenLabel == "" && next.Slot == nil {
+		missing = append(missing, "token_label (or slot)")
+	}
+	if next.PIN == "" {
+		missing = append(missing, "pin")
+	}
+	if next.KeyLabel == "" {
+		missing = append(missing, "key_label")
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("missing %v", missing)
+	}
+	if err := hsm.CheckLibrary(next.Library); err != nil {
+		return nil, errors.Unwrap(err)
+	}
+	if _, err := resolvePIN(next.PIN); err != nil {
+		return nil, err
+	}
+	return next, nil
+}
+
+// pathConfigSealWrite seals the mount (first write) or changes how it is
+// sealed: another KEK, token, library or PIN. The root key never changes
+// here and no entry is re-encrypted; the root keyring is re-sealed.
+func (b *backend) pathConfigSealWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	m := b.seal
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	cur, err := readSealConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	next, err := mergeSealConfig(cur, d)
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	generate := d.Get("generate_key").(bool)
+
+	var resp *logical.Response
+	if cur == nil {
+		resp, err = m.initSealLocked(ctx, req.Storage, next, generate)
+	} else {
+		resp, err = m.reconfigureLocked(ctx, req.Storage, cur, next, generate)
+	}
+	if err != nil {
+		return hsmErrorResponse(err)
+	}
+	if next.pinSource() == "value" {
+		resp.AddWarning("the PIN is kept in Vault's storage (encrypted by Vault's barrier); pin=env://NAME or pin=file:///path keeps it out of storage")
+	}
+	return resp, nil
+}
+
+// initSealLocked seals a mount for the first time: a root key from the HSM's
+// random generator, sealed by the KEK; then every entry already stored
+// (a mount taken over from built-in transit) is encrypted under it.
+func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg *sealConfig, generate bool) (*logical.Response, error) {
+	tok, err := m.openToken(cfg)
+	if err != nil {
+		return nil, err
+	}
+	adopted := false
+	defer func() {
+		if !adopted {
+			tok.Close()
+		}
+	}()
+	if err := ensureKEK(tok, cfg.KeyLabel, generate); err != nil {
+		return nil, err
+	}
+	rootKey, err := tok.Random(seal.RootKeySize)
+	if err != nil {
+		return nil, err
+	}
+	ring, err := seal.NewKeyring(rootKey)
+	clear(rootKey)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.SealedKeyring, err = m.sealWith(tok, cfg.KeyLabel, ring); err != nil {
+		return nil, err
+	}
+	cfg.SealedWith, cfg.RootKeyVersion = cfg.KeyLabel, ring.Active()
+	if err := writeSealConfig(ctx, s, cfg); err != nil {
+		return nil, err
+	}
+	m.adoptToken(tok)
+	adopted = true
+
+	snap := &sealSnapshot{phase: phaseUnsealed, cfg: cfg, sealer: seal.NewSealer(ring, isPlainPath)}
+	migrated, err := snap.sealer.ResealAll(ctx, s)
+	if err != nil {
+		return nil, fmt.Errorf("encrypting the entries stored before the seal: %w", err)
+	}
+	m.state.Store(snap)
+	m.b.Logger().Info("mount sealed by the HSM", "token", tok.Describe(), "key_label", cfg.KeyLabel, "entries_encrypted", migrated)
+	m.afterUnseal(ctx, s, snap)
+	resp := describeSealConfig(cfg)
+	if migrated > 0 {
+		resp.Data["entries_encrypted"] = migrated
+	}
+	return resp, nil
+}
+
+// reconfigureLocked applies a new configuration to a sealed mount. The
+// keyring is re-sealed under the new KEK (or token) when they change; a
+// mount that could not unseal is unsealed with the new settings first.
+func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, cur, next *sealConfig, generate bool) (*logical.Response, error) {
+	if next.PIN != cur.PIN && next.Library == cur.Library && next.TokenLabel == cur.TokenLabel && sameSlot(next.Slot, cur.Slot) {
+		// PKCS#11 login is per process: a new PIN can only be checked once
+		// the old login is gone.
+		m.adoptToken(nil)
+	}
+	tok, err := m.openToken(next)
+	if err != nil {
+		return nil, err
+	}
+	adopted := false
+	defer func() {
+		if !adopted {
+			tok.Close()
+		}
+	}()
+	snap := m.state.Load()
+	var ring *seal.Keyring
+	if snap.phase == phaseUnsealed {
+		ring = snap.sealer.Keyring()
+	} else if ring, err = m.unsealWith(tok, cur); err != nil {
+		return nil, fmt.Errorf("the new settings do not unseal the root keyring (sealed by KEK %q): %w", cur.SealedWith, err)
+	}
+	if next.KeyLabel != cur.SealedWith || next.Library != cur.Library || next.TokenLabel != cur.TokenLabel || !sameSlot(next.Slot, cur.Slot) {
+		if err := ensureKEK(tok, next.KeyLabel, generate); err != nil {
+			return nil, err
+		}
+		if next.SealedKeyring, err = m.sealWith(tok, next.KeyLabel, ring); err != nil {
+			return nil, err
+		}
+		// Prove the new KEK opens what it sealed before storing it.
+		check, err := tok.DecryptGCM(next.KeyLabel, next.SealedKeyring, m.aad)
+		if err != nil {
+			return nil, err
+		}
+		want, err := ring.Marshal()
+		if err != nil {
+			return nil, err
+		}
+		same := bytes.Equal(check, want)
+		clear(check)
+		clear(want)
+		if !same {
+			return nil, errors.New("the re-sealed root keyring does not open to itself")
+		}
+		next.SealedWith = next.KeyLabel
+	} else {
+		// Only the PIN changed: a successful login above proves it.
+		if _, err := tok.HasKey(next.SealedWith); err != nil {
+			return nil, err
+		}
+	}
+	next.RootKeyVersion = ring.Active()
+	if err := writeSealConfig(ctx, s, next); err != nil {
+		return nil, err
+	}
+	m.adoptToken(tok)
+	adopted = true
+	if snap.phase == phaseUnsealed {
+		m.state.Store(&sealSnapshot{phase: phaseUnsealed, cfg: next, sealer: snap.sealer})
+	} else {
+		unsealed := &sealSnapshot{phase: phaseUnsealed, cfg: next, sealer: seal.NewSealer(ring, isPlainPath)}
+		m.state.Store(unsealed)
+		m.afterUnseal(ctx, s, unsealed)
+	}
+	m.b.Logger().Info("seal configuration changed", "token", tok.Describe(), "key_label", next.KeyLabel)
+	return describeSealConfig(next), nil
+}
+
+func sameSlot(a, b *uint) bool {
+	return (a == nil && b == nil) || (a != nil && b != nil && *a == *b)
+}
+
+// ensureKEK makes sure the KEK is in the token, creating it when allowed.
+func ensureKEK(tok *hsm.Token, label string, generate bool) error {
+	has, err := tok.HasKey(label)
+	if err != nil {
+		return err
+	}
+	if has {
+		return nil
+	}
+	if !generate {
+		return &hsm.Error{Kind: hsm.NotFound, Op: "find KEK", Err: fmt.Errorf(
+			"no AES key labelled %q in token %s; create it, or write generate_key=true to have the plugin create it", label, tok.Describe())}
+	}
+	return tok.GenerateKey(label)
+}
+
+// hsmErrorResponse answers an HSM failure: the caller's settings are a 400,
+// an unreachable HSM a 503, anything else a 500.
+func hsmErrorResponse(err error) (*logical.Response, error) {
+	switch hsm.KindOf(err) {
+	case hsm.Configuration, hsm.Credentials, hsm.NotFound, hsm.Failed:
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	case hsm.Unavailable:
+		return nil, logical.CodedError(http.StatusServiceUnavailable, err.Error())
+	}
+	return nil, err
+}
+
+// describeSealConfig is config/seal's read: everything but the PIN.
+func describeSealConfig(cfg *sealConfig) *logical.Response {
+	data := map[string]interface{}{
+		"library":          cfg.Library,
+		"token_label":      cfg.TokenLabel,
+		"key_label":        cfg.KeyLabel,
+		"mechanism":        hsm.Mechanism,
+		"pin_set":          cfg.PIN != "",
+		"pin_source":       cfg.pinSource(),
+		"root_key_version": cfg.RootKeyVersion,
+	}
+	if cfg.Slot != nil {
+		data["slot"] = *cfg.Slot
+	}
+	return &logical.Response{Data: data}
+}
+
+// pathConfigSealRead returns the seal configuration without the PIN.
+func (b *backend) pathConfigSealRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	cfg, err := readSealConfig(ctx, req.Storage)
+	if err != nil || cfg == nil {
+		return nil, err
+	}
+	return describeSealConfig(cfg), nil
+}
+
+const pathConfigSealHelpSyn = `Configure the PKCS#11 HSM that seals the mount's root key`
+
+const pathConfigSealHelpDesc = `
+The first write seals the mount: the plugin logs in to the token, finds (or
+with generate_key creates) the AES key-encryption key key_label, draws a
+256-bit root key from the token's random generator and stores it only sealed
+by that key (CKM_AES_GCM inside the HSM). Every storage entry of the mount is
+then encrypted under the root key. Until then, key and crypto paths answer 400.
+
+Later writes change how the root key is sealed without re-encrypting any
+entry: a new key_label (or token) re-seals it under the new key; a new pin is
+checked by logging in. The PIN is write-only: pin=env://NAME reads it from
+the plugin's environment and pin=file:///path from a file, keeping it out of
+Vault's storage. library must be on the operator's allowlist, set with
+vault plugin register -env HSM_TRANSIT_PKCS11_LIBRARIES=/path/a.so:/path/b.so
+(SoftHSM2's Debian paths when unset).
+`

@@ -1,0 +1,236 @@
+package seal
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
+	"github.com/stretchr/testify/require"
+)
+
+func randomKey(t *testing.T) []byte {
+	t.Helper()
+	k := make([]byte, RootKeySize)
+	_, err := rand.Read(k)
+	require.NoError(t, err)
+	return k
+}
+
+func plainSeal(path string) bool { return strings.HasPrefix(path, "seal/") }
+
+func TestKeyringMarshalRoundTrip(t *testing.T) {
+	k1, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	k2, err := k1.Rotated(randomKey(t))
+	require.NoError(t, err)
+	require.Equal(t, uint32(2), k2.Active())
+	require.Equal(t, []uint32{1, 2}, k2.Versions())
+	require.Equal(t, []uint32{1}, k1.Versions(), "rotation leaves the old keyring as it was")
+
+	raw, err := k2.Marshal()
+	require.NoError(t, err)
+	back, err := UnmarshalKeyring(raw)
+	require.NoError(t, err)
+	require.Equal(t, k2.Versions(), back.Versions())
+	ct, err := k2.Seal("p", []byte("v"))
+	require.NoError(t, err)
+	pt, err := back.Open("p", ct)
+	require.NoError(t, err)
+	require.Equal(t, []byte("v"), pt)
+
+	for name, bad := range map[string]string{
+		"not json":       "{",
+		"no active key":  `{"active":3,"keys":{"1":"` + strings.Repeat("A", 43) + `="}}`,
+		"short key":      `{"active":1,"keys":{"1":"AAAA"}}`,
+		"bad version id": `{"active":1,"keys":{"x":"` + strings.Repeat("A", 43) + `="}}`,
+	} {
+		_, err := UnmarshalKeyring([]byte(bad))
+		require.Error(t, err, name)
+	}
+	_, err = NewKeyring([]byte("short"))
+	require.Error(t, err)
+}
+
+func TestSealOpen(t *testing.T) {
+	k, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	secret := []byte(`{"keys":{"1":{"key":"c2VjcmV0IGtleSBieXRlcw=="}}}`)
+	ct, err := k.Seal("policy/a", secret)
+	require.NoError(t, err)
+	require.True(t, IsSealed(ct))
+	require.False(t, bytes.Contains(ct, secret))
+	ct2, err := k.Seal("policy/a", secret)
+	require.NoError(t, err)
+	require.NotEqual(t, ct, ct2, "fresh nonce per write")
+
+	pt, err := k.Open("policy/a", ct)
+	require.NoError(t, err)
+	require.Equal(t, secret, pt)
+
+	_, err = k.Open("policy/b", ct)
+	require.ErrorContains(t, err, "does not authenticate", "entries cannot be moved between paths")
+	tampered := append([]byte{}, ct...)
+	tampered[len(tampered)-1] ^= 1
+	_, err = k.Open("policy/a", tampered)
+	require.ErrorContains(t, err, "does not authenticate")
+	_, err = k.Open("policy/a", secret)
+	require.ErrorContains(t, err, "not sealed")
+
+	other, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	_, err = other.Open("policy/a", ct)
+	require.ErrorContains(t, err, "does not authenticate", "another mount's root key cannot open it")
+	rotated, err := k.Rotated(randomKey(t))
+	require.NoError(t, err)
+	ct3, err := rotated.Seal("policy/a", secret)
+	require.NoError(t, err)
+	_, err = k.Open("policy/a", ct3)
+	require.ErrorContains(t, err, "version 2")
+}
+
+func TestViewSealsEverythingButPlainPaths(t *testing.T) {
+	ctx := context.Background()
+	under := &logical.InmemStorage{}
+	k, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	s := NewSealer(k, plainSeal)
+	v := s.Wrap(under)
+
+	require.NoError(t, v.Put(ctx, &logical.StorageEntry{Key: "policy/k", Value: []byte("key material"), SealWrap: true}))
+	require.NoError(t, v.Put(ctx, &logical.StorageEntry{Key: "seal/config", Value: []byte("non-secret")}))
+
+	raw, err := under.Get(ctx, "policy/k")
+	require.NoError(t, err)
+	require.True(t, IsSealed(raw.Value))
+	require.False(t, bytes.Contains(raw.Value, []byte("key material")))
+	raw, err = under.Get(ctx, "seal/config")
+	require.NoError(t, err)
+	require.Equal(t, []byte("non-secret"), raw.Value)
+
+	e, err := v.Get(ctx, "policy/k")
+	require.NoError(t, err)
+	require.Equal(t, []byte("key material"), e.Value)
+	e, err = v.Get(ctx, "missing")
+	require.NoError(t, err)
+	require.Nil(t, e)
+	keys, err := v.List(ctx, "policy/")
+	require.NoError(t, err)
+	require.Equal(t, []string{"k"}, keys)
+
+	// An entry planted in storage unsealed is refused, not trusted.
+	require.NoError(t, under.Put(ctx, &logical.StorageEntry{Key: "policy/planted", Value: []byte("{}")}))
+	_, err = v.Get(ctx, "policy/planted")
+	require.ErrorContains(t, err, "not sealed")
+
+	require.NoError(t, v.Delete(ctx, "policy/k"))
+	e, err = v.Get(ctx, "policy/k")
+	require.NoError(t, err)
+	require.Nil(t, e)
+}
+
+func TestResealAllMigratesAndRotates(t *testing.T) {
+	ctx := context.Background()
+	under := &logical.InmemStorage{}
+	// Entries written before the mount was sealed, as built-in transit
+	// leaves them.
+	for i := 0; i < 5; i++ {
+		require.NoError(t, under.Put(ctx, &logical.StorageEntry{Key: fmt.Sprintf("policy/k%d", i), Value: []byte(fmt.Sprintf("plain %d", i))}))
+	}
+	require.NoError(t, under.Put(ctx, &logical.StorageEntry{Key: "archive/deep/k0", Value: []byte("archived")}))
+	require.NoError(t, under.Put(ctx, &logical.StorageEntry{Key: "seal/config", Value: []byte("as is")}))
+
+	k1, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	s := NewSealer(k1, plainSeal)
+	n, err := s.ResealAll(ctx, under)
+	require.NoError(t, err)
+	require.Equal(t, 6, n)
+	n, err = s.ResealAll(ctx, under)
+	require.NoError(t, err)
+	require.Equal(t, 0, n, "nothing left to do")
+
+	k2, err := k1.Rotated(randomKey(t))
+	require.NoError(t, err)
+	s.SetKeyring(k2)
+	n, err = s.ResealAll(ctx, under)
+	require.NoError(t, err)
+	require.Equal(t, 6, n)
+	s.SetKeyring(k2.ActiveOnly())
+
+	v := s.Wrap(under)
+	for i := 0; i < 5; i++ {
+		e, err := v.Get(ctx, fmt.Sprintf("policy/k%d", i))
+		require.NoError(t, err)
+		require.Equal(t, fmt.Sprintf("plain %d", i), string(e.Value))
+		raw, err := under.Get(ctx, fmt.Sprintf("policy/k%d", i))
+		require.NoError(t, err)
+		ver, _ := SealedVersion(raw.Value)
+		require.Equal(t, uint32(2), ver)
+	}
+	raw, err := under.Get(ctx, "seal/config")
+	require.NoError(t, err)
+	require.Equal(t, "as is", string(raw.Value))
+}
+
+// TestRotationWithConcurrentWrites re-encrypts while writers keep writing:
+// once the pass is over, every entry is at the new version and holds the
+// last value written to it.
+func TestRotationWithConcurrentWrites(t *testing.T) {
+	ctx := context.Background()
+	under := &logical.InmemStorage{}
+	k1, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	s := NewSealer(k1, plainSeal)
+	v := s.Wrap(under)
+	const keys = 200
+	for i := 0; i < keys; i++ {
+		require.NoError(t, v.Put(ctx, &logical.StorageEntry{Key: fmt.Sprintf("policy/%d", i), Value: []byte("0")}))
+	}
+
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	last := make([]int, keys)
+	var mu sync.Mutex
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for n := 1; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				i := (n*7 + w*13) % keys
+				mu.Lock()
+				last[i]++
+				val := last[i]
+				err := v.Put(ctx, &logical.StorageEntry{Key: fmt.Sprintf("policy/%d", i), Value: []byte(fmt.Sprint(val))})
+				mu.Unlock()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}(w)
+	}
+	k2, err := k1.Rotated(randomKey(t))
+	require.NoError(t, err)
+	s.SetKeyring(k2)
+	_, err = s.ResealAll(ctx, under)
+	require.NoError(t, err)
+	s.SetKeyring(k2.ActiveOnly())
+	close(stop)
+	wg.Wait()
+
+	for i := 0; i < keys; i++ {
+		e, err := v.Get(ctx, fmt.Sprintf("policy/%d", i))
+		require.NoError(t, err, "entry %d readable with the old version dropped", i)
+		require.Equal(t, fmt.Sprint(last[i]), string(e.Value), "entry %d keeps its last write", i)
+	}
+}
