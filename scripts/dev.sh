@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Development Vault for hsm-transit: a dev server on 127.0.0.1:8200 with the
-# plugin registered and enabled at transit/.
+# plugin registered, enabled at transit/ and sealed by a SoftHSM2 token.
 #
 #   scripts/dev.sh start   start (or refresh) the dev server; safe to run twice
 #   scripts/dev.sh stop    stop it
@@ -16,6 +16,48 @@ export VAULT_ADDR="http://$addr"
 export VAULT_TOKEN=root
 
 log() { printf '==> %s\n' "$*" >&2; }
+
+token_label=hsm-transit-dev
+kek_label=hsm-transit-kek
+export SOFTHSM2_CONF="$dev/softhsm/softhsm2.conf"
+
+# ensure_softhsm installs SoftHSM2 and opensc when missing and makes the dev
+# token in .dev/softhsm, with its PIN in .dev/softhsm/pin.
+ensure_softhsm() {
+	if ! command -v softhsm2-util >/dev/null 2>&1 || ! command -v pkcs11-tool >/dev/null 2>&1; then
+		log "installing softhsm2 and opensc"
+		local sudo=""
+		[ "$(id -u)" -eq 0 ] || sudo=sudo
+		$sudo apt-get update -qq >&2
+		DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq softhsm2 opensc >&2
+	fi
+	mkdir -p "$dev/softhsm/tokens"
+	chmod 700 "$dev/softhsm"
+	if [ ! -f "$SOFTHSM2_CONF" ]; then
+		printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
+			"$dev/softhsm/tokens" >"$SOFTHSM2_CONF"
+	fi
+	if [ ! -f "$dev/softhsm/pin" ]; then
+		(umask 077 && head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dev/softhsm/pin")
+	fi
+	if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label:.*$token_label"; then
+		log "creating the SoftHSM2 token $token_label in $dev/softhsm"
+		softhsm2-util --init-token --free --label "$token_label" \
+			--pin "$(cat "$dev/softhsm/pin")" --so-pin "$(cat "$dev/softhsm/pin")-so" >/dev/null
+	fi
+}
+
+softhsm_library() {
+	for p in /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so \
+		/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so; do
+		if [ -f "$p" ]; then
+			echo "$p"
+			return
+		fi
+	done
+	log "SoftHSM2's library is not installed"
+	exit 1
+}
 
 # pick_vault prints a vault binary: one on the PATH if it is 1.21 or newer,
 # else the pinned build in bin/ (built once).
@@ -48,6 +90,7 @@ running() {
 
 start() {
 	mkdir -p "$dev/plugins"
+	ensure_softhsm
 	local vault version sum
 	vault=$(pick_vault)
 	version=$(plugin_version)
@@ -87,6 +130,12 @@ EOF
 		"$vault" secrets enable -path=transit -plugin-version="$version" "$plugin_name" >/dev/null
 	fi
 	log "hsm-transit $version enabled at transit/"
+	if ! "$vault" read transit/config/seal >/dev/null 2>&1; then
+		"$vault" write transit/config/seal library="$(softhsm_library)" token_label="$token_label" \
+			pin="file://$dev/softhsm/pin" key_label="$kek_label" generate_key=true >/dev/null
+		log "sealed by SoftHSM2 token $token_label, KEK $kek_label"
+	fi
+	"$vault" read transit/seal/status >&2
 
 	cat <<EOF
 
@@ -102,6 +151,10 @@ Try it:
   vault write transit/decrypt/orders ciphertext=vault:v1:...   # the ciphertext from above
   vault write -f transit/datakey/plaintext/orders
   vault write -f transit/keys/orders/rotate
+
+  vault read transit/seal/status                            # sealed by SoftHSM2
+  pkcs11-tool --module $(softhsm_library) --token-label $token_label \\
+      --login --pin \$(cat $dev/softhsm/pin) --list-objects --type secrkey
 
 Logs: $dev/vault.log    Stop: make dev-stop
 EOF
