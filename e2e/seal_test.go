@@ -119,3 +119,22 @@ func rawWalk(t *testing.T, c *api.Logical, prefix string, f func(path string, va
 		f(prefix+key, value)
 	}
 }
+
+// TestLibraryAllowlistFromRegistration: the operator's -env at registration
+// decides which PKCS#11 libraries the API may name.
+func TestLibraryAllowlistFromRegistration(t *testing.T) {
+	t.Parallel()
+	v := startVault(t, serverOptions{})
+	v.registerPlugin(pluginName, "-env=HSM_TRANSIT_PKCS11_LIBRARIES=/opt/vendor/libcs_pkcs11.so")
+	v.mustCLI("secrets", "enable", "-path=transit", "-plugin-version="+pluginVersion, pluginName)
+	out, err := v.cli("write", "transit/config/seal", "library="+softhsmLib, "token_label="+hsmToken,
+		"pin="+hsmPIN, "key_label="+hsmKEK)
+	require.Error(t, err)
+	require.Contains(t, out, "Code: 400")
+	require.Contains(t, out, "is not allowed")
+	require.Contains(t, out, "/opt/vendor/libcs_pkcs11.so")
+
+	out, err = v.cli("write", "transit/encrypt/k", "plaintext="+b64("x"))
+	require.Error(t, err)
+	require.Contains(t, out, "config/seal")
+}
