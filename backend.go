@@ -65,6 +65,8 @@ type backend struct {
 
 	// seal is the HSM seal of the mount's root key.
 	seal *sealManager
+	// hsmKeys are the keys kept in the HSM.
+	hsmKeys *hsmKeyStore
 }
 
 // Factory returns a configured backend. It must not touch storage: an external
@@ -92,6 +94,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 		mountUUID = conf.BackendUUID
 	}
 	b.seal = newSealManager(b, mountUUID)
+	b.hsmKeys = newHSMKeyStore(b)
 	b.Backend = &framework.Backend{
 		Help:           backendHelp,
 		BackendType:    logical.TypeLogical,
@@ -172,6 +175,13 @@ func (b *backend) loadCacheSize(ctx context.Context, s logical.Storage) error {
 	return nil
 }
 
+// cacheSize returns the policy cache's size (0: unbounded).
+func (b *backend) cacheSize() int {
+	b.cacheMu.RLock()
+	defer b.cacheMu.RUnlock()
+	return b.lm.GetCacheSize()
+}
+
 // invalidate drops cached state that another node changed in storage.
 func (b *backend) invalidate(_ context.Context, key string) {
 	switch {
@@ -179,6 +189,8 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.cacheMu.RLock()
 		defer b.cacheMu.RUnlock()
 		b.lm.InvalidatePolicy(strings.TrimPrefix(key, policyPrefix))
+	case strings.HasPrefix(key, hsmKeyPrefix):
+		b.hsmKeys.invalidate(strings.TrimPrefix(key, hsmKeyPrefix))
 	case key == cacheConfigStoragePath:
 		b.cacheStale.Store(true)
 	}
@@ -188,6 +200,7 @@ func (b *backend) invalidate(_ context.Context, key string) {
 // unmounted or reloaded.
 func (b *backend) clean(_ context.Context) {
 	b.seal.close()
+	b.hsmKeys.reset()
 	b.cacheMu.Lock()
 	defer b.cacheMu.Unlock()
 	if b.lm.GetUseCache() {
@@ -255,9 +268,20 @@ func (b *backend) lockedPolicy(ctx context.Context, polReq keysutil.PolicyReques
 
 // readPolicy returns an existing key, locked shared or exclusive; p is nil
 // when the key does not exist.
+//
+// A name that belongs to an HSM-resident key is a 400: the paths that read
+// software keys this way are those HSM-resident keys do not support.
 func (b *backend) readPolicy(ctx context.Context, s logical.Storage, name string, exclusive bool) (*keysutil.Policy, func(), error) {
 	p, _, unlock, err := b.lockedPolicy(ctx, keysutil.PolicyRequest{Storage: s, Name: name}, exclusive)
-	return p, unlock, err
+	if err != nil || p != nil {
+		return p, unlock, err
+	}
+	if k, err := b.hsmKeys.get(ctx, s, name); err != nil {
+		return nil, unlock, err
+	} else if k != nil {
+		return nil, unlock, errHSMKeyUnsupported(name, "this path")
+	}
+	return nil, unlock, nil
 }
 
 // autoRotateKeys rotates every key whose auto_rotate_period has passed since
@@ -295,7 +319,30 @@ func (b *backend) autoRotateKeys(ctx context.Context, s logical.Storage) error {
 			errs = append(errs, fmt.Errorf("key %q: %w", name, err))
 		}
 	}
+	hsmNames, err := s.List(ctx, hsmKeyPrefix)
+	if err != nil {
+		return fmt.Errorf("listing HSM-resident keys for auto-rotation: %w", err)
+	}
+	for _, name := range hsmNames {
+		if err := b.rotateHSMKeyIfDue(ctx, s, name); err != nil {
+			errs = append(errs, fmt.Errorf("HSM-resident key %q: %w", name, err))
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// rotateHSMKeyIfDue rotates an HSM-resident key whose period has passed.
+func (b *backend) rotateHSMKeyIfDue(ctx context.Context, s logical.Storage, name string) error {
+	k, unlock, err := b.hsmKeyFor(ctx, s, name, true)
+	defer unlock()
+	if err != nil || k == nil || k.AutoRotatePeriod == 0 {
+		return err
+	}
+	if time.Now().Before(k.Versions[k.LatestVersion].Created.Add(k.AutoRotatePeriod)) {
+		return nil
+	}
+	b.Logger().Info("rotating HSM-resident key automatically", "name", name, "period", k.AutoRotatePeriod.String())
+	return b.hsmKeys.rotate(ctx, s, k)
 }
 
 // rotateIfDue rotates one key if its automatic rotation period has passed.

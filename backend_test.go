@@ -29,6 +29,7 @@ const (
 	testKEK     = "unit-kek"
 	outageToken = "outage-tests"
 	spareToken  = "spare-tests"
+	hsmOutage   = "hsm-key-outage-tests"
 )
 
 var (
@@ -53,7 +54,7 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	if softhsmConf, err = softhsm.Setup(dir, testPIN, testToken, outageToken, spareToken); err != nil {
+	if softhsmConf, err = softhsm.Setup(dir, testPIN, testToken, outageToken, spareToken, hsmOutage); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
@@ -302,7 +303,7 @@ func TestCacheSizeIsReadOnceUnsealed(t *testing.T) {
 	// A restarted plugin reads the (sealed) cache-config as soon as the
 	// root key is unsealed, without any request.
 	e = e.restart(t)
-	require.Eventually(t, func() bool { return e.b.lm.GetCacheSize() == 42 }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return e.b.cacheSize() == 42 }, 10*time.Second, 20*time.Millisecond)
 }
 
 func TestInvalidateCacheConfigReloadsSize(t *testing.T) {
@@ -313,7 +314,7 @@ func TestInvalidateCacheConfigReloadsSize(t *testing.T) {
 	require.NoError(t, e.sealed(t).Put(context.Background(), entry))
 	e.b.invalidate(context.Background(), cacheConfigStoragePath)
 	e.mustWrite(t, "keys/k", nil)
-	require.Equal(t, 25, e.b.lm.GetCacheSize())
+	require.Equal(t, 25, e.b.cacheSize())
 }
 
 func TestInvalidatePolicyDropsCachedKey(t *testing.T) {

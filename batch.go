@@ -206,6 +206,13 @@ func (o *batchOutcome) record(err error) {
 	}
 }
 
+// unavailable reports an error that makes the whole request a 503 (the
+// HSM cannot be reached): no item of a batch can succeed then.
+func unavailable(err error) bool {
+	var coded logical.HTTPCodedError
+	return errors.As(err, &coded) && coded.Code() == http.StatusServiceUnavailable
+}
+
 func isInternal(err error) bool {
 	var ie errutil.InternalError
 	return errors.As(err, &ie)

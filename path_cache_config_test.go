@@ -13,7 +13,7 @@ func TestCacheConfig(t *testing.T) {
 	requireStatus(t, e.write(t, "cache-config", map[string]interface{}{"size": -1}), 400, "")
 	require.Equal(t, float64(20), e.mustWrite(t, "cache-config", map[string]interface{}{"size": 20})["size"])
 	require.Equal(t, float64(20), e.read(t, "cache-config").data["size"])
-	require.Equal(t, 20, e.b.lm.GetCacheSize())
+	require.Equal(t, 20, e.b.cacheSize())
 
 	// A bounded cache evicts keys; they load again from storage.
 	for i := 0; i < 40; i++ {

@@ -2,12 +2,12 @@ package hsmtransit
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/base64"
 	"errors"
 	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -98,28 +98,32 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
-	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
+	c, _, unlock, err := b.lockedCipher(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)})
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
-	if p == nil {
+	if c == nil {
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
 	if r.item.PaddingScheme != "" {
-		if _, err := parsePaddingScheme(p.Type, r.item.PaddingScheme); err != nil {
+		if _, err := parsePaddingScheme(c.keyType(), r.item.PaddingScheme); err != nil {
 			return logical.ErrorResponse(fmt.Sprintf("padding_scheme argument invalid: %s", err)), logical.ErrInvalidRequest
 		}
 	}
 
-	dataKey := make([]byte, r.bits/8)
-	if _, err := rand.Read(dataKey); err != nil {
+	dataKey, err := c.random(r.bits / 8)
+	if unavailable(err) {
+		return nil, err
+	}
+	if err != nil {
 		return nil, fmt.Errorf("generating data key: %w", err)
 	}
 	r.item.Plaintext = base64.StdEncoding.EncodeToString(dataKey)
-	ct, ver, err := encryptItem(p, &r.item, 0)
+	clear(dataKey)
+	ct, ver, err := c.encrypt(&r.item, 0)
 	if err != nil {
-		if isInternal(err) {
+		if isInternal(err) || unavailable(err) {
 			return nil, err
 		}
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest

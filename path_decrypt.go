@@ -109,12 +109,12 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 		}
 	}
 
-	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
+	c, _, unlock, err := b.lockedCipher(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)})
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
-	if p == nil {
+	if c == nil {
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
 
@@ -124,7 +124,10 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 			outcome.userErr = true
 			continue
 		}
-		pt, err := decryptItem(p, &items[i], items[i].PaddingScheme, "padding_scheme", i)
+		pt, err := c.decrypt(&items[i], items[i].PaddingScheme, "padding_scheme", i)
+		if unavailable(err) {
+			return nil, err
+		}
 		outcome.record(err)
 		if err != nil {
 			results[i].Error = err.Error()

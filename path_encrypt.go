@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -92,12 +93,12 @@ func (b *backend) pathEncrypt() *framework.Path {
 
 // pathEncryptExistenceCheck reports whether the named key exists.
 func (b *backend) pathEncryptExistenceCheck(ctx context.Context, req *logical.Request, d *framework.FieldData) (bool, error) {
-	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
+	c, _, unlock, err := b.lockedCipher(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)})
 	defer unlock()
 	if err != nil {
 		return false, err
 	}
-	return p != nil, nil
+	return c != nil, nil
 }
 
 // encryptItems reads the request's items: batch_input, or the single fields.
@@ -153,12 +154,18 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
-	p, upserted, unlock, err := b.lockedPolicy(ctx, polReq, false)
+	if polReq.Upsert {
+		// Creating a key takes the name, as keys/:name does.
+		lock := locksutil.LockForKey(b.hsmKeys.locks, polReq.Name)
+		lock.Lock()
+		defer lock.Unlock()
+	}
+	c, upserted, unlock, err := b.lockedCipher(ctx, polReq)
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
-	if p == nil {
+	if c == nil {
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
 
@@ -168,7 +175,10 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 			outcome.userErr = true
 			continue
 		}
-		ct, ver, err := encryptItem(p, &items[i], i)
+		ct, ver, err := c.encrypt(&items[i], i)
+		if unavailable(err) {
+			return nil, err
+		}
 		outcome.record(err)
 		if err != nil {
 			results[i].Error = err.Error()

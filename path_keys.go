@@ -6,13 +6,16 @@ import (
 	"crypto/elliptic"
 	"encoding/base64"
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -88,6 +91,10 @@ func (b *backend) pathKeys() *framework.Path {
 				Type:        framework.TypeString,
 				Description: "Elliptic-curve half of a hybrid key (Vault Enterprise only; refused).",
 			},
+			"hsm": {
+				Type:        framework.TypeBool,
+				Description: "Keep the key in the HSM: every version is generated, used and destroyed inside the token (aes256-gcm96 only). Not in built-in transit.",
+			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{
@@ -114,12 +121,17 @@ func (b *backend) pathKeysList(ctx context.Context, req *logical.Request, _ *fra
 	if err != nil {
 		return nil, fmt.Errorf("listing keys: %w", err)
 	}
-	names := entries[:0]
-	for _, e := range entries {
+	hsmEntries, err := req.Storage.List(ctx, hsmKeyPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("listing HSM-resident keys: %w", err)
+	}
+	names := make([]string, 0, len(entries)+len(hsmEntries))
+	for _, e := range append(entries, hsmEntries...) {
 		if !strings.HasSuffix(e, "/") {
 			names = append(names, e)
 		}
 	}
+	sort.Strings(names)
 	return logical.ListResponse(names), nil
 }
 
@@ -230,6 +242,24 @@ func checkDerivation(kt keysutil.KeyType, derived, convergent bool) error {
 
 // pathKeysWrite creates a key, or returns the existing one with a warning.
 func (b *backend) pathKeysWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	// One name, one key: software and HSM-resident creation exclude each
+	// other.
+	lock := locksutil.LockForKey(b.hsmKeys.locks, name)
+	lock.Lock()
+	defer lock.Unlock()
+	if k, unlock, err := b.hsmKeyFor(ctx, req.Storage, name, false); err != nil || k != nil {
+		defer unlock()
+		if err != nil {
+			return nil, err
+		}
+		resp := k.describe()
+		resp.AddWarning(fmt.Sprintf("key %s already existed", name))
+		return resp, nil
+	}
+	if d.Get("hsm").(bool) {
+		return b.createHSMKey(ctx, req, d)
+	}
 	polReq, err := keyCreateRequest(req, d)
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
@@ -252,6 +282,54 @@ func (b *backend) pathKeysWrite(ctx context.Context, req *logical.Request, d *fr
 	return resp, nil
 }
 
+// createHSMKey creates an HSM-resident key; the name lock is held.
+func (b *backend) createHSMKey(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	if err := checkHSMKeyRequest(d); err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	if p, unlock, err := b.readPolicy(ctx, req.Storage, name, false); err != nil || p != nil {
+		unlock()
+		if err != nil {
+			return nil, err
+		}
+		return logical.ErrorResponse("key %s already exists as a software key; residency is chosen when a key is created", name), logical.ErrInvalidRequest
+	}
+	k, err := b.hsmKeys.create(ctx, req.Storage, name, time.Duration(d.Get("auto_rotate_period").(int))*time.Second)
+	if err != nil {
+		return hsmErrorResponse(err)
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	b.Logger().Info("created HSM-resident key", "name", name)
+	return k.describe(), nil
+}
+
+// checkHSMKeyRequest refuses, with a reason, what an HSM-resident key
+// cannot be.
+func checkHSMKeyRequest(d *framework.FieldData) error {
+	if t := d.Get("type").(string); t != hsmKeyType {
+		return fmt.Errorf("HSM-resident keys support type %s only, not %s", hsmKeyType, t)
+	}
+	for _, f := range []struct{ field, why string }{
+		{"derived", "HSM-resident keys are not derived: the key never leaves the HSM to have a per-context key derived from it"},
+		{"convergent_encryption", "HSM-resident keys do not support convergent encryption"},
+		{"exportable", "HSM-resident keys cannot be exportable: their material never leaves the HSM"},
+		{"allow_plaintext_backup", "HSM-resident keys cannot be backed up in plaintext: their material never leaves the HSM"},
+	} {
+		if d.Get(f.field).(bool) {
+			return errors.New(f.why)
+		}
+	}
+	if d.Get("key_size").(int) != 0 {
+		return errors.New("key_size is not valid for HSM-resident keys")
+	}
+	if p := time.Duration(d.Get("auto_rotate_period").(int)) * time.Second; p != 0 && p < time.Hour {
+		return errors.New("auto rotate period must be 0 to disable or at least an hour")
+	}
+	return nil
+}
+
 // pathKeysRead describes a key; 404 when it does not exist.
 func (b *backend) pathKeysRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	var keyContext []byte
@@ -260,6 +338,13 @@ func (b *backend) pathKeysRead(ctx context.Context, req *logical.Request, d *fra
 		if keyContext, err = base64.StdEncoding.DecodeString(raw); err != nil {
 			return logical.ErrorResponse("failed to base64-decode context"), logical.ErrInvalidRequest
 		}
+	}
+	if k, unlock, err := b.hsmKeyFor(ctx, req.Storage, d.Get("name").(string), false); err != nil || k != nil {
+		defer unlock()
+		if err != nil {
+			return nil, err
+		}
+		return k.describe(), nil
 	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
 	defer unlock()
@@ -272,6 +357,20 @@ func (b *backend) pathKeysRead(ctx context.Context, req *logical.Request, d *fra
 // pathKeysDelete deletes a key whose deletion_allowed is set.
 func (b *backend) pathKeysDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
+	if k, unlock, err := b.hsmKeyFor(ctx, req.Storage, name, true); err != nil || k != nil {
+		defer unlock()
+		if err != nil {
+			return nil, err
+		}
+		if !k.DeletionAllowed {
+			return logical.ErrorResponse(fmt.Sprintf("error deleting policy %s: deletion is not allowed for this key", name)), logical.ErrInvalidRequest
+		}
+		if err := b.hsmKeys.delete(ctx, req.Storage, k); err != nil {
+			return hsmErrorResponse(err)
+		}
+		b.Logger().Info("deleted HSM-resident key and destroyed its HSM objects", "name", name)
+		return nil, nil
+	}
 	err := b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
 		return lm.DeletePolicy(ctx, req.Storage, name)
 	})

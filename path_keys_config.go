@@ -105,6 +105,13 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
+	if k, unlockHSM, err := b.hsmKeyFor(ctx, req.Storage, name, true); err != nil || k != nil {
+		defer unlockHSM()
+		if err != nil {
+			return nil, err
+		}
+		return b.configureHSMKey(ctx, req.Storage, k, change)
+	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, name, true)
 	defer unlock()
 	if err != nil {
@@ -117,7 +124,7 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 	// Work on a copy of the settings so that a refused change leaves the
 	// cached policy untouched.
 	next := keySettingsOf(p)
-	warning, err := next.apply(p, change)
+	warning, err := next.apply(p.LatestVersion, p.MinAvailableVersion, change)
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
@@ -133,6 +140,34 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return nil, err
 	}
+	if warning != "" {
+		resp.AddWarning(warning)
+	}
+	return resp, nil
+}
+
+// configureHSMKey applies a configuration change to an HSM-resident key,
+// held exclusively: the rules of software keys, and never exportable.
+func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, change keyConfigChange) (*logical.Response, error) {
+	if (change.exportable != nil && *change.exportable) || (change.allowPlaintextBackup != nil && *change.allowPlaintextBackup) {
+		return logical.ErrorResponse("HSM-resident keys cannot be exported or backed up in plaintext: their material never leaves the HSM"), logical.ErrInvalidRequest
+	}
+	prev := k.settings()
+	next := prev
+	warning, err := next.apply(k.LatestVersion, k.MinAvailableVersion, change)
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	if next != prev {
+		k.MinDecryptionVersion, k.MinEncryptionVersion = next.minDecryption, next.minEncryption
+		k.DeletionAllowed, k.AutoRotatePeriod = next.deletionAllowed, next.autoRotatePeriod
+		if err := k.persist(ctx, s); err != nil {
+			k.MinDecryptionVersion, k.MinEncryptionVersion = prev.minDecryption, prev.minEncryption
+			k.DeletionAllowed, k.AutoRotatePeriod = prev.deletionAllowed, prev.autoRotatePeriod
+			return nil, fmt.Errorf("persisting key configuration: %w", err)
+		}
+	}
+	resp := k.describe()
 	if warning != "" {
 		resp.AddWarning(warning)
 	}
@@ -169,7 +204,8 @@ func (s keySettings) storeIn(p *keysutil.Policy) {
 
 // apply validates c against the key and folds it into s, with built-in
 // transit's rules and messages. It returns a warning for the caller.
-func (s *keySettings) apply(p *keysutil.Policy, c keyConfigChange) (string, error) {
+func (s *keySettings) apply(latest, minAvailable int, c keyConfigChange) (string, error) {
+	before := *s
 	var warning string
 	if c.minDecryption != nil {
 		v := *c.minDecryption
@@ -180,8 +216,8 @@ func (s *keySettings) apply(p *keysutil.Policy, c keyConfigChange) (string, erro
 			v = 1
 			warning = "since Vault 0.3, transit key numbering starts at 1; forcing minimum to 1"
 		}
-		if v != s.minDecryption && v > p.LatestVersion {
-			return "", fmt.Errorf("cannot set min decryption version of %d, latest key version is %d", v, p.LatestVersion)
+		if v != s.minDecryption && v > latest {
+			return "", fmt.Errorf("cannot set min decryption version of %d, latest key version is %d", v, latest)
 		}
 		s.minDecryption = v
 	}
@@ -190,8 +226,8 @@ func (s *keySettings) apply(p *keysutil.Policy, c keyConfigChange) (string, erro
 		if v < 0 {
 			return "", errors.New("min encryption version cannot be negative")
 		}
-		if v != s.minEncryption && v > p.LatestVersion {
-			return "", fmt.Errorf("cannot set min encryption version of %d, latest key version is %d", v, p.LatestVersion)
+		if v != s.minEncryption && v > latest {
+			return "", fmt.Errorf("cannot set min encryption version of %d, latest key version is %d", v, latest)
 		}
 		s.minEncryption = v
 	}
@@ -219,11 +255,11 @@ func (s *keySettings) apply(p *keysutil.Policy, c keyConfigChange) (string, erro
 		}
 		s.autoRotatePeriod = v
 	}
-	if *s != keySettingsOf(p) {
+	if *s != before {
 		switch {
-		case p.MinAvailableVersion > s.minEncryption:
+		case minAvailable > s.minEncryption:
 			return "", errors.New("min encryption version should not be less than min available version")
-		case p.MinAvailableVersion > s.minDecryption:
+		case minAvailable > s.minDecryption:
 			return "", errors.New("min decryption version should not be less then min available version")
 		}
 	}

@@ -56,6 +56,11 @@ func (b *backend) pathRestoreWrite(ctx context.Context, req *logical.Request, d 
 	if strings.Contains(name, "/") {
 		return logical.ErrorResponse(errKeyNameIsPath.Error()), logical.ErrInvalidRequest
 	}
+	if k, err := b.hsmKeys.get(ctx, req.Storage, name); err != nil {
+		return nil, err
+	} else if k != nil {
+		return logical.ErrorResponse("key %q is HSM-resident; restore the backup under another name", name), logical.ErrInvalidRequest
+	}
 	err = b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
 		return lm.RestorePolicy(ctx, req.Storage, name, backup, d.Get("force").(bool))
 	})

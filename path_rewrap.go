@@ -84,12 +84,12 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		}
 	}
 
-	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
+	c, _, unlock, err := b.lockedCipher(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)})
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
-	if p == nil {
+	if c == nil {
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
 
@@ -97,9 +97,9 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		if results[i].Error != "" {
 			continue
 		}
-		ct, ver, err := rewrapItem(p, &items[i], i)
+		ct, ver, err := rewrapItem(c, &items[i], i)
 		if err != nil {
-			if isInternal(err) {
+			if isInternal(err) || unavailable(err) {
 				return nil, err
 			}
 			results[i].Error = err.Error()
@@ -125,18 +125,18 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 
 // rewrapItem decrypts and re-encrypts one item with p, held locked by the
 // caller.
-func rewrapItem(p *keysutil.Policy, it *batchItem, index int) (string, int, error) {
-	if it.Nonce != "" && !nonceAllowed(p) {
+func rewrapItem(c keyCipher, it *batchItem, index int) (string, int, error) {
+	if sc, ok := c.(softwareCipher); ok && it.Nonce != "" && !nonceAllowed(sc.p) {
 		return "", 0, errNonceNotAllowed
 	}
-	pt, err := decryptItem(p, it, it.DecryptPaddingScheme, "decrypt_padding_scheme", index)
+	pt, err := c.decrypt(it, it.DecryptPaddingScheme, "decrypt_padding_scheme", index)
 	if err != nil {
 		return "", 0, err
 	}
 	fresh := *it
 	fresh.Plaintext = pt
 	fresh.PaddingScheme = it.EncryptPaddingScheme
-	return encryptItem(p, &fresh, index)
+	return c.encrypt(&fresh, index)
 }
 
 const pathRewrapHelpSyn = `Rewrap ciphertext`

@@ -33,6 +33,17 @@ func (b *backend) pathRotate() *framework.Path {
 // pathRotateWrite rotates the key and returns its new description.
 func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
+	if k, unlockHSM, err := b.hsmKeyFor(ctx, req.Storage, name, true); err != nil || k != nil {
+		defer unlockHSM()
+		if err != nil {
+			return nil, err
+		}
+		if err := b.hsmKeys.rotate(ctx, req.Storage, k); err != nil {
+			return hsmErrorResponse(err)
+		}
+		b.Logger().Info("rotated HSM-resident key on request", "name", name, "version", k.LatestVersion)
+		return k.describe(), nil
+	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, name, true)
 	defer unlock()
 	if err != nil {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
-	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -40,6 +39,16 @@ func (b *backend) pathTrimWrite(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
+	if k, unlockHSM, err := b.hsmKeyFor(ctx, req.Storage, d.Get("name").(string), true); err != nil || k != nil {
+		defer unlockHSM()
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return logical.ErrorResponse("missing min_available_version"), logical.ErrInvalidRequest
+		}
+		return b.trimHSMKey(ctx, req.Storage, k, raw.(int))
+	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), true)
 	defer unlock()
 	if err != nil {
@@ -52,7 +61,7 @@ func (b *backend) pathTrimWrite(ctx context.Context, req *logical.Request, d *fr
 		return logical.ErrorResponse("missing min_available_version"), logical.ErrInvalidRequest
 	}
 	minAvailable := raw.(int)
-	if err := checkTrim(p, minAvailable); err != nil {
+	if err := checkTrim(p.MinAvailableVersion, p.MinEncryptionVersion, p.MinDecryptionVersion, minAvailable); err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	prev := p.MinAvailableVersion
@@ -64,18 +73,31 @@ func (b *backend) pathTrimWrite(ctx context.Context, req *logical.Request, d *fr
 	return formatKeyPolicy(p, nil)
 }
 
+// trimHSMKey raises an HSM-resident key's min_available_version and destroys
+// the objects of the versions below it; the key is held exclusively.
+func (b *backend) trimHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, minAvailable int) (*logical.Response, error) {
+	if err := checkTrim(k.MinAvailableVersion, k.MinEncryptionVersion, k.MinDecryptionVersion, minAvailable); err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	k.MinAvailableVersion = minAvailable
+	if err := b.hsmKeys.destroyBelow(ctx, s, k, minAvailable); err != nil {
+		return hsmErrorResponse(err)
+	}
+	return k.describe(), nil
+}
+
 // checkTrim applies built-in transit's rules for min_available_version.
-func checkTrim(p *keysutil.Policy, v int) error {
+func checkTrim(minAvailable, minEncryption, minDecryption, v int) error {
 	switch {
-	case v < p.MinAvailableVersion:
+	case v < minAvailable:
 		return errors.New("minimum available version cannot be decremented")
-	case p.MinEncryptionVersion == 0:
+	case minEncryption == 0:
 		return errors.New("minimum available version cannot be set when minimum encryption version is not set")
-	case p.MinDecryptionVersion == 0:
+	case minDecryption == 0:
 		return errors.New("minimum available version cannot be set when minimum decryption version is not set")
-	case v > p.MinEncryptionVersion:
+	case v > minEncryption:
 		return errors.New("minimum available version cannot be greater than minmum encryption version")
-	case v > p.MinDecryptionVersion:
+	case v > minDecryption:
 		return errors.New("minimum available version cannot be greater than minimum decryption version")
 	case v < 0:
 		return errors.New("minimum available version cannot be negative")

@@ -127,14 +127,17 @@ type sealSnapshot struct {
 // root keyring in memory.
 type sealManager struct {
 	b *backend
-	// aad binds the sealed keyring to this mount.
-	aad []byte
+	// mountID is the mount's UUID; aad binds the sealed keyring to it.
+	mountID string
+	aad     []byte
 
 	state atomic.Pointer[sealSnapshot]
 
 	// mu serialises transitions: configure, unseal, rotate, close.
 	mu    sync.Mutex
 	token *hsm.Token
+	// current mirrors token for readers that must not wait on mu.
+	current atomic.Pointer[hsm.Token]
 	// storage is the mount's storage from Initialize, for background
 	// unsealing.
 	storage logical.Storage
@@ -147,10 +150,11 @@ type sealManager struct {
 
 func newSealManager(b *backend, mountUUID string) *sealManager {
 	m := &sealManager{
-		b:    b,
-		aad:  []byte("hsm-transit/root-keyring\x00" + mountUUID),
-		stop: make(chan struct{}),
-		kick: make(chan struct{}, 1),
+		b:       b,
+		mountID: mountUUID,
+		aad:     []byte("hsm-transit/root-keyring\x00" + mountUUID),
+		stop:    make(chan struct{}),
+		kick:    make(chan struct{}, 1),
 	}
 	m.state.Store(&sealSnapshot{phase: phaseUnknown})
 	return m
@@ -314,7 +318,12 @@ func (m *sealManager) adoptToken(tok *hsm.Token) {
 		m.token.Close()
 	}
 	m.token = tok
+	m.current.Store(tok)
 }
+
+// currentToken returns the mount's token without waiting on transitions;
+// nil before the mount was unsealed.
+func (m *sealManager) currentToken() *hsm.Token { return m.current.Load() }
 
 // afterUnseal finishes what a crash may have interrupted (a root key
 // rotation) and loads what lives in sealed storage.
@@ -388,10 +397,7 @@ func (m *sealManager) close() {
 	m.done.Wait()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.token != nil {
-		m.token.Close()
-		m.token = nil
-	}
+	m.adoptToken(nil)
 	m.state.Store(&sealSnapshot{phase: phaseUnknown})
 }
 

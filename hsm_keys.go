@@ -1,0 +1,392 @@
+package hsmtransit
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/helper/errutil"
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+)
+
+// HSM-resident keys: every version is an AES-256 object generated in the
+// token and used there; storage (sealed) holds only labels and metadata.
+
+// hsmKeyPrefix is where HSM-resident key metadata is stored.
+const hsmKeyPrefix = "hsm/keys/"
+
+// hsmKeyType is the one key type kept in the HSM so far.
+const hsmKeyType = "aes256-gcm96"
+
+// hsmKeyVersion is one version: the label of its object in the token.
+type hsmKeyVersion struct {
+	Label   string    `json:"label"`
+	Created time.Time `json:"created"`
+}
+
+// hsmKey is an HSM-resident key's metadata. The methods that read it need
+// mu read-locked; those that change it, write-locked.
+type hsmKey struct {
+	mu sync.RWMutex
+
+	Name                 string                `json:"name"`
+	Type                 string                `json:"type"`
+	Versions             map[int]hsmKeyVersion `json:"versions"`
+	LatestVersion        int                   `json:"latest_version"`
+	MinDecryptionVersion int                   `json:"min_decryption_version"`
+	MinEncryptionVersion int                   `json:"min_encryption_version"`
+	MinAvailableVersion  int                   `json:"min_available_version"`
+	DeletionAllowed      bool                  `json:"deletion_allowed"`
+	AutoRotatePeriod     time.Duration         `json:"auto_rotate_period"`
+
+	// deleted is set once the key is gone, for holders of a stale pointer.
+	deleted bool
+}
+
+// settings returns the configurable fields, as for a software key.
+func (k *hsmKey) settings() keySettings {
+	return keySettings{
+		minDecryption:   k.MinDecryptionVersion,
+		minEncryption:   k.MinEncryptionVersion,
+		deletionAllowed: k.DeletionAllowed,
+		// An HSM key is never exportable nor backed up in plaintext.
+		autoRotatePeriod: k.AutoRotatePeriod,
+	}
+}
+
+// hsmKeyStore caches HSM-resident keys' metadata and serialises their
+// creation and deletion.
+type hsmKeyStore struct {
+	b     *backend
+	locks []*locksutil.LockEntry
+	mu    sync.Mutex
+	cache map[string]*hsmKey
+}
+
+func newHSMKeyStore(b *backend) *hsmKeyStore {
+	return &hsmKeyStore{b: b, locks: locksutil.CreateLocks(), cache: map[string]*hsmKey{}}
+}
+
+// invalidate forgets a cached key another node changed.
+func (s *hsmKeyStore) invalidate(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.cache, name)
+}
+
+// reset forgets every cached key.
+func (s *hsmKeyStore) reset() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cache = map[string]*hsmKey{}
+}
+
+// get returns the named HSM-resident key, or nil.
+func (s *hsmKeyStore) get(ctx context.Context, storage logical.Storage, name string) (*hsmKey, error) {
+	s.mu.Lock()
+	k, ok := s.cache[name]
+	s.mu.Unlock()
+	if ok {
+		return k, nil
+	}
+	e, err := storage.Get(ctx, hsmKeyPrefix+name)
+	if err != nil || e == nil {
+		return nil, err
+	}
+	k = &hsmKey{}
+	if err := json.Unmarshal(e.Value, k); err != nil {
+		return nil, fmt.Errorf("decoding HSM key %q: %w", name, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if cached, ok := s.cache[name]; ok {
+		return cached, nil
+	}
+	s.cache[name] = k
+	return k, nil
+}
+
+// persist stores k; mu is held.
+func (k *hsmKey) persist(ctx context.Context, storage logical.Storage) error {
+	b, err := json.Marshal(k)
+	if err != nil {
+		return err
+	}
+	return storage.Put(ctx, &logical.StorageEntry{Key: hsmKeyPrefix + k.Name, Value: b, SealWrap: true})
+}
+
+// token returns the mount's HSM token, or a 503 when there is none.
+func (s *hsmKeyStore) token() (*hsm.Token, error) {
+	tok := s.b.seal.currentToken()
+	if tok == nil {
+		return nil, logical.CodedError(http.StatusServiceUnavailable, "the mount has no HSM token open; check seal/status")
+	}
+	return tok, nil
+}
+
+// label names a version's object in the token by mount, key and version.
+func (s *hsmKeyStore) label(name string, version int) string {
+	return fmt.Sprintf("hsm-transit/%s/%s/v%d", s.b.seal.mountID, name, version)
+}
+
+// labelPrefix is the start of every label of a key's versions.
+func (s *hsmKeyStore) labelPrefix(name string) string {
+	return fmt.Sprintf("hsm-transit/%s/%s/", s.b.seal.mountID, name)
+}
+
+// create makes an HSM-resident key with its first version.
+func (s *hsmKeyStore) create(ctx context.Context, storage logical.Storage, name string, autoRotate time.Duration) (*hsmKey, error) {
+	k := &hsmKey{Name: name, Type: hsmKeyType, Versions: map[int]hsmKeyVersion{}, MinDecryptionVersion: 1, AutoRotatePeriod: autoRotate}
+	if err := s.rotate(ctx, storage, k); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cache[name] = k
+	return k, nil
+}
+
+// rotate generates the next version in the token, then records it; mu is
+// held (or k is new). A crash in between leaves an unused object, never a
+// version without one.
+func (s *hsmKeyStore) rotate(ctx context.Context, storage logical.Storage, k *hsmKey) error {
+	tok, err := s.token()
+	if err != nil {
+		return err
+	}
+	next := k.LatestVersion + 1
+	label := s.label(k.Name, next)
+	// A crash after a previous generation may have left the object.
+	if has, err := tok.HasKey(label); err != nil {
+		return err
+	} else if has {
+		if err := tok.DestroyKey(label); err != nil {
+			return err
+		}
+	}
+	if err := tok.GenerateKey(label); err != nil {
+		return err
+	}
+	k.Versions[next] = hsmKeyVersion{Label: label, Created: time.Now().UTC()}
+	k.LatestVersion = next
+	if err := k.persist(ctx, storage); err != nil {
+		delete(k.Versions, next)
+		k.LatestVersion--
+		_ = tok.DestroyKey(label)
+		return err
+	}
+	return nil
+}
+
+// destroyBelow destroys the objects of versions below min (trim); mu is
+// held. Versions are dropped from the metadata only once their object is
+// gone, so that a failure can be retried.
+func (s *hsmKeyStore) destroyBelow(ctx context.Context, storage logical.Storage, k *hsmKey, min int) error {
+	tok, err := s.token()
+	if err != nil {
+		return err
+	}
+	for v, ver := range k.Versions {
+		if v >= min {
+			continue
+		}
+		if err := tok.DestroyKey(ver.Label); err != nil && hsm.KindOf(err) != hsm.NotFound {
+			// Record what is already gone; a retry destroys the rest.
+			_ = k.persist(ctx, storage)
+			return err
+		}
+		delete(k.Versions, v)
+	}
+	return k.persist(ctx, storage)
+}
+
+// delete destroys every version's object, then the metadata: after it, no
+// ciphertext of the key can be decrypted, whatever backup of storage exists.
+func (s *hsmKeyStore) delete(ctx context.Context, storage logical.Storage, k *hsmKey) error {
+	tok, err := s.token()
+	if err != nil {
+		return err
+	}
+	for _, ver := range k.Versions {
+		if err := tok.DestroyKey(ver.Label); err != nil && hsm.KindOf(err) != hsm.NotFound {
+			return err
+		}
+	}
+	// Also whatever an interrupted rotation left behind.
+	labels, err := tok.KeyLabels(s.labelPrefix(k.Name))
+	if err != nil {
+		return err
+	}
+	for _, l := range labels {
+		if err := tok.DestroyKey(l); err != nil && hsm.KindOf(err) != hsm.NotFound {
+			return err
+		}
+	}
+	if err := storage.Delete(ctx, hsmKeyPrefix+k.Name); err != nil {
+		return err
+	}
+	k.deleted = true
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.cache, k.Name)
+	return nil
+}
+
+// hsmCryptoError turns an HSM failure into a caller error when the input is
+// at fault, keeping the token's unavailability a 503.
+func hsmCryptoError(err error) error {
+	switch hsm.KindOf(err) {
+	case hsm.Failed:
+		return errutil.UserError{Err: "cipher: message authentication failed"}
+	case hsm.NotFound:
+		return errutil.UserError{Err: "this version of the key is no longer in the HSM (it was destroyed): " + err.Error()}
+	case hsm.Unavailable, hsm.Credentials:
+		return logical.CodedError(http.StatusServiceUnavailable, "the HSM is unavailable: "+err.Error())
+	}
+	return err
+}
+
+// encrypt encrypts a decoded item with version it.KeyVersion (0: latest)
+// inside the HSM; mu is read-locked.
+func (s *hsmKeyStore) encrypt(k *hsmKey, it *batchItem) (string, int, error) {
+	if err := checkHSMItem(it, it.PaddingScheme); err != nil {
+		return "", 0, err
+	}
+	ver := it.KeyVersion
+	switch {
+	case ver == 0:
+		ver = k.LatestVersion
+	case ver < 0:
+		return "", 0, errutil.UserError{Err: "requested version for encryption is negative"}
+	case ver > k.LatestVersion:
+		return "", 0, errutil.UserError{Err: "requested version for encryption is higher than the latest key version"}
+	case ver < k.MinEncryptionVersion:
+		return "", 0, errutil.UserError{Err: "requested version for encryption is less than the minimum encryption key version"}
+	}
+	pt, err := base64.StdEncoding.DecodeString(it.Plaintext)
+	if err != nil {
+		return "", 0, errutil.UserError{Err: err.Error()}
+	}
+	v, ok := k.Versions[ver]
+	if !ok {
+		return "", 0, errutil.UserError{Err: "no such key version"}
+	}
+	tok, err := s.token()
+	if err != nil {
+		return "", 0, err
+	}
+	sealed, err := tok.EncryptGCM(v.Label, pt, it.aad)
+	if err != nil {
+		return "", 0, hsmCryptoError(err)
+	}
+	return "vault:v" + strconv.Itoa(ver) + ":" + base64.StdEncoding.EncodeToString(sealed), ver, nil
+}
+
+// decrypt decrypts a decoded item inside the HSM; mu is read-locked. The
+// errors are those of a software key.
+func (s *hsmKeyStore) decrypt(k *hsmKey, it *batchItem, paddingScheme string) (string, error) {
+	if err := checkHSMItem(it, paddingScheme); err != nil {
+		return "", err
+	}
+	if !strings.HasPrefix(it.Ciphertext, "vault:v") {
+		return "", errutil.UserError{Err: "invalid ciphertext: no prefix"}
+	}
+	parts := strings.SplitN(strings.TrimPrefix(it.Ciphertext, "vault:v"), ":", 2)
+	if len(parts) != 2 {
+		return "", errutil.UserError{Err: "invalid ciphertext: wrong number of fields"}
+	}
+	ver, err := strconv.Atoi(parts[0])
+	if err != nil {
+		return "", errutil.UserError{Err: "invalid ciphertext: version number could not be decoded"}
+	}
+	if ver == 0 {
+		ver = 1
+	}
+	if ver > k.LatestVersion {
+		return "", errutil.UserError{Err: "invalid ciphertext: version is too new"}
+	}
+	if ver < k.MinDecryptionVersion {
+		return "", errutil.UserError{Err: keysutil.ErrTooOld}
+	}
+	sealed, err := base64.StdEncoding.DecodeString(parts[1])
+	if err != nil {
+		return "", errutil.UserError{Err: "invalid ciphertext: could not decode base64"}
+	}
+	if len(sealed) < hsm.GCMNonceSize+hsm.GCMTagSize {
+		return "", errutil.UserError{Err: "invalid ciphertext length"}
+	}
+	v, ok := k.Versions[ver]
+	if !ok {
+		return "", errutil.UserError{Err: "no such key version"}
+	}
+	tok, err := s.token()
+	if err != nil {
+		return "", err
+	}
+	pt, err := tok.DecryptGCM(v.Label, sealed, it.aad)
+	if err != nil {
+		return "", hsmCryptoError(err)
+	}
+	return base64.StdEncoding.EncodeToString(pt), nil
+}
+
+// checkHSMItem refuses what an HSM-resident key does not do.
+func checkHSMItem(it *batchItem, paddingScheme string) error {
+	switch {
+	case it.Context != "":
+		return errutil.UserError{Err: "HSM-resident keys are not derived: context is not supported"}
+	case it.Nonce != "":
+		return errNonceNotAllowed
+	case paddingScheme != "":
+		return errutil.UserError{Err: fmt.Sprintf("unsupported key type %s for padding scheme", hsmKeyType)}
+	}
+	return nil
+}
+
+// describe is keys/:name's read of an HSM-resident key: built-in transit's
+// fields, plus hsm and the labels of the versions.
+func (k *hsmKey) describe() *logical.Response {
+	versions := make(map[string]int64, len(k.Versions))
+	labels := make(map[string]string, len(k.Versions))
+	for v, ver := range k.Versions {
+		versions[strconv.Itoa(v)] = ver.Created.Unix()
+		labels[strconv.Itoa(v)] = ver.Label
+	}
+	return &logical.Response{Data: map[string]interface{}{
+		"name":                   k.Name,
+		"type":                   k.Type,
+		"derived":                false,
+		"deletion_allowed":       k.DeletionAllowed,
+		"min_available_version":  k.MinAvailableVersion,
+		"min_decryption_version": k.MinDecryptionVersion,
+		"min_encryption_version": k.MinEncryptionVersion,
+		"latest_version":         k.LatestVersion,
+		"exportable":             false,
+		"allow_plaintext_backup": false,
+		"supports_encryption":    true,
+		"supports_decryption":    true,
+		"supports_signing":       false,
+		"supports_derivation":    false,
+		"auto_rotate_period":     int64(k.AutoRotatePeriod.Seconds()),
+		"imported_key":           false,
+		"keys":                   versions,
+		"hsm":                    true,
+		"hsm_labels":             labels,
+	}}
+}
+
+// errHSMKeyUnsupported refuses an operation an HSM-resident key lacks.
+func errHSMKeyUnsupported(name, what string) error {
+	return logical.CodedError(http.StatusBadRequest, fmt.Sprintf(
+		"key %q is HSM-resident: %s is not supported for it; HSM-resident keys support keys/:name (read, config, rotate, trim, delete), encrypt, decrypt, rewrap and datakey, and their material never leaves the HSM", name, what))
+}
