@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"fmt"
 	"strings"
 	"sync"
@@ -232,5 +233,60 @@ func TestRotationWithConcurrentWrites(t *testing.T) {
 		e, err := v.Get(ctx, fmt.Sprintf("policy/%d", i))
 		require.NoError(t, err, "entry %d readable with the old version dropped", i)
 		require.Equal(t, fmt.Sprint(last[i]), string(e.Value), "entry %d keeps its last write", i)
+	}
+}
+
+func TestRecoveryShares(t *testing.T) {
+	k1, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	ring, err := k1.Rotated(randomKey(t))
+	require.NoError(t, err)
+	info := []byte("mount-a")
+
+	pub, shares, err := NewRecovery(5, 3)
+	require.NoError(t, err)
+	require.Len(t, shares, 5)
+	sealed, err := SealForRecovery(pub, info, ring)
+	require.NoError(t, err)
+	raw, err := ring.Marshal()
+	require.NoError(t, err)
+	require.False(t, bytes.Contains(sealed, raw))
+
+	for _, pick := range [][]int{{0, 1, 2}, {4, 2, 0}, {1, 3, 4}, {0, 1, 2, 3, 4}} {
+		var given []string
+		for _, i := range pick {
+			given = append(given, shares[i])
+		}
+		back, err := OpenWithShares(given, info, sealed)
+		require.NoError(t, err, "shares %v", pick)
+		require.Equal(t, ring.Versions(), back.Versions())
+		ct, err := ring.Seal("p", []byte("x"))
+		require.NoError(t, err)
+		pt, err := back.Open("p", ct)
+		require.NoError(t, err)
+		require.Equal(t, []byte("x"), pt)
+	}
+
+	// Too few, a wrong share, another set's share, another mount.
+	_, err = OpenWithShares(shares[:2], info, sealed)
+	require.ErrorIs(t, err, ErrSharesDoNotOpen)
+	_, otherShares, err := NewRecovery(5, 3)
+	require.NoError(t, err)
+	_, err = OpenWithShares([]string{shares[0], shares[1], otherShares[2]}, info, sealed)
+	require.ErrorIs(t, err, ErrSharesDoNotOpen)
+	flipped, _ := base64.StdEncoding.DecodeString(shares[2])
+	flipped[3] ^= 1
+	_, err = OpenWithShares([]string{shares[0], shares[1], base64.StdEncoding.EncodeToString(flipped)}, info, sealed)
+	require.ErrorIs(t, err, ErrSharesDoNotOpen)
+	_, err = OpenWithShares(shares[:3], []byte("mount-b"), sealed)
+	require.ErrorIs(t, err, ErrSharesDoNotOpen)
+	_, err = OpenWithShares([]string{shares[0], shares[0], shares[1]}, info, sealed)
+	require.Error(t, err, "a duplicate share")
+	_, err = OpenWithShares([]string{"not base64!", shares[1], shares[2]}, info, sealed)
+	require.ErrorContains(t, err, "share 1 is not a recovery share")
+
+	for _, bad := range [][2]int{{3, 1}, {2, 3}, {256, 3}} {
+		_, _, err := NewRecovery(bad[0], bad[1])
+		require.Error(t, err, "shares %d threshold %d", bad[0], bad[1])
 	}
 }
