@@ -67,6 +67,8 @@ type backend struct {
 	seal *sealManager
 	// hsmKeys are the keys kept in the HSM.
 	hsmKeys *hsmKeyStore
+	// lifecycle holds suspension, usage counts and scheduled deletion.
+	lifecycle *lifecycleStore
 }
 
 // Factory returns a configured backend. It must not touch storage: an external
@@ -95,6 +97,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 	}
 	b.seal = newSealManager(b, mountUUID)
 	b.hsmKeys = newHSMKeyStore(b)
+	b.lifecycle = newLifecycleStore()
 	b.Backend = &framework.Backend{
 		Help:           backendHelp,
 		BackendType:    logical.TypeLogical,
@@ -191,6 +194,8 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.lm.InvalidatePolicy(strings.TrimPrefix(key, policyPrefix))
 	case strings.HasPrefix(key, hsmKeyPrefix):
 		b.hsmKeys.invalidate(strings.TrimPrefix(key, hsmKeyPrefix))
+	case strings.HasPrefix(key, lifecyclePrefix):
+		b.lifecycle.invalidate(strings.TrimPrefix(key, lifecyclePrefix))
 	case key == cacheConfigStoragePath:
 		b.cacheStale.Store(true)
 	}
@@ -201,6 +206,7 @@ func (b *backend) invalidate(_ context.Context, key string) {
 func (b *backend) clean(_ context.Context) {
 	b.seal.close()
 	b.hsmKeys.reset()
+	b.lifecycle.reset()
 	b.cacheMu.Lock()
 	defer b.cacheMu.Unlock()
 	if b.lm.GetUseCache() {

@@ -22,6 +22,8 @@ type keyCipher interface {
 	latest() int
 	// keyType is the key's type.
 	keyType() keysutil.KeyType
+	// defaultCap is the encryption cap of a version unless configured.
+	defaultCap() uint64
 }
 
 // softwareCipher is a keysutil policy, held locked by the caller.
@@ -44,6 +46,8 @@ func (c softwareCipher) random(n int) ([]byte, error) {
 func (c softwareCipher) latest() int { return c.p.LatestVersion }
 
 func (c softwareCipher) keyType() keysutil.KeyType { return c.p.Type }
+
+func (c softwareCipher) defaultCap() uint64 { return defaultCap(c.p.Type, c.p.ConvergentEncryption) }
 
 // hsmCipher is an HSM-resident key, read-locked by the caller.
 type hsmCipher struct {
@@ -76,6 +80,9 @@ func (c hsmCipher) latest() int { return c.k.LatestVersion }
 
 func (c hsmCipher) keyType() keysutil.KeyType { return keysutil.KeyType_AES256_GCM96 }
 
+// defaultCap is NIST's AES-GCM bound: the HSM draws a random IV each time.
+func (c hsmCipher) defaultCap() uint64 { return gcmRandomNonceLimit }
+
 // lockedCipher finds the key for a crypto operation: an HSM-resident key if
 // one has the name, else the keysutil policy (created when polReq.Upsert).
 // It is nil when neither exists. unlock must be called once.
@@ -97,6 +104,20 @@ func (b *backend) lockedCipher(ctx context.Context, polReq keysutil.PolicyReques
 		return nil, false, unlock, err
 	}
 	return softwareCipher{p: p}, upserted, unlock, nil
+}
+
+// usableCipher is lockedCipher for a cryptographic operation: a disabled
+// key is refused.
+func (b *backend) usableCipher(ctx context.Context, polReq keysutil.PolicyRequest) (keyCipher, bool, func(), error) {
+	c, upserted, unlock, err := b.lockedCipher(ctx, polReq)
+	if err != nil || c == nil {
+		return c, upserted, unlock, err
+	}
+	if err := b.checkEnabled(ctx, polReq.Storage, polReq.Name); err != nil {
+		unlock()
+		return nil, false, func() {}, err
+	}
+	return c, upserted, unlock, nil
 }
 
 // hsmKeyFor returns the named HSM-resident key locked (exclusively or

@@ -227,7 +227,7 @@ func TestSealRotate(t *testing.T) {
 
 	data := e.mustWrite(t, "seal/rotate", nil)
 	require.Equal(t, float64(2), data["root_key_version"])
-	require.Equal(t, float64(7), data["entries_resealed"], "3 policies, 3 archives, config/keys")
+	require.Equal(t, float64(10), data["entries_resealed"], "3 policies, 3 archives, 3 lifecycle records, config/keys")
 	require.NoError(t, walkStorage(context.Background(), e.storage, "", func(key string, value []byte) {
 		if v, ok := sealpkg.SealedVersion(value); ok {
 			require.Equal(t, uint32(2), v, key)

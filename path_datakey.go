@@ -98,13 +98,17 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
-	c, _, unlock, err := b.lockedCipher(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)})
+	c, _, unlock, spent, err := b.cipherForEncryption(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)},
+		func(latest int) map[int]uint64 { return encryptionsByVersion([]batchItem{r.item}, nil, latest) })
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
 	if c == nil {
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
+	}
+	if err := spent[r.item.KeyVersion]; err != nil {
+		return nil, err
 	}
 	if r.item.PaddingScheme != "" {
 		if _, err := parsePaddingScheme(c.keyType(), r.item.PaddingScheme); err != nil {

@@ -160,7 +160,9 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 		lock.Lock()
 		defer lock.Unlock()
 	}
-	c, upserted, unlock, err := b.lockedCipher(ctx, polReq)
+	c, upserted, unlock, spent, err := b.cipherForEncryption(ctx, polReq, func(latest int) map[int]uint64 {
+		return encryptionsByVersion(items, func(i int) bool { return results[i].Error != "" }, latest)
+	})
 	defer unlock()
 	if err != nil {
 		return nil, err
@@ -173,6 +175,11 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 	for i := range items {
 		if results[i].Error != "" {
 			outcome.userErr = true
+			continue
+		}
+		if err := spent[items[i].KeyVersion]; err != nil {
+			outcome.userErr = true
+			results[i].Error = err.Error()
 			continue
 		}
 		ct, ver, err := c.encrypt(&items[i], i)

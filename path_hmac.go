@@ -82,6 +82,9 @@ func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *fr
 	if p == nil {
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
+	if err := b.checkEnabled(ctx, req.Storage, p.Name); err != nil {
+		return nil, err
+	}
 	ver := d.Get("key_version").(int)
 	switch {
 	case ver == 0:
@@ -157,6 +160,9 @@ func (b *backend) verifyHMAC(ctx context.Context, req *logical.Request, d *frame
 	}
 	if p == nil {
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
+	}
+	if err := b.checkEnabled(ctx, req.Storage, p.Name); err != nil {
+		return nil, err
 	}
 	newHash, err := hmacHash(algorithm)
 	if err != nil {

@@ -84,7 +84,10 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		}
 	}
 
-	c, _, unlock, err := b.lockedCipher(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)})
+	c, _, unlock, spent, err := b.cipherForEncryption(ctx, keysutil.PolicyRequest{Storage: req.Storage, Name: d.Get("name").(string)},
+		func(latest int) map[int]uint64 {
+			return encryptionsByVersion(items, func(i int) bool { return results[i].Error != "" }, latest)
+		})
 	defer unlock()
 	if err != nil {
 		return nil, err
@@ -95,6 +98,10 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 
 	for i := range items {
 		if results[i].Error != "" {
+			continue
+		}
+		if err := spent[items[i].KeyVersion]; err != nil {
+			results[i].Error = err.Error()
 			continue
 		}
 		ct, ver, err := rewrapItem(c, &items[i], i)

@@ -307,6 +307,9 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 	if p == nil {
 		return logical.ErrorResponse("signing key not found"), logical.ErrInvalidRequest
 	}
+	if err := b.checkEnabled(ctx, req.Storage, p.Name); err != nil {
+		return nil, err
+	}
 	if err := args.check(p); err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
@@ -453,6 +456,9 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 	}
 	if p == nil {
 		return logical.ErrorResponse("signature verification key not found"), logical.ErrInvalidRequest
+	}
+	if err := b.checkEnabled(ctx, req.Storage, p.Name); err != nil {
+		return nil, err
 	}
 	if err := args.check(p); err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest

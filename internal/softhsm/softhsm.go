@@ -66,9 +66,12 @@ func TokenDir(conf, label string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	// SoftHSM2 stores the label as a 32-byte, blank-padded attribute
+	// value after its length: match it whole, not a label it contains.
+	want := append([]byte{0, 0, 0, 0, 0, 0, 0, 32}, fmt.Sprintf("%-32s", label)...)
 	for _, e := range entries {
 		b, err := os.ReadFile(filepath.Join(root, e.Name(), "token.object"))
-		if err == nil && bytes.Contains(b, []byte(label)) {
+		if err == nil && bytes.Contains(b, want) {
 			return filepath.Join(root, e.Name()), nil
 		}
 	}
