@@ -111,12 +111,18 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 				b.pathConfigSeal(),
 				b.pathSealStatus(),
 				b.pathSealRotate(),
+				b.pathRecoveryInit(),
+				b.pathRecoveryRestore(),
+				b.pathEmergencySeal(),
+				b.pathUnseal(),
 			},
 			// Paths with a fixed suffix come before keys/:name, whose
 			// handler would otherwise be tried first.
 			[]*framework.Path{
 				b.pathRotate(),
 				b.pathKeysConfig(),
+				b.pathScheduleDeletion(),
+				b.pathCancelDeletion(),
 				b.pathTrim(),
 				b.pathImport(),
 				b.pathImportVersion(),
@@ -223,7 +229,7 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 		return nil
 	}
 	b.seal.resumeRotation(ctx, req.Storage)
-	return b.autoRotateKeys(ctx, s)
+	return errors.Join(b.destroyDueKeys(ctx, s, time.Now()), b.autoRotateKeys(ctx, s))
 }
 
 // withLM runs f with the lock manager, holding the cache guard. It re-reads a

@@ -3,11 +3,13 @@ package hsmtransit
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -267,9 +269,12 @@ func (b *backend) cipherForEncryption(ctx context.Context, polReq keysutil.Polic
 		}
 		latest := c.latest()
 		unlock()
-		if attempt > 0 {
+		// Concurrent requests may spend each fresh version before this
+		// one gets to it; what never fits is a request larger than a
+		// whole version.
+		if n := wanted[latest]; n > limit || attempt >= maxCapRotations {
 			return nil, false, func() {}, nil, logical.CodedError(400, fmt.Sprintf(
-				"%d encryptions in one request exceed max_encryptions (%d) of key %q: split the batch", wanted[c.latest()], limit, polReq.Name))
+				"%d encryptions in one request exceed max_encryptions (%d) of key %q: split the batch", n, limit, polReq.Name))
 		}
 		if err := b.rotateSpent(ctx, polReq.Storage, polReq.Name, latest, limit); err != nil {
 			return nil, false, func() {}, nil, err
@@ -277,6 +282,10 @@ func (b *backend) cipherForEncryption(ctx context.Context, polReq keysutil.Polic
 		polReq.Upsert = false
 	}
 }
+
+// maxCapRotations bounds how many times one request rotates a key whose
+// fresh versions other requests keep spending.
+const maxCapRotations = 64
 
 // reserveEncryptions counts encryptions per version. rotate reports that the
 // latest version is spent (nothing was counted for it).
@@ -329,4 +338,101 @@ func (b *backend) rotateSpent(ctx context.Context, s logical.Storage, name strin
 	}
 	b.Logger().Info("rotating key: its latest version reached max_encryptions", "name", name, "version", spentVersion, "max_encryptions", limit)
 	return p.Rotate(ctx, s, b.GetRandomReader())
+}
+
+// describeKey describes a software key with its lifecycle; the caller holds
+// the policy's lock.
+func (b *backend) describeKey(ctx context.Context, s logical.Storage, p *keysutil.Policy, keyContext []byte) (*logical.Response, error) {
+	resp, err := formatKeyPolicy(p, keyContext)
+	if err != nil {
+		return nil, err
+	}
+	return resp, b.addLifecycle(ctx, s, p.Name, defaultCap(p.Type, p.ConvergentEncryption), resp)
+}
+
+// describeHSMKey describes an HSM-resident key with its lifecycle; the
+// caller holds its lock.
+func (b *backend) describeHSMKey(ctx context.Context, s logical.Storage, k *hsmKey) (*logical.Response, error) {
+	resp := k.describe()
+	return resp, b.addLifecycle(ctx, s, k.Name, gcmRandomNonceLimit, resp)
+}
+
+func (b *backend) addLifecycle(ctx context.Context, s logical.Storage, name string, typeDefault uint64, resp *logical.Response) error {
+	lc, err := b.lifecycle.get(ctx, s, name)
+	if err != nil {
+		return err
+	}
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	lc.describeInto(resp.Data, typeDefault)
+	return nil
+}
+
+// lifecycleChange is the lifecycle part of a keys/:name/config write; nil
+// fields were not given.
+type lifecycleChange struct {
+	disabled       *bool
+	maxEncryptions *uint64
+}
+
+func parseLifecycleChange(d *framework.FieldData) (lifecycleChange, error) {
+	var c lifecycleChange
+	if v, ok := d.GetOk("disabled"); ok {
+		x := v.(bool)
+		c.disabled = &x
+	}
+	if v, ok := d.GetOk("max_encryptions"); ok {
+		n := v.(int)
+		if n < 0 {
+			return c, errors.New("max_encryptions cannot be negative (0 switches the cap off)")
+		}
+		u := uint64(n)
+		c.maxEncryptions = &u
+	}
+	return c, nil
+}
+
+// checkLifecycleChange refuses enabling a key that awaits destruction.
+func (b *backend) checkLifecycleChange(ctx context.Context, s logical.Storage, name string, c lifecycleChange) error {
+	if c.disabled == nil || *c.disabled {
+		return nil
+	}
+	lc, err := b.lifecycle.get(ctx, s, name)
+	if err != nil {
+		return err
+	}
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	if !lc.DeletionTime.IsZero() {
+		return errConfigRefused{fmt.Sprintf("key %q is scheduled for destruction: keys/%s/cancel-deletion restores it", name, name)}
+	}
+	return nil
+}
+
+// applyLifecycleChange stores a lifecycle change.
+func (b *backend) applyLifecycleChange(ctx context.Context, s logical.Storage, name string, c lifecycleChange) error {
+	if c.disabled == nil && c.maxEncryptions == nil {
+		return nil
+	}
+	lc, err := b.lifecycle.get(ctx, s, name)
+	if err != nil {
+		return err
+	}
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	prevDisabled, prevMax := lc.Disabled, lc.MaxEncryptions
+	if c.disabled != nil {
+		lc.Disabled = *c.disabled
+	}
+	if c.maxEncryptions != nil {
+		lc.MaxEncryptions = c.maxEncryptions
+	}
+	if err := lc.persist(ctx, s); err != nil {
+		lc.Disabled, lc.MaxEncryptions = prevDisabled, prevMax
+		return fmt.Errorf("storing the key's lifecycle: %w", err)
+	}
+	if c.disabled != nil && prevDisabled != lc.Disabled {
+		b.Logger().Info("key suspension changed", "name", name, "disabled", lc.Disabled)
+	}
+	return nil
 }

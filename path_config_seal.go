@@ -172,10 +172,9 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 	if err != nil {
 		return nil, err
 	}
-	if cfg.SealedKeyring, err = m.sealWith(tok, cfg.KeyLabel, ring); err != nil {
+	if err := m.setKeyring(cfg, tok, cfg.KeyLabel, ring); err != nil {
 		return nil, err
 	}
-	cfg.SealedWith, cfg.RootKeyVersion = cfg.KeyLabel, ring.Active()
 	if err := writeSealConfig(ctx, s, cfg); err != nil {
 		return nil, err
 	}
@@ -201,6 +200,9 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 // keyring is re-sealed under the new KEK (or token) when they change; a
 // mount that could not unseal is unsealed with the new settings first.
 func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, cur, next *sealConfig, generate bool) (*logical.Response, error) {
+	if cur.EmergencySealed {
+		return nil, &hsm.Error{Kind: hsm.Configuration, Op: "configure seal", Err: errors.New("the mount is emergency-sealed: write seal/unseal first")}
+	}
 	if next.PIN != cur.PIN && next.Library == cur.Library && next.TokenLabel == cur.TokenLabel && sameSlot(next.Slot, cur.Slot) {
 		// PKCS#11 login is per process: a new PIN can only be checked once
 		// the old login is gone.
@@ -227,7 +229,7 @@ func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, 
 		if err := ensureKEK(tok, next.KeyLabel, generate); err != nil {
 			return nil, err
 		}
-		if next.SealedKeyring, err = m.sealWith(tok, next.KeyLabel, ring); err != nil {
+		if err := m.setKeyring(next, tok, next.KeyLabel, ring); err != nil {
 			return nil, err
 		}
 		// Prove the new KEK opens what it sealed before storing it.
@@ -245,7 +247,6 @@ func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, 
 		if !same {
 			return nil, errors.New("the re-sealed root keyring does not open to itself")
 		}
-		next.SealedWith = next.KeyLabel
 	} else {
 		// Only the PIN changed: a successful login above proves it.
 		if _, err := tok.HasKey(next.SealedWith); err != nil {

@@ -253,7 +253,10 @@ func (b *backend) pathKeysWrite(ctx context.Context, req *logical.Request, d *fr
 		if err != nil {
 			return nil, err
 		}
-		resp := k.describe()
+		resp, err := b.describeHSMKey(ctx, req.Storage, k)
+		if err != nil {
+			return nil, err
+		}
 		resp.AddWarning(fmt.Sprintf("key %s already existed", name))
 		return resp, nil
 	}
@@ -272,7 +275,7 @@ func (b *backend) pathKeysWrite(ctx context.Context, req *logical.Request, d *fr
 	if p == nil {
 		return nil, fmt.Errorf("creating key: returned policy was nil")
 	}
-	resp, err := formatKeyPolicy(p, nil)
+	resp, err := b.describeKey(ctx, req.Storage, p, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -302,7 +305,7 @@ func (b *backend) createHSMKey(ctx context.Context, req *logical.Request, d *fra
 	k.mu.RLock()
 	defer k.mu.RUnlock()
 	b.Logger().Info("created HSM-resident key", "name", name)
-	return k.describe(), nil
+	return b.describeHSMKey(ctx, req.Storage, k)
 }
 
 // checkHSMKeyRequest refuses, with a reason, what an HSM-resident key
@@ -344,14 +347,14 @@ func (b *backend) pathKeysRead(ctx context.Context, req *logical.Request, d *fra
 		if err != nil {
 			return nil, err
 		}
-		return k.describe(), nil
+		return b.describeHSMKey(ctx, req.Storage, k)
 	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
 	defer unlock()
 	if err != nil || p == nil {
 		return nil, err
 	}
-	return formatKeyPolicy(p, keyContext)
+	return b.describeKey(ctx, req.Storage, p, keyContext)
 }
 
 // pathKeysDelete deletes a key whose deletion_allowed is set.
@@ -369,7 +372,7 @@ func (b *backend) pathKeysDelete(ctx context.Context, req *logical.Request, d *f
 			return hsmErrorResponse(err)
 		}
 		b.Logger().Info("deleted HSM-resident key and destroyed its HSM objects", "name", name)
-		return nil, nil
+		return nil, b.lifecycle.forget(ctx, req.Storage, name)
 	}
 	err := b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
 		return lm.DeletePolicy(ctx, req.Storage, name)
@@ -379,7 +382,7 @@ func (b *backend) pathKeysDelete(ctx context.Context, req *logical.Request, d *f
 		// errors; both are the caller's to fix.
 		return logical.ErrorResponse(fmt.Sprintf("error deleting policy %s: %s", name, err)), logical.ErrInvalidRequest
 	}
-	return nil, nil
+	return nil, b.lifecycle.forget(ctx, req.Storage, name)
 }
 
 // formatKeyPolicy describes a key as built-in transit does. The caller holds

@@ -44,6 +44,14 @@ func (b *backend) pathKeysConfig() *framework.Path {
 				Type:        framework.TypeDurationSecond,
 				Description: "How long a version lives before automatic rotation; 0 disables, otherwise at least 1h.",
 			},
+			"disabled": {
+				Type:        framework.TypeBool,
+				Description: "Suspend the key: every cryptographic operation is refused until it is set false again. Not in built-in transit.",
+			},
+			"max_encryptions": {
+				Type:        framework.TypeInt,
+				Description: "Encryptions allowed per version before the key rotates by itself; 0 for no cap. Defaults to 0.9 x 2^32 for AES-GCM keys with random nonces (NIST SP 800-38D). Not in built-in transit.",
+			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathKeysConfigWrite},
@@ -97,11 +105,15 @@ func parseKeyConfigChange(d *framework.FieldData) (keyConfigChange, error) {
 	return c, nil
 }
 
-// pathKeysConfigWrite applies a configuration change to an existing key; on
-// any error the key is left as it was.
+// pathKeysConfigWrite applies a configuration change to an existing key; a
+// refused change leaves the key as it was.
 func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
 	change, err := parseKeyConfigChange(d)
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	lcChange, err := parseLifecycleChange(d)
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
@@ -110,7 +122,11 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 		if err != nil {
 			return nil, err
 		}
-		return b.configureHSMKey(ctx, req.Storage, k, change)
+		warning, err := b.configureHSMKey(ctx, req.Storage, k, change, lcChange)
+		if err != nil {
+			return configError(err)
+		}
+		return withWarning(b.describeHSMKey(ctx, req.Storage, k))(warning)
 	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, name, true)
 	defer unlock()
@@ -128,6 +144,9 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
+	if err := b.checkLifecycleChange(ctx, req.Storage, name, lcChange); err != nil {
+		return configError(err)
+	}
 	if next != keySettingsOf(p) {
 		prev := keySettingsOf(p)
 		next.storeIn(p)
@@ -136,27 +155,50 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 			return nil, fmt.Errorf("persisting key configuration: %w", err)
 		}
 	}
-	resp, err := formatKeyPolicy(p, nil)
-	if err != nil {
+	if err := b.applyLifecycleChange(ctx, req.Storage, name, lcChange); err != nil {
 		return nil, err
 	}
-	if warning != "" {
-		resp.AddWarning(warning)
+	return withWarning(b.describeKey(ctx, req.Storage, p, nil))(warning)
+}
+
+// withWarning adds a warning, if any, to a description.
+func withWarning(resp *logical.Response, err error) func(string) (*logical.Response, error) {
+	return func(warning string) (*logical.Response, error) {
+		if err == nil && warning != "" {
+			resp.AddWarning(warning)
+		}
+		return resp, err
 	}
-	return resp, nil
+}
+
+// errConfigRefused is a configuration change refused for the caller to fix.
+type errConfigRefused struct{ msg string }
+
+func (e errConfigRefused) Error() string { return e.msg }
+
+// configError answers a refused change with a 400 and anything else as it is.
+func configError(err error) (*logical.Response, error) {
+	var refused errConfigRefused
+	if errors.As(err, &refused) {
+		return logical.ErrorResponse(refused.msg), logical.ErrInvalidRequest
+	}
+	return nil, err
 }
 
 // configureHSMKey applies a configuration change to an HSM-resident key,
 // held exclusively: the rules of software keys, and never exportable.
-func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, change keyConfigChange) (*logical.Response, error) {
+func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, change keyConfigChange, lcChange lifecycleChange) (string, error) {
 	if (change.exportable != nil && *change.exportable) || (change.allowPlaintextBackup != nil && *change.allowPlaintextBackup) {
-		return logical.ErrorResponse("HSM-resident keys cannot be exported or backed up in plaintext: their material never leaves the HSM"), logical.ErrInvalidRequest
+		return "", errConfigRefused{"HSM-resident keys cannot be exported or backed up in plaintext: their material never leaves the HSM"}
 	}
 	prev := k.settings()
 	next := prev
 	warning, err := next.apply(k.LatestVersion, k.MinAvailableVersion, change)
 	if err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+		return "", errConfigRefused{err.Error()}
+	}
+	if err := b.checkLifecycleChange(ctx, s, k.Name, lcChange); err != nil {
+		return "", err
 	}
 	if next != prev {
 		k.MinDecryptionVersion, k.MinEncryptionVersion = next.minDecryption, next.minEncryption
@@ -164,14 +206,10 @@ func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsm
 		if err := k.persist(ctx, s); err != nil {
 			k.MinDecryptionVersion, k.MinEncryptionVersion = prev.minDecryption, prev.minEncryption
 			k.DeletionAllowed, k.AutoRotatePeriod = prev.deletionAllowed, prev.autoRotatePeriod
-			return nil, fmt.Errorf("persisting key configuration: %w", err)
+			return "", fmt.Errorf("persisting key configuration: %w", err)
 		}
 	}
-	resp := k.describe()
-	if warning != "" {
-		resp.AddWarning(warning)
-	}
-	return resp, nil
+	return warning, b.applyLifecycleChange(ctx, s, k.Name, lcChange)
 }
 
 // keySettings are the configurable fields of a policy.

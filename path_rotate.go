@@ -42,7 +42,7 @@ func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *
 			return hsmErrorResponse(err)
 		}
 		b.Logger().Info("rotated HSM-resident key on request", "name", name, "version", k.LatestVersion)
-		return k.describe(), nil
+		return b.describeHSMKey(ctx, req.Storage, k)
 	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, name, true)
 	defer unlock()
@@ -60,7 +60,7 @@ func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *
 		return nil, fmt.Errorf("rotating key %q: %w", name, err)
 	}
 	b.Logger().Info("rotated key on request", "name", name, "version", p.LatestVersion)
-	return formatKeyPolicy(p, nil)
+	return b.describeKey(ctx, req.Storage, p, nil)
 }
 
 const pathRotateHelpSyn = `Rotate named encryption key`

@@ -75,6 +75,12 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 		data["root_key_version"] = ring.Active()
 		data["rotation_pending"] = len(ring.Versions()) > 1
 	}
+	if cfg := snap.cfg; cfg != nil {
+		data["recovery_initialized"] = cfg.RecoveryPublicKey != nil
+		data["recovery_shares"] = cfg.RecoveryShares
+		data["recovery_threshold"] = cfg.RecoveryThreshold
+		data["emergency_sealed"] = cfg.EmergencySealed
+	}
 	return &logical.Response{Data: data}, nil
 }
 
@@ -124,11 +130,9 @@ func (m *sealManager) storeKeyringLocked(ctx context.Context, s logical.Storage,
 		return logical.CodedError(http.StatusServiceUnavailable, "no HSM token is open for this mount; check config/seal")
 	}
 	cfg := *snap.cfg
-	sealed, err := m.sealWith(m.token, cfg.SealedWith, ring)
-	if err != nil {
+	if err := m.setKeyring(&cfg, m.token, cfg.SealedWith, ring); err != nil {
 		return err
 	}
-	cfg.SealedKeyring, cfg.RootKeyVersion = sealed, ring.Active()
 	if err := writeSealConfig(ctx, s, &cfg); err != nil {
 		return err
 	}

@@ -70,7 +70,7 @@ func (b *backend) pathTrimWrite(ctx context.Context, req *logical.Request, d *fr
 		p.MinAvailableVersion = prev
 		return nil, fmt.Errorf("persisting trimmed key: %w", err)
 	}
-	return formatKeyPolicy(p, nil)
+	return b.describeKey(ctx, req.Storage, p, nil)
 }
 
 // trimHSMKey raises an HSM-resident key's min_available_version and destroys
@@ -83,7 +83,7 @@ func (b *backend) trimHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, 
 	if err := b.hsmKeys.destroyBelow(ctx, s, k, minAvailable); err != nil {
 		return hsmErrorResponse(err)
 	}
-	return k.describe(), nil
+	return b.describeHSMKey(ctx, s, k)
 }
 
 // checkTrim applies built-in transit's rules for min_available_version.

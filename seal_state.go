@@ -51,6 +51,18 @@ type sealConfig struct {
 	SealedWith    string `json:"sealed_with"`
 	// RootKeyVersion is the active root key version, for status.
 	RootKeyVersion uint32 `json:"root_key_version"`
+
+	// The recovery copy: the same keyring encrypted to a public key whose
+	// private half only M of N shares rebuild. Kept in this entry so that
+	// it changes with the keyring in one write.
+	RecoveryPublicKey []byte `json:"recovery_public_key,omitempty"`
+	RecoveryKeyring   []byte `json:"recovery_keyring,omitempty"`
+	RecoveryShares    int    `json:"recovery_shares,omitempty"`
+	RecoveryThreshold int    `json:"recovery_threshold,omitempty"`
+
+	// EmergencySealed holds the mount sealed, across restarts, until
+	// seal/unseal.
+	EmergencySealed bool `json:"emergency_sealed,omitempty"`
 }
 
 // pinSource tells how the PIN is given, for status without the PIN.
@@ -165,6 +177,9 @@ var errNotConfigured = errors.New("this mount is not sealed by an HSM yet: write
 
 // sealUnavailable is the 503 of a mount that cannot unseal now.
 func sealUnavailable(snap *sealSnapshot) error {
+	if errors.Is(snap.lastErr, errEmergencySealed) {
+		return logical.CodedError(http.StatusServiceUnavailable, snap.lastErr.Error())
+	}
 	msg := "the mount's root key is sealed and the HSM cannot unseal it now"
 	if snap.lastErr != nil {
 		msg += ": " + snap.lastErr.Error()
@@ -223,9 +238,12 @@ func (m *sealManager) tryUnseal(ctx context.Context, under logical.Storage, forc
 		if err != nil {
 			return nil, err
 		}
-		if cfg == nil {
+		switch {
+		case cfg == nil:
 			snap = &sealSnapshot{phase: phaseUnconfigured}
-		} else {
+		case cfg.EmergencySealed:
+			snap = &sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true}
+		default:
 			snap = &sealSnapshot{phase: phaseSealed, cfg: cfg}
 		}
 		m.state.Store(snap)
@@ -292,14 +310,30 @@ func (m *sealManager) unsealWith(tok *hsm.Token, cfg *sealConfig) (*seal.Keyring
 	return seal.UnmarshalKeyring(raw)
 }
 
-// sealWith seals ring under tok's KEK label for storage.
-func (m *sealManager) sealWith(tok *hsm.Token, label string, ring *seal.Keyring) ([]byte, error) {
+// setKeyring puts ring in cfg: sealed under tok's KEK label, and in the
+// recovery copy when recovery is set up.
+func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, label string, ring *seal.Keyring) error {
 	raw, err := ring.Marshal()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer clear(raw)
-	return tok.EncryptGCM(label, raw, m.aad)
+	sealed, err := tok.EncryptGCM(label, raw, m.aad)
+	if err != nil {
+		return err
+	}
+	if cfg.RecoveryPublicKey != nil {
+		if cfg.RecoveryKeyring, err = seal.SealForRecovery(cfg.RecoveryPublicKey, m.recoveryInfo(), ring); err != nil {
+			return fmt.Errorf("updating the recovery copy: %w", err)
+		}
+	}
+	cfg.SealedKeyring, cfg.SealedWith, cfg.RootKeyVersion = sealed, label, ring.Active()
+	return nil
+}
+
+// recoveryInfo binds the recovery copy to the mount.
+func (m *sealManager) recoveryInfo() []byte {
+	return []byte("hsm-transit/recovery\x00" + m.mountID)
 }
 
 // openToken opens the token cfg names. The caller adopts it or closes it.
