@@ -64,3 +64,15 @@ dev-stop:
 .PHONY: clean
 clean:
 	rm -f $(BIN)/$(PLUGIN)
+
+# bench builds the plugin, the floor plugin and the load tool, then runs the
+# load against built-in transit, the floor and the plugin on one Vault.
+.PHONY: bench
+bench: build vault
+	go build -o $(BIN)/vault-plugin-floor ./bench/floor
+	go run ./cmd/hsm-transit-load -vault $(VAULT) -plugin $(BIN)/$(PLUGIN) -floor $(BIN)/vault-plugin-floor $(BENCH_FLAGS)
+
+# bench-go runs the in-process Go benchmarks.
+.PHONY: bench-go
+bench-go:
+	go test -run '^$$' -bench . -benchtime 2s .

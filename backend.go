@@ -69,6 +69,8 @@ type backend struct {
 	hsmKeys *hsmKeyStore
 	// lifecycle holds suspension, usage counts and scheduled deletion.
 	lifecycle *lifecycleStore
+	// aeads are the ciphers of software keys' versions in use.
+	aeads *aeadCache
 }
 
 // Factory returns a configured backend. It must not touch storage: an external
@@ -98,6 +100,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 	b.seal = newSealManager(b, mountUUID)
 	b.hsmKeys = newHSMKeyStore(b)
 	b.lifecycle = newLifecycleStore()
+	b.aeads = newAEADCache()
 	b.Backend = &framework.Backend{
 		Help:           backendHelp,
 		BackendType:    logical.TypeLogical,
@@ -181,6 +184,10 @@ func (b *backend) loadCacheSize(ctx context.Context, s logical.Storage) error {
 	if err := b.lm.InitCache(size); err != nil {
 		return fmt.Errorf("resizing policy cache: %w", err)
 	}
+	// Everything else kept per key follows the policy cache's bound.
+	b.hsmKeys.cache.resize(size)
+	b.lifecycle.cache.resize(size)
+	b.aeads.c.resize(size)
 	return nil
 }
 
@@ -213,6 +220,7 @@ func (b *backend) clean(_ context.Context) {
 	b.seal.close()
 	b.hsmKeys.reset()
 	b.lifecycle.reset()
+	b.aeads.c.purge()
 	b.cacheMu.Lock()
 	defer b.cacheMu.Unlock()
 	if b.lm.GetUseCache() {

@@ -10,6 +10,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/errutil"
@@ -186,6 +188,68 @@ func (it *batchItem) decodeCommon() error {
 		}
 	}
 	return nil
+}
+
+// parallelThreshold is the batch size from which items are spread over
+// goroutines; below it, the goroutines cost more than they save.
+const parallelThreshold = 64
+
+// forEachItem runs f for every index in [0, n): in order on one goroutine
+// for small batches, else over workers goroutines, each taking contiguous
+// runs of indexes. f must touch only its own index's data; results keep
+// their place, so the batch's order is kept.
+func forEachItem(n, workers int, f func(i int)) {
+	if n < parallelThreshold || workers <= 1 {
+		for i := 0; i < n; i++ {
+			f(i)
+		}
+		return
+	}
+	const run = 16
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				start := int(next.Add(run)) - run
+				if start >= n {
+					return
+				}
+				for i := start; i < min(start+run, n); i++ {
+					f(i)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// itemErrors collects the per-item errors of a batch processed by
+// forEachItem, and answers for the batch.
+type itemErrors []error
+
+// outcome tallies the errors into the batch's outcome, writes their
+// messages into the results (via setError) and returns the first error that
+// fails the whole request (the HSM unavailable), if any. pre marks items
+// that failed before processing.
+func (errs itemErrors) outcome(pre func(i int) bool, setError func(i int, msg string)) (batchOutcome, error) {
+	var o batchOutcome
+	for i, err := range errs {
+		switch {
+		case pre(i):
+			o.userErr = true
+		case unavailable(err):
+			return o, err
+		default:
+			o.record(err)
+			if err != nil {
+				setError(i, err.Error())
+			}
+		}
+	}
+	return o, nil
 }
 
 // batchOutcome tallies a batch's results for its status code.

@@ -69,51 +69,40 @@ func (k *hsmKey) settings() keySettings {
 type hsmKeyStore struct {
 	b     *backend
 	locks []*locksutil.LockEntry
-	mu    sync.Mutex
-	cache map[string]*hsmKey
+	cache *keyCache[*hsmKey]
 }
 
 func newHSMKeyStore(b *backend) *hsmKeyStore {
-	return &hsmKeyStore{b: b, locks: locksutil.CreateLocks(), cache: map[string]*hsmKey{}}
+	return &hsmKeyStore{b: b, locks: locksutil.CreateLocks(), cache: newKeyCache[*hsmKey]()}
 }
 
 // invalidate forgets a cached key another node changed.
-func (s *hsmKeyStore) invalidate(name string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.cache, name)
-}
+func (s *hsmKeyStore) invalidate(name string) { s.cache.remove(name) }
 
 // reset forgets every cached key.
-func (s *hsmKeyStore) reset() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.cache = map[string]*hsmKey{}
+func (s *hsmKeyStore) reset() { s.cache.purge() }
+
+// cached returns the named key if it is in memory, without touching
+// storage.
+func (s *hsmKeyStore) cached(name string) *hsmKey {
+	k, _ := s.cache.get(name)
+	return k
 }
 
 // get returns the named HSM-resident key, or nil.
 func (s *hsmKeyStore) get(ctx context.Context, storage logical.Storage, name string) (*hsmKey, error) {
-	s.mu.Lock()
-	k, ok := s.cache[name]
-	s.mu.Unlock()
-	if ok {
+	if k, ok := s.cache.get(name); ok {
 		return k, nil
 	}
 	e, err := storage.Get(ctx, hsmKeyPrefix+name)
 	if err != nil || e == nil {
 		return nil, err
 	}
-	k = &hsmKey{}
+	k := &hsmKey{}
 	if err := json.Unmarshal(e.Value, k); err != nil {
 		return nil, fmt.Errorf("decoding HSM key %q: %w", name, err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if cached, ok := s.cache[name]; ok {
-		return cached, nil
-	}
-	s.cache[name] = k
-	return k, nil
+	return s.cache.addIfAbsent(name, k), nil
 }
 
 // persist stores k; mu is held.
@@ -150,9 +139,7 @@ func (s *hsmKeyStore) create(ctx context.Context, storage logical.Storage, name 
 	if err := s.rotate(ctx, storage, k); err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.cache[name] = k
+	s.cache.add(name, k)
 	return k, nil
 }
 
@@ -236,9 +223,7 @@ func (s *hsmKeyStore) delete(ctx context.Context, storage logical.Storage, k *hs
 		return err
 	}
 	k.deleted = true
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.cache, k.Name)
+	s.cache.remove(k.Name)
 	return nil
 }
 

@@ -3,9 +3,12 @@ package hsmtransit
 import (
 	"context"
 	"crypto/rand"
+	"runtime"
 
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
 )
 
 // keyCipher is what encrypt, decrypt, rewrap and datakey need of a key,
@@ -24,16 +27,27 @@ type keyCipher interface {
 	keyType() keysutil.KeyType
 	// defaultCap is the encryption cap of a version unless configured.
 	defaultCap() uint64
+	// parallelism is how many goroutines a large batch is spread over.
+	parallelism() int
 }
 
 // softwareCipher is a keysutil policy, held locked by the caller.
-type softwareCipher struct{ p *keysutil.Policy }
+type softwareCipher struct {
+	p     *keysutil.Policy
+	aeads *aeadCache
+}
 
 func (c softwareCipher) encrypt(it *batchItem, index int) (string, int, error) {
+	if fastPath(c.p) && it.Nonce == "" && it.PaddingScheme == "" {
+		return c.aeads.encrypt(c.p, it)
+	}
 	return encryptItem(c.p, it, index)
 }
 
 func (c softwareCipher) decrypt(it *batchItem, paddingScheme, paddingField string, index int) (string, error) {
+	if fastPath(c.p) && paddingScheme == "" {
+		return c.aeads.decrypt(c.p, it)
+	}
 	return decryptItem(c.p, it, paddingScheme, paddingField, index)
 }
 
@@ -48,6 +62,9 @@ func (c softwareCipher) latest() int { return c.p.LatestVersion }
 func (c softwareCipher) keyType() keysutil.KeyType { return c.p.Type }
 
 func (c softwareCipher) defaultCap() uint64 { return defaultCap(c.p.Type, c.p.ConvergentEncryption) }
+
+// parallelism is one goroutine per core: software keys are CPU-bound.
+func (c softwareCipher) parallelism() int { return runtime.GOMAXPROCS(0) }
 
 // hsmCipher is an HSM-resident key, read-locked by the caller.
 type hsmCipher struct {
@@ -83,27 +100,55 @@ func (c hsmCipher) keyType() keysutil.KeyType { return keysutil.KeyType_AES256_G
 // defaultCap is NIST's AES-GCM bound: the HSM draws a random IV each time.
 func (c hsmCipher) defaultCap() uint64 { return gcmRandomNonceLimit }
 
+// parallelism keeps half the token's sessions busy with one batch: HSM
+// calls wait on the token, not on the CPU.
+func (c hsmCipher) parallelism() int { return hsm.DefaultMaxSessions / 2 }
+
 // lockedCipher finds the key for a crypto operation: an HSM-resident key if
 // one has the name, else the keysutil policy (created when polReq.Upsert).
 // It is nil when neither exists. unlock must be called once.
+//
+// The lookups go from memory to storage: a cached HSM-resident key, then
+// the policy cache, then stored HSM-resident keys, so that a key in use
+// costs no storage round trip whatever its residency.
 func (b *backend) lockedCipher(ctx context.Context, polReq keysutil.PolicyRequest) (c keyCipher, upserted bool, unlock func(), err error) {
+	if k := b.hsmKeys.cached(polReq.Name); k != nil {
+		return lockedHSMCipher(b.hsmKeys, k)
+	}
+	lookup := polReq
+	lookup.Upsert = false
+	p, _, unlock, err := b.lockedPolicy(ctx, lookup, false)
+	if err != nil {
+		return nil, false, unlock, err
+	}
+	if p != nil {
+		return softwareCipher{p: p, aeads: b.aeads}, false, unlock, nil
+	}
 	k, err := b.hsmKeys.get(ctx, polReq.Storage, polReq.Name)
 	if err != nil {
 		return nil, false, func() {}, err
 	}
 	if k != nil {
-		k.mu.RLock()
-		if k.deleted {
-			k.mu.RUnlock()
-			return nil, false, func() {}, nil
-		}
-		return hsmCipher{s: b.hsmKeys, k: k}, false, k.mu.RUnlock, nil
+		return lockedHSMCipher(b.hsmKeys, k)
 	}
-	p, upserted, unlock, err := b.lockedPolicy(ctx, polReq, false)
+	if !polReq.Upsert {
+		return nil, false, func() {}, nil
+	}
+	p, upserted, unlock, err = b.lockedPolicy(ctx, polReq, false)
 	if err != nil || p == nil {
 		return nil, false, unlock, err
 	}
-	return softwareCipher{p: p}, upserted, unlock, nil
+	return softwareCipher{p: p, aeads: b.aeads}, upserted, unlock, nil
+}
+
+// lockedHSMCipher read-locks an HSM-resident key for a crypto operation.
+func lockedHSMCipher(s *hsmKeyStore, k *hsmKey) (keyCipher, bool, func(), error) {
+	k.mu.RLock()
+	if k.deleted {
+		k.mu.RUnlock()
+		return nil, false, func() {}, nil
+	}
+	return hsmCipher{s: s, k: k}, false, k.mu.RUnlock, nil
 }
 
 // usableCipher is lockedCipher for a cryptographic operation: a disabled

@@ -54,37 +54,27 @@ type keyLifecycle struct {
 	counts map[int]uint64
 }
 
-// lifecycleStore caches the lifecycle state of keys.
+// lifecycleStore caches the lifecycle state of keys. An evicted entry loses
+// only the exact in-memory counts: reloaded, a count is its reservation,
+// never below the truth.
 type lifecycleStore struct {
-	mu    sync.Mutex
-	cache map[string]*keyLifecycle
+	cache *keyCache[*keyLifecycle]
 }
 
 func newLifecycleStore() *lifecycleStore {
-	return &lifecycleStore{cache: map[string]*keyLifecycle{}}
+	return &lifecycleStore{cache: newKeyCache[*keyLifecycle]()}
 }
 
-func (s *lifecycleStore) reset() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.cache = map[string]*keyLifecycle{}
-}
+func (s *lifecycleStore) reset() { s.cache.purge() }
 
-func (s *lifecycleStore) invalidate(name string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.cache, name)
-}
+func (s *lifecycleStore) invalidate(name string) { s.cache.remove(name) }
 
 // get returns a key's lifecycle state, a fresh one when none is stored.
 func (s *lifecycleStore) get(ctx context.Context, storage logical.Storage, name string) (*keyLifecycle, error) {
-	s.mu.Lock()
-	lc, ok := s.cache[name]
-	s.mu.Unlock()
-	if ok {
+	if lc, ok := s.cache.get(name); ok {
 		return lc, nil
 	}
-	lc = &keyLifecycle{Name: name}
+	lc := &keyLifecycle{Name: name}
 	e, err := storage.Get(ctx, lifecyclePrefix+name)
 	if err != nil {
 		return nil, fmt.Errorf("reading the lifecycle of key %q: %w", name, err)
@@ -100,13 +90,7 @@ func (s *lifecycleStore) get(ctx context.Context, storage logical.Storage, name 
 		// worst an over-estimate.
 		lc.counts[v] = n
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if cached, ok := s.cache[name]; ok {
-		return cached, nil
-	}
-	s.cache[name] = lc
-	return lc, nil
+	return s.cache.addIfAbsent(name, lc), nil
 }
 
 // forget drops a deleted key's state.

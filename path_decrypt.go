@@ -118,22 +118,16 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
 
-	var outcome batchOutcome
-	for i := range items {
-		if results[i].Error != "" {
-			outcome.userErr = true
-			continue
+	errs := make(itemErrors, len(items))
+	forEachItem(len(items), c.parallelism(), func(i int) {
+		if results[i].Error == "" {
+			results[i].Plaintext, errs[i] = c.decrypt(&items[i], items[i].PaddingScheme, "padding_scheme", i)
 		}
-		pt, err := c.decrypt(&items[i], items[i].PaddingScheme, "padding_scheme", i)
-		if unavailable(err) {
-			return nil, err
-		}
-		outcome.record(err)
-		if err != nil {
-			results[i].Error = err.Error()
-			continue
-		}
-		results[i].Plaintext = pt
+	})
+	outcome, err := errs.outcome(func(i int) bool { return results[i].Error != "" },
+		func(i int, msg string) { results[i].Error = msg })
+	if err != nil {
+		return nil, err
 	}
 
 	resp := &logical.Response{}

@@ -171,27 +171,20 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
 
-	var outcome batchOutcome
-	for i := range items {
+	errs := make(itemErrors, len(items))
+	forEachItem(len(items), c.parallelism(), func(i int) {
 		if results[i].Error != "" {
-			outcome.userErr = true
-			continue
+			return
 		}
-		if err := spent[items[i].KeyVersion]; err != nil {
-			outcome.userErr = true
-			results[i].Error = err.Error()
-			continue
+		if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
+			return
 		}
-		ct, ver, err := c.encrypt(&items[i], i)
-		if unavailable(err) {
-			return nil, err
-		}
-		outcome.record(err)
-		if err != nil {
-			results[i].Error = err.Error()
-			continue
-		}
-		results[i].Ciphertext, results[i].KeyVersion = ct, ver
+		results[i].Ciphertext, results[i].KeyVersion, errs[i] = c.encrypt(&items[i], i)
+	})
+	outcome, err := errs.outcome(func(i int) bool { return results[i].Error != "" },
+		func(i int, msg string) { results[i].Error = msg })
+	if err != nil {
+		return nil, err
 	}
 
 	resp := &logical.Response{}

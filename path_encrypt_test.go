@@ -2,6 +2,7 @@ package hsmtransit
 
 import (
 	"encoding/base64"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -319,4 +320,64 @@ func TestRSAEncryptionPaddingSchemes(t *testing.T) {
 	ct := e.encrypt(t, "rsa", "x", map[string]interface{}{"padding_scheme": "oaep"})
 	r := e.write(t, "decrypt/rsa", map[string]interface{}{"ciphertext": ct, "padding_scheme": "pkcs1v15"})
 	requireStatus(t, r, 400, "failed to RSA decrypt")
+}
+
+// TestLargeBatchesKeepOrder sends batches large enough to be spread over
+// goroutines, with bad items in known places, for both residencies.
+func TestLargeBatchesKeepOrder(t *testing.T) {
+	for _, residency := range []string{"software", "hsm"} {
+		t.Run(residency, func(t *testing.T) {
+			e := getTestBackend(t)
+			e.mustWrite(t, "keys/k", map[string]interface{}{"hsm": residency == "hsm"})
+			const n = 300
+			var items []interface{}
+			for i := 0; i < n; i++ {
+				pt := b64(fmt.Sprint("item ", i))
+				if i%97 == 13 {
+					pt = "%bad%"
+				}
+				items = append(items, map[string]interface{}{"plaintext": pt, "reference": fmt.Sprint(i)})
+			}
+			r := e.write(t, "encrypt/k", map[string]interface{}{"batch_input": items, "partial_failure_response_code": 207})
+			requireStatus(t, r, 207, "")
+			res := r.data["batch_results"].([]interface{})
+			require.Len(t, res, n)
+			var dec []interface{}
+			for i, x := range res {
+				m := x.(map[string]interface{})
+				require.Equal(t, fmt.Sprint(i), m["reference"])
+				if i%97 == 13 {
+					require.Contains(t, m["error"], "illegal base64", "item %d", i)
+					require.NotContains(t, m, "ciphertext")
+					dec = append(dec, map[string]interface{}{"ciphertext": "vault:v1:broken", "reference": fmt.Sprint(i)})
+					continue
+				}
+				require.NotContains(t, m, "error")
+				dec = append(dec, map[string]interface{}{"ciphertext": m["ciphertext"], "reference": fmt.Sprint(i)})
+			}
+			r = e.write(t, "decrypt/k", map[string]interface{}{"batch_input": dec, "partial_failure_response_code": 207})
+			requireStatus(t, r, 207, "")
+			for i, x := range r.data["batch_results"].([]interface{}) {
+				m := x.(map[string]interface{})
+				require.Equal(t, fmt.Sprint(i), m["reference"])
+				if i%97 == 13 {
+					require.NotEmpty(t, m["error"], "item %d", i)
+					continue
+				}
+				require.Equal(t, fmt.Sprint("item ", i), unb64(t, m["plaintext"].(string)))
+			}
+			e.mustWrite(t, "keys/k/rotate", nil)
+			r = e.write(t, "rewrap/k", map[string]interface{}{"batch_input": dec})
+			requireStatus(t, r, 200, "")
+			for i, x := range r.data["batch_results"].([]interface{}) {
+				m := x.(map[string]interface{})
+				if i%97 == 13 {
+					require.NotEmpty(t, m["error"])
+					continue
+				}
+				require.Equal(t, float64(2), m["key_version"], "item %d", i)
+				require.Equal(t, fmt.Sprint("item ", i), e.decrypt(t, "k", m["ciphertext"].(string), nil))
+			}
+		})
+	}
 }

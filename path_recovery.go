@@ -217,6 +217,7 @@ func (b *backend) dropCachedKeys() {
 	b.cacheMu.Unlock()
 	b.hsmKeys.reset()
 	b.lifecycle.reset()
+	b.aeads.c.purge()
 }
 
 // pathEmergencySealWrite seals the mount at once: the root key and every

@@ -96,23 +96,25 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		return logical.ErrorResponse("encryption key not found"), logical.ErrInvalidRequest
 	}
 
-	for i := range items {
+	errs := make([]error, len(items))
+	forEachItem(len(items), c.parallelism(), func(i int) {
 		if results[i].Error != "" {
-			continue
+			return
 		}
-		if err := spent[items[i].KeyVersion]; err != nil {
+		if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
+			return
+		}
+		results[i].Ciphertext, results[i].KeyVersion, errs[i] = rewrapItem(c, &items[i], i)
+	})
+	for i, err := range errs {
+		switch {
+		case err == nil:
+		case isInternal(err) || unavailable(err):
+			return nil, err
+		default:
+			results[i].Ciphertext, results[i].KeyVersion = "", 0
 			results[i].Error = err.Error()
-			continue
 		}
-		ct, ver, err := rewrapItem(c, &items[i], i)
-		if err != nil {
-			if isInternal(err) || unavailable(err) {
-				return nil, err
-			}
-			results[i].Error = err.Error()
-			continue
-		}
-		results[i].Ciphertext, results[i].KeyVersion = ct, ver
 	}
 
 	if d.Raw["batch_input"] != nil {

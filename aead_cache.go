@@ -1,0 +1,132 @@
+package hsmtransit
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"encoding/base64"
+	"strconv"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/helper/errutil"
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
+)
+
+// The hot path of software keys: AES-GCM keys used as they are (not
+// derived, not convergent) encrypt and decrypt here with an AEAD built once
+// per key version, instead of keysutil building an AES cipher and a GCM for
+// every item. keysutil still owns the keys, their versions and the format;
+// the output is byte for byte what keysutil makes, and the answers to bad
+// input carry keysutil's messages.
+
+// aeadCache holds the AES-GCM of each software key version in use.
+type aeadCache struct {
+	c *keyCache[*aeadEntry]
+}
+
+// aeadEntry is a version's AEAD and the key bytes it was made from, to
+// notice a key replaced under the same name (deleted and created again,
+// or restored).
+type aeadEntry struct {
+	key  []byte
+	aead cipher.AEAD
+}
+
+func newAEADCache() *aeadCache { return &aeadCache{c: newKeyCache[*aeadEntry]()} }
+
+// fastPath reports whether p's encryption can use a cached AEAD.
+func fastPath(p *keysutil.Policy) bool {
+	return (p.Type == keysutil.KeyType_AES256_GCM96 || p.Type == keysutil.KeyType_AES128_GCM96) &&
+		!p.Derived && !p.ConvergentEncryption && p.VersionTemplate == ""
+}
+
+// get returns the AEAD of version ver of p, held locked by the caller.
+func (a *aeadCache) get(p *keysutil.Policy, ver int) (cipher.AEAD, error) {
+	entry, ok := p.Keys[strconv.Itoa(ver)]
+	if !ok {
+		return nil, errutil.UserError{Err: "no such key version"}
+	}
+	name := p.Name + "\x00" + strconv.Itoa(ver)
+	if e, ok := a.c.get(name); ok && len(e.key) > 0 && len(entry.Key) > 0 && &e.key[0] == &entry.Key[0] {
+		return e.aead, nil
+	}
+	block, err := aes.NewCipher(entry.Key)
+	if err != nil {
+		return nil, errutil.InternalError{Err: err.Error()}
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, errutil.InternalError{Err: err.Error()}
+	}
+	a.c.add(name, &aeadEntry{key: entry.Key, aead: aead})
+	return aead, nil
+}
+
+// encrypt is EncryptWithOptions for a fast-path key.
+func (a *aeadCache) encrypt(p *keysutil.Policy, it *batchItem) (string, int, error) {
+	ver := it.KeyVersion
+	switch {
+	case ver == 0:
+		ver = p.LatestVersion
+	case ver < 0:
+		return "", 0, errutil.UserError{Err: "requested version for encryption is negative"}
+	case ver > p.LatestVersion:
+		return "", 0, errutil.UserError{Err: "requested version for encryption is higher than the latest key version"}
+	case ver < p.MinEncryptionVersion:
+		return "", 0, errutil.UserError{Err: "requested version for encryption is less than the minimum encryption key version"}
+	}
+	pt, err := base64.StdEncoding.DecodeString(it.Plaintext)
+	if err != nil {
+		return "", 0, errutil.UserError{Err: err.Error()}
+	}
+	aead, err := a.get(p, ver)
+	if err != nil {
+		return "", 0, err
+	}
+	out := make([]byte, aead.NonceSize(), aead.NonceSize()+len(pt)+aead.Overhead())
+	if _, err := rand.Read(out); err != nil {
+		return "", 0, errutil.InternalError{Err: err.Error()}
+	}
+	out = aead.Seal(out, out[:aead.NonceSize()], pt, it.aad)
+	return "vault:v" + strconv.Itoa(ver) + ":" + base64.StdEncoding.EncodeToString(out), ver, nil
+}
+
+// decrypt is DecryptWithOptions for a fast-path key.
+func (a *aeadCache) decrypt(p *keysutil.Policy, it *batchItem) (string, error) {
+	if !strings.HasPrefix(it.Ciphertext, "vault:v") {
+		return "", errutil.UserError{Err: "invalid ciphertext: no prefix"}
+	}
+	parts := strings.SplitN(it.Ciphertext[len("vault:v"):], ":", 2)
+	if len(parts) != 2 {
+		return "", errutil.UserError{Err: "invalid ciphertext: wrong number of fields"}
+	}
+	ver, err := strconv.Atoi(parts[0])
+	if err != nil {
+		return "", errutil.UserError{Err: "invalid ciphertext: version number could not be decoded"}
+	}
+	if ver == 0 {
+		ver = 1 // keys from before versions started at 1
+	}
+	if ver > p.LatestVersion {
+		return "", errutil.UserError{Err: "invalid ciphertext: version is too new"}
+	}
+	if p.MinDecryptionVersion > 0 && ver < p.MinDecryptionVersion {
+		return "", errutil.UserError{Err: keysutil.ErrTooOld}
+	}
+	raw, err := base64.StdEncoding.DecodeString(parts[1])
+	if err != nil {
+		return "", errutil.UserError{Err: "invalid ciphertext: could not decode base64"}
+	}
+	aead, err := a.get(p, ver)
+	if err != nil {
+		return "", err
+	}
+	if len(raw) < aead.NonceSize() {
+		return "", errutil.UserError{Err: "invalid ciphertext length"}
+	}
+	pt, err := aead.Open(raw[aead.NonceSize():aead.NonceSize()], raw[:aead.NonceSize()], raw[aead.NonceSize():], it.aad)
+	if err != nil {
+		return "", errutil.UserError{Err: err.Error()}
+	}
+	return base64.StdEncoding.EncodeToString(pt), nil
+}

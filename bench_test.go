@@ -1,0 +1,136 @@
+package hsmtransit
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"fmt"
+	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// The in-process benchmarks call the backend as Vault does, without the
+// plugin boundary: encrypt, decrypt, rewrap and datakey, batches of 1, 100
+// and 1000 items of 128 bytes, software and HSM-resident keys.
+//
+//	go test -run '^$' -bench . -benchtime 2s
+//
+// items/s is reported per benchmark; ns/op is per request.
+
+var benchSizes = []int{1, 100, 1000}
+
+func benchPlaintext(b *testing.B) string {
+	b.Helper()
+	buf := make([]byte, 128)
+	if _, err := rand.Read(buf); err != nil {
+		b.Fatal(err)
+	}
+	return base64.StdEncoding.EncodeToString(buf)
+}
+
+// benchBody is a request body for n items: the single fields for 1, else a
+// batch_input.
+func benchBody(n int, field string, values func(i int) string) map[string]interface{} {
+	if n == 1 {
+		return map[string]interface{}{field: values(0)}
+	}
+	items := make([]interface{}, n)
+	for i := range items {
+		items[i] = map[string]interface{}{field: values(i)}
+	}
+	return map[string]interface{}{"batch_input": items}
+}
+
+func benchEnv(b *testing.B, hsmKey bool) *testEnv {
+	b.Helper()
+	e := getTestBackend(b)
+	e.mustWrite(b, "keys/bench", map[string]interface{}{"hsm": hsmKey})
+	return e
+}
+
+// benchCall runs one request per iteration and fails on any error.
+func benchCall(b *testing.B, e *testEnv, path string, body func() map[string]interface{}, items int) {
+	b.Helper()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		resp, err := e.b.HandleRequest(b.Context(), &logical.Request{
+			Operation: logical.UpdateOperation, Path: path, Data: body(), Storage: e.storage,
+		})
+		if err != nil || (resp != nil && resp.IsError()) {
+			b.Fatalf("%s: %v %v", path, err, resp)
+		}
+	}
+	b.ReportMetric(float64(b.N*items)/b.Elapsed().Seconds(), "items/s")
+}
+
+func forResidencies(b *testing.B, f func(b *testing.B, hsmKey bool)) {
+	for _, r := range []struct {
+		name string
+		hsm  bool
+	}{{"software", false}, {"hsm", true}} {
+		b.Run(r.name, func(b *testing.B) { f(b, r.hsm) })
+	}
+}
+
+func BenchmarkEncrypt(b *testing.B) {
+	forResidencies(b, func(b *testing.B, hsmKey bool) {
+		for _, n := range benchSizes {
+			b.Run(fmt.Sprintf("batch=%d", n), func(b *testing.B) {
+				e := benchEnv(b, hsmKey)
+				pt := benchPlaintext(b)
+				benchCall(b, e, "encrypt/bench", func() map[string]interface{} {
+					return benchBody(n, "plaintext", func(int) string { return pt })
+				}, n)
+			})
+		}
+	})
+}
+
+// ciphertexts makes n ciphertexts of the bench key.
+func ciphertexts(b *testing.B, e *testEnv, n int) []string {
+	b.Helper()
+	pt := benchPlaintext(b)
+	out := make([]string, n)
+	for i := range out {
+		out[i] = e.encrypt(b, "bench", pt, nil)
+	}
+	return out
+}
+
+func BenchmarkDecrypt(b *testing.B) {
+	forResidencies(b, func(b *testing.B, hsmKey bool) {
+		for _, n := range benchSizes {
+			b.Run(fmt.Sprintf("batch=%d", n), func(b *testing.B) {
+				e := benchEnv(b, hsmKey)
+				cts := ciphertexts(b, e, n)
+				benchCall(b, e, "decrypt/bench", func() map[string]interface{} {
+					return benchBody(n, "ciphertext", func(i int) string { return cts[i] })
+				}, n)
+			})
+		}
+	})
+}
+
+func BenchmarkRewrap(b *testing.B) {
+	forResidencies(b, func(b *testing.B, hsmKey bool) {
+		for _, n := range benchSizes {
+			b.Run(fmt.Sprintf("batch=%d", n), func(b *testing.B) {
+				e := benchEnv(b, hsmKey)
+				cts := ciphertexts(b, e, n)
+				e.mustWrite(b, "keys/bench/rotate", nil)
+				benchCall(b, e, "rewrap/bench", func() map[string]interface{} {
+					return benchBody(n, "ciphertext", func(i int) string { return cts[i] })
+				}, n)
+			})
+		}
+	})
+}
+
+// BenchmarkDatakey has no batches: datakey makes one key per request.
+func BenchmarkDatakey(b *testing.B) {
+	forResidencies(b, func(b *testing.B, hsmKey bool) {
+		e := benchEnv(b, hsmKey)
+		benchCall(b, e, "datakey/wrapped/bench", func() map[string]interface{} { return nil }, 1)
+	})
+}

@@ -1,0 +1,498 @@
+// Command hsm-transit-load measures hsm-transit against Vault's built-in
+// transit and against a floor plugin, on one Vault server it starts itself:
+// the same loads against each mount, interleaved, over several rounds. It
+// prints requests/s, items/s, p50 and p99 and the ratios, and writes them as
+// Markdown and as an SVG chart.
+//
+//	go run ./cmd/hsm-transit-load -vault bin/vault -plugin bin/vault-plugin-secrets-hsm-transit -floor bin/vault-plugin-floor
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
+)
+
+type options struct {
+	vault, plugin, floor string
+	duration             time.Duration
+	rounds               int
+	out                  string
+	memory               bool
+	memoryKeys           int
+	memoryCache          int
+	skipLoads            bool
+	only                 string
+}
+
+func main() {
+	var o options
+	flag.StringVar(&o.vault, "vault", "bin/vault", "vault binary")
+	flag.StringVar(&o.plugin, "plugin", "bin/vault-plugin-secrets-hsm-transit", "hsm-transit plugin binary")
+	flag.StringVar(&o.floor, "floor", "bin/vault-plugin-floor", "floor plugin binary")
+	flag.DurationVar(&o.duration, "duration", 4*time.Second, "duration of each load on each mount, per round")
+	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each runs every load on every mount")
+	flag.StringVar(&o.out, "out", "bench/results", "directory for results.md and ratios.svg")
+	flag.BoolVar(&o.memory, "memory", true, "also measure the plugin's memory with many keys")
+	flag.IntVar(&o.memoryKeys, "memory-keys", 100000, "keys to create and use in the memory run")
+	flag.IntVar(&o.memoryCache, "memory-cache", 1000, "cache-config size for the memory run")
+	flag.BoolVar(&o.skipLoads, "skip-loads", false, "run only the memory measurement")
+	flag.StringVar(&o.only, "only", "", "run only the loads whose name contains this")
+	flag.Parse()
+	if err := run(o); err != nil {
+		fmt.Fprintln(os.Stderr, "hsm-transit-load:", err)
+		os.Exit(1)
+	}
+}
+
+func run(o options) error {
+	dir, err := os.MkdirTemp("", "hsm-transit-load-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	v, err := startVault(o, dir)
+	if err != nil {
+		return err
+	}
+	defer v.stop()
+	if err := v.setup(); err != nil {
+		return err
+	}
+	var report strings.Builder
+	fmt.Fprintf(&report, "Machine: %s\n\n", machine())
+	if !o.skipLoads {
+		results, err := runLoads(o, v)
+		if err != nil {
+			return err
+		}
+		raw, err := rawPKCS11(v, o)
+		if err != nil {
+			return err
+		}
+		writeTables(&report, results, raw)
+		if err := os.MkdirAll(o.out, 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(o.out, "ratios.svg"), []byte(chart(results, raw)), 0o644); err != nil {
+			return err
+		}
+	}
+	if o.memory {
+		mem, err := measureMemory(o, v)
+		if err != nil {
+			return err
+		}
+		report.WriteString(mem)
+	}
+	fmt.Print(report.String())
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(o.out, "results.md"), []byte(report.String()), 0o644)
+}
+
+// machine describes where the run happened.
+func machine() string {
+	cpu := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "model name") {
+				cpu = strings.TrimSpace(strings.SplitN(line, ":", 2)[1])
+				break
+			}
+		}
+	}
+	mem := ""
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		mem = strings.Fields(strings.SplitN(string(b), "\n", 2)[0])[1] + " kB RAM"
+	}
+	out, _ := exec.Command("nproc").Output()
+	return fmt.Sprintf("%s, %s cores, %s, %s", cpu, strings.TrimSpace(string(out)), mem, time.Now().UTC().Format("2006-01-02"))
+}
+
+// vault is the Vault server of the run.
+type vault struct {
+	cmd       *exec.Cmd
+	addr      string
+	client    *http.Client
+	softhsm   string
+	pluginDir string
+	o         options
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func startVault(o options, dir string) (*vault, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	conf, err := softhsm.Configure(filepath.Join(dir, "softhsm"))
+	if err != nil {
+		return nil, err
+	}
+	if err := softhsm.InitToken(conf, "bench", "1234"); err != nil {
+		return nil, err
+	}
+	pluginDir := filepath.Join(dir, "plugins")
+	if err := os.MkdirAll(pluginDir, 0o755); err != nil {
+		return nil, err
+	}
+	cfg := filepath.Join(dir, "vault.hcl")
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("plugin_directory = %q\ndisable_mlock = true\n", pluginDir)), 0o600); err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(o.vault, "server", "-dev", "-dev-root-token-id=root",
+		fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port), "-config", cfg)
+	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+conf, "VAULT_LOG_LEVEL=warn")
+	logf, err := os.Create(filepath.Join(dir, "vault.log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	v := &vault{
+		cmd: cmd, addr: fmt.Sprintf("http://127.0.0.1:%d", port), softhsm: conf, pluginDir: pluginDir, o: o,
+		client: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, MaxConnsPerHost: 64}},
+	}
+	for i := 0; i < 300; i++ {
+		if resp, err := http.Get(v.addr + "/v1/sys/health"); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return v, nil
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	v.stop()
+	return nil, fmt.Errorf("vault did not start; see %s", filepath.Join(dir, "vault.log"))
+}
+
+func (v *vault) stop() {
+	_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = v.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
+	}
+}
+
+// call sends one request and decodes the answer.
+func (v *vault) call(method, path string, body interface{}) (int, map[string]interface{}, error) {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return 0, nil, err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(context.Background(), method, v.addr+"/v1/"+path, rd)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("X-Vault-Token", "root")
+	resp, err := v.client.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, nil, err
+	}
+	var out map[string]interface{}
+	if len(raw) > 0 {
+		if err := json.Unmarshal(raw, &out); err != nil {
+			return resp.StatusCode, nil, fmt.Errorf("%s %s: %d %s", method, path, resp.StatusCode, raw)
+		}
+	}
+	if resp.StatusCode >= 300 {
+		return resp.StatusCode, out, fmt.Errorf("%s %s: %d %v", method, path, resp.StatusCode, out["errors"])
+	}
+	return resp.StatusCode, out, nil
+}
+
+func (v *vault) must(method, path string, body interface{}) map[string]interface{} {
+	_, out, err := v.call(method, path, body)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "hsm-transit-load:", err)
+		os.Exit(1)
+	}
+	return out
+}
+
+// register copies a plugin into the plugin directory and registers it.
+func (v *vault) register(bin, name string) error {
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(v.pluginDir, name), b, 0o755); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(b)
+	_, _, err = v.call("PUT", "sys/plugins/catalog/secret/"+name, map[string]interface{}{
+		"sha256": hex.EncodeToString(sum[:]), "command": name,
+	})
+	return err
+}
+
+// setup mounts built-in transit, the plugin (sealed by SoftHSM2) and the
+// floor, and creates the keys.
+func (v *vault) setup() error {
+	if err := v.register(v.o.plugin, "hsm-transit"); err != nil {
+		return err
+	}
+	if err := v.register(v.o.floor, "floor"); err != nil {
+		return err
+	}
+	v.must("POST", "sys/mounts/builtin", map[string]interface{}{"type": "transit"})
+	v.must("POST", "sys/mounts/plugin", map[string]interface{}{"type": "hsm-transit"})
+	v.must("POST", "sys/mounts/floor", map[string]interface{}{"type": "floor"})
+	lib, err := softhsm.FindLibrary()
+	if err != nil {
+		return err
+	}
+	v.must("POST", "plugin/config/seal", map[string]interface{}{
+		"library": lib, "token_label": "bench", "pin": "1234", "key_label": "bench-kek", "generate_key": true,
+	})
+	v.must("POST", "builtin/keys/bench", nil)
+	v.must("POST", "plugin/keys/bench", nil)
+	v.must("POST", "plugin/keys/bench-hsm", map[string]interface{}{"hsm": true})
+	return nil
+}
+
+// load is one kind of request, run by workers for a while.
+type load struct {
+	name    string
+	workers int
+	items   int
+	mounts  []string
+	// key names the key on the mount ("bench" unless set).
+	key string
+	// request builds a request for a mount: method, path, body.
+	request func(mount string) (string, interface{})
+}
+
+// sample is what one load on one mount did in one round.
+type sample struct {
+	requests  int
+	elapsed   time.Duration
+	latencies []time.Duration
+}
+
+// result aggregates a load on a mount over the rounds.
+type result struct {
+	load, mount string
+	items       int
+	requests    int
+	elapsed     time.Duration
+	p50, p99    time.Duration
+}
+
+func (r result) rps() float64         { return float64(r.requests) / r.elapsed.Seconds() }
+func (r result) itemsPerSec() float64 { return r.rps() * float64(r.items) }
+
+func plaintext128() string {
+	b := make([]byte, 128)
+	_, _ = rand.Read(b)
+	return base64.StdEncoding.EncodeToString(b)
+}
+
+func batchOf(n int, field, value string) map[string]interface{} {
+	items := make([]interface{}, n)
+	for i := range items {
+		items[i] = map[string]interface{}{field: value}
+	}
+	return map[string]interface{}{"batch_input": items}
+}
+
+// hsmSessions is the concurrency of the HSM loads and of the raw PKCS#11
+// loop they are compared with: the plugin's session pool size.
+const hsmSessions = 16
+
+func runLoads(o options, v *vault) ([]result, error) {
+	pt := plaintext128()
+	cts := map[string]string{}
+	for _, m := range []string{"builtin", "plugin", "floor"} {
+		out := v.must("POST", m+"/encrypt/bench", map[string]interface{}{"plaintext": pt})
+		cts[m] = out["data"].(map[string]interface{})["ciphertext"].(string)
+	}
+	hsmCT := v.must("POST", "plugin/encrypt/bench-hsm", map[string]interface{}{"plaintext": pt})["data"].(map[string]interface{})["ciphertext"].(string)
+	batch100, batch1000 := batchOf(100, "plaintext", pt), batchOf(1000, "plaintext", pt)
+	ctBatch := map[string]map[string]interface{}{}
+	for _, m := range []string{"builtin", "plugin"} {
+		ctBatch[m] = batchOf(1000, "ciphertext", cts[m])
+	}
+	all := []string{"builtin", "plugin", "floor"}
+	both := []string{"builtin", "plugin"}
+	loads := []load{
+		{name: "encrypt, 1 item", workers: 8, items: 1, mounts: all, request: func(m string) (string, interface{}) {
+			return m + "/encrypt/bench", map[string]interface{}{"plaintext": pt}
+		}},
+		{name: "decrypt, 1 item", workers: 8, items: 1, mounts: all, request: func(m string) (string, interface{}) {
+			return m + "/decrypt/bench", map[string]interface{}{"ciphertext": cts[m]}
+		}},
+		{name: "encrypt, batch of 100", workers: 4, items: 100, mounts: both, request: func(m string) (string, interface{}) {
+			return m + "/encrypt/bench", batch100
+		}},
+		{name: "encrypt, batch of 1000", workers: 2, items: 1000, mounts: both, request: func(m string) (string, interface{}) {
+			return m + "/encrypt/bench", batch1000
+		}},
+		{name: "decrypt, batch of 1000", workers: 2, items: 1000, mounts: both, request: func(m string) (string, interface{}) {
+			return m + "/decrypt/bench", ctBatch[m]
+		}},
+		{name: "datakey", workers: 8, items: 1, mounts: both, request: func(m string) (string, interface{}) {
+			return m + "/datakey/wrapped/bench", map[string]interface{}{}
+		}},
+		{name: "HSM-resident key: encrypt, 1 item", workers: hsmSessions, items: 1, mounts: []string{"plugin"}, request: func(m string) (string, interface{}) {
+			return m + "/encrypt/bench-hsm", map[string]interface{}{"plaintext": pt}
+		}},
+		{name: "HSM-resident key: decrypt, 1 item", workers: hsmSessions, items: 1, mounts: []string{"plugin"}, request: func(m string) (string, interface{}) {
+			return m + "/decrypt/bench-hsm", map[string]interface{}{"ciphertext": hsmCT}
+		}},
+		// Each batch keeps 8 HSM sessions busy: 2 in flight use 16, the
+		// raw loop's concurrency.
+		{name: "HSM-resident key: encrypt, batch of 1000", workers: 2, items: 1000, mounts: []string{"plugin"}, request: func(m string) (string, interface{}) {
+			return m + "/encrypt/bench-hsm", batch1000
+		}},
+	}
+	if o.only != "" {
+		var kept []load
+		for _, l := range loads {
+			if strings.Contains(l.name, o.only) {
+				kept = append(kept, l)
+			}
+		}
+		loads = kept
+	}
+	acc := map[string]*sample{}
+	for round := 0; round < o.rounds; round++ {
+		for li, l := range loads {
+			// Interleave: the order of mounts changes each round.
+			order := append([]string(nil), l.mounts...)
+			for k := 0; k < (round+li)%len(order); k++ {
+				order = append(order[1:], order[0])
+			}
+			for _, m := range order {
+				s, err := runOne(v, l, m, o.duration)
+				if err != nil {
+					return nil, err
+				}
+				key := l.name + "\x00" + m
+				if acc[key] == nil {
+					acc[key] = &sample{}
+				}
+				acc[key].requests += s.requests
+				acc[key].elapsed += s.elapsed
+				acc[key].latencies = append(acc[key].latencies, s.latencies...)
+				fmt.Fprintf(os.Stderr, "round %d: %-36s %-8s %8.0f req/s\n", round+1, l.name, m, float64(s.requests)/s.elapsed.Seconds())
+			}
+		}
+	}
+	var out []result
+	for _, l := range loads {
+		for _, m := range l.mounts {
+			s := acc[l.name+"\x00"+m]
+			sort.Slice(s.latencies, func(i, j int) bool { return s.latencies[i] < s.latencies[j] })
+			out = append(out, result{
+				load: l.name, mount: m, items: l.items, requests: s.requests, elapsed: s.elapsed,
+				p50: percentile(s.latencies, 0.50), p99: percentile(s.latencies, 0.99),
+			})
+		}
+	}
+	return out, nil
+}
+
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[int(float64(len(sorted)-1)*p)]
+}
+
+// runOne runs a load's workers against one mount for d.
+func runOne(v *vault, l load, mount string, d time.Duration) (sample, error) {
+	path, body := l.request(mount)
+	payload, err := json.Marshal(body)
+	if err != nil {
+		return sample{}, err
+	}
+	var (
+		mu       sync.Mutex
+		s        sample
+		firstErr error
+		wg       sync.WaitGroup
+	)
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	for w := 0; w < l.workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var lat []time.Duration
+			for time.Now().Before(deadline) {
+				t0 := time.Now()
+				req, _ := http.NewRequest("POST", v.addr+"/v1/"+path, bytes.NewReader(payload))
+				req.Header.Set("X-Vault-Token", "root")
+				resp, err := v.client.Do(req)
+				if err == nil {
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 200 {
+						err = fmt.Errorf("%s: status %d", path, resp.StatusCode)
+					}
+				}
+				if err != nil {
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					return
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			mu.Lock()
+			s.requests += len(lat)
+			s.latencies = append(s.latencies, lat...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	s.elapsed = time.Since(start)
+	return s, firstErr
+}

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"time"
+)
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f", float64(d.Microseconds())/1000) }
+
+// find returns the result of a load on a mount.
+func find(results []result, load, mount string) (result, bool) {
+	for _, r := range results {
+		if r.load == load && r.mount == mount {
+			return r, true
+		}
+	}
+	return result{}, false
+}
+
+func ratio(a, b float64) string {
+	if b == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2fx", a/b)
+}
+
+// writeTables writes one table per load, and the summary of the targets.
+func writeTables(w io.Writer, results []result, raw rawResult) {
+	var loads []string
+	for _, r := range results {
+		if len(loads) == 0 || loads[len(loads)-1] != r.load {
+			loads = append(loads, r.load)
+		}
+	}
+	fmt.Fprintln(w, "| load | mount | requests/s | items/s | p50 ms | p99 ms | vs built-in | vs floor |")
+	fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+	for _, l := range loads {
+		builtin, hasBuiltin := find(results, l, "builtin")
+		floor, hasFloor := find(results, l, "floor")
+		for _, m := range []string{"builtin", "floor", "plugin"} {
+			r, ok := find(results, l, m)
+			if !ok {
+				continue
+			}
+			vb, vf := "-", "-"
+			if hasBuiltin && m != "builtin" {
+				vb = ratio(r.itemsPerSec(), builtin.itemsPerSec())
+			}
+			if hasFloor && m != "floor" {
+				vf = ratio(r.rps(), floor.rps())
+			}
+			fmt.Fprintf(w, "| %s | %s | %.0f | %.0f | %s | %s | %s | %s |\n",
+				l, mountName(m), r.rps(), r.itemsPerSec(), ms(r.p50), ms(r.p99), vb, vf)
+		}
+	}
+	if raw.requests > 0 {
+		fmt.Fprintf(w, "| raw PKCS#11 C_Encrypt loop, %d workers | (no Vault) | %.0f | %.0f | - | - | - | - |\n", raw.workers, raw.rps(), raw.rps())
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "Targets:")
+	fmt.Fprintln(w)
+	target := func(what string, got float64, want float64) {
+		mark := "met"
+		if got < want {
+			mark = "NOT met"
+		}
+		fmt.Fprintf(w, "- %s: %.2fx (target %.2fx): %s\n", what, got, want, mark)
+	}
+	for _, t := range []struct {
+		load, against, what string
+		want                float64
+		items               bool
+	}{
+		{"encrypt, 1 item", "floor", "single-item encrypt, requests/s vs the floor plugin", 0.9, false},
+		{"decrypt, 1 item", "floor", "single-item decrypt, requests/s vs the floor plugin", 0.9, false},
+		{"encrypt, batch of 100", "builtin", "batch of 100, items/s vs built-in transit", 1.0, true},
+		{"encrypt, batch of 1000", "builtin", "batch of 1000, items/s vs built-in transit", 1.25, true},
+	} {
+		p, ok1 := find(results, t.load, "plugin")
+		o, ok2 := find(results, t.load, t.against)
+		if ok1 && ok2 {
+			if t.items {
+				target(t.what, p.itemsPerSec()/o.itemsPerSec(), t.want)
+			} else {
+				target(t.what, p.rps()/o.rps(), t.want)
+			}
+		}
+	}
+	if p, ok := find(results, "HSM-resident key: encrypt, batch of 1000", "plugin"); ok && raw.requests > 0 {
+		target("HSM-resident key, batches of 1000 (16 HSM sessions busy), items/s vs a raw PKCS#11 C_Encrypt loop on 16 sessions", p.itemsPerSec()/raw.rps(), 0.8)
+	}
+	if p, ok := find(results, "HSM-resident key: encrypt, 1 item", "plugin"); ok && raw.requests > 0 {
+		fmt.Fprintf(w, "- HSM-resident key, single items from 16 workers, requests/s vs the raw loop: %.2fx (bounded by Vault's request path: see the floor plugin)\n", p.rps()/raw.rps())
+	}
+	fmt.Fprintln(w)
+}
+
+func mountName(m string) string {
+	switch m {
+	case "builtin":
+		return "built-in transit"
+	case "floor":
+		return "floor plugin"
+	}
+	return "hsm-transit"
+}
+
+// chart draws the plugin's ratios as horizontal bars, with the targets.
+func chart(results []result, raw rawResult) string {
+	type bar struct {
+		label  string
+		value  float64
+		target float64
+	}
+	var bars []bar
+	add := func(label, load, against string, items bool, target float64) {
+		p, ok1 := find(results, load, "plugin")
+		o, ok2 := find(results, load, against)
+		if !ok1 || !ok2 {
+			return
+		}
+		v := p.rps() / o.rps()
+		if items {
+			v = p.itemsPerSec() / o.itemsPerSec()
+		}
+		bars = append(bars, bar{label, v, target})
+	}
+	add("encrypt, 1 item / floor", "encrypt, 1 item", "floor", false, 0.9)
+	add("decrypt, 1 item / floor", "decrypt, 1 item", "floor", false, 0.9)
+	add("encrypt, 1 item / built-in", "encrypt, 1 item", "builtin", false, 0)
+	add("decrypt, 1 item / built-in", "decrypt, 1 item", "builtin", false, 0)
+	add("encrypt, batch 100 / built-in", "encrypt, batch of 100", "builtin", true, 1.0)
+	add("encrypt, batch 1000 / built-in", "encrypt, batch of 1000", "builtin", true, 1.25)
+	add("decrypt, batch 1000 / built-in", "decrypt, batch of 1000", "builtin", true, 0)
+	add("datakey / built-in", "datakey", "builtin", false, 0)
+	if p, ok := find(results, "HSM-resident key: encrypt, batch of 1000", "plugin"); ok && raw.requests > 0 {
+		bars = append(bars, bar{"HSM key, batch 1000 / raw C_Encrypt", p.itemsPerSec() / raw.rps(), 0.8})
+	}
+	if p, ok := find(results, "HSM-resident key: encrypt, 1 item", "plugin"); ok && raw.requests > 0 {
+		bars = append(bars, bar{"HSM key, 1 item / raw C_Encrypt", p.rps() / raw.rps(), 0})
+	}
+	const (
+		left, width, rowH, top = 250, 420, 28, 40
+	)
+	maxV := 1.5
+	for _, b := range bars {
+		if b.value > maxV {
+			maxV = b.value
+		}
+	}
+	scale := float64(width) / maxV
+	var sb strings.Builder
+	h := top + rowH*len(bars) + 40
+	fmt.Fprintf(&sb, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", left+width+80, h)
+	fmt.Fprintf(&sb, `<text x="10" y="20" font-size="14">hsm-transit, ratios measured in one run (bars); targets (red marks)</text>`+"\n")
+	for i, b := range bars {
+		y := top + i*rowH
+		fmt.Fprintf(&sb, `<text x="%d" y="%d" text-anchor="end">%s</text>`+"\n", left-8, y+15, b.label)
+		color := "#4a7bd0"
+		if b.target > 0 && b.value < b.target {
+			color = "#d08a4a"
+		}
+		fmt.Fprintf(&sb, `<rect x="%d" y="%d" width="%.1f" height="18" fill="%s"/>`+"\n", left, y+2, b.value*scale, color)
+		fmt.Fprintf(&sb, `<text x="%.1f" y="%d">%.2fx</text>`+"\n", float64(left)+b.value*scale+4, y+15, b.value)
+		if b.target > 0 {
+			x := float64(left) + b.target*scale
+			fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="red" stroke-width="2"/>`+"\n", x, y, x, y+22)
+		}
+	}
+	one := float64(left) + scale
+	fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#888" stroke-dasharray="4 3"/>`+"\n", one, top-5, one, top+rowH*len(bars))
+	fmt.Fprintf(&sb, `<text x="%.1f" y="%d" text-anchor="middle" fill="#555">1.0x</text>`+"\n", one, top+rowH*len(bars)+15)
+	sb.WriteString("</svg>\n")
+	return sb.String()
+}
