@@ -81,11 +81,12 @@ func run(o options) error {
 	var report strings.Builder
 	fmt.Fprintf(&report, "Machine: %s\n\n", machine())
 	if !o.skipLoads {
-		results, err := runLoads(o, v)
+		loop, err := newRawLoop(v)
 		if err != nil {
 			return err
 		}
-		raw, err := rawPKCS11(v, o)
+		results, raw, err := runLoads(o, v, loop)
+		loop.close()
 		if err != nil {
 			return err
 		}
@@ -344,7 +345,7 @@ func batchOf(n int, field, value string) map[string]interface{} {
 // loop they are compared with: the plugin's session pool size.
 const hsmSessions = 16
 
-func runLoads(o options, v *vault) ([]result, error) {
+func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 	pt := plaintext128()
 	cts := map[string]string{}
 	for _, m := range []string{"builtin", "plugin", "floor"} {
@@ -400,6 +401,7 @@ func runLoads(o options, v *vault) ([]result, error) {
 		loads = kept
 	}
 	acc := map[string]*sample{}
+	raw := rawResult{workers: hsmSessions}
 	for round := 0; round < o.rounds; round++ {
 		for li, l := range loads {
 			// Interleave: the order of mounts changes each round.
@@ -407,10 +409,21 @@ func runLoads(o options, v *vault) ([]result, error) {
 			for k := 0; k < (round+li)%len(order); k++ {
 				order = append(order[1:], order[0])
 			}
+			if strings.HasPrefix(l.name, "HSM-resident key: encrypt, batch") {
+				// The raw loop's turn, in the same round as the load
+				// it is compared with.
+				s, err := loop.run(o.duration)
+				if err != nil {
+					return nil, raw, err
+				}
+				raw.requests += s.requests
+				raw.elapsed += s.elapsed
+				fmt.Fprintf(os.Stderr, "round %d: %-36s %-8s %8.0f ops/s\n", round+1, "raw PKCS#11 C_Encrypt loop", "-", float64(s.requests)/s.elapsed.Seconds())
+			}
 			for _, m := range order {
 				s, err := runOne(v, l, m, o.duration)
 				if err != nil {
-					return nil, err
+					return nil, raw, err
 				}
 				key := l.name + "\x00" + m
 				if acc[key] == nil {
@@ -434,7 +447,7 @@ func runLoads(o options, v *vault) ([]result, error) {
 			})
 		}
 	}
-	return out, nil
+	return out, raw, nil
 }
 
 func percentile(sorted []time.Duration, p float64) time.Duration {

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -14,7 +15,8 @@ import (
 
 // rawResult is the ceiling for HSM-resident keys: C_EncryptInit and
 // C_Encrypt of 128 bytes with AES-GCM, in a loop, on the same token and key
-// at the same concurrency, from this process with no Vault in between.
+// at the same concurrency, from this process with no Vault in between. It
+// runs interleaved with the HSM loads, round by round.
 type rawResult struct {
 	workers  int
 	requests int
@@ -23,102 +25,113 @@ type rawResult struct {
 
 func (r rawResult) rps() float64 { return float64(r.requests) / r.elapsed.Seconds() }
 
-func rawPKCS11(v *vault, o options) (rawResult, error) {
+// rawLoop holds what the raw PKCS#11 loop needs: the module, one session
+// per worker, the HSM-resident key's object.
+type rawLoop struct {
+	p         *pkcs11.Ctx
+	sessions  []pkcs11.SessionHandle
+	key       pkcs11.ObjectHandle
+	plaintext []byte
+}
+
+// newRawLoop opens the bench token from this process, logged in, with
+// hsmSessions sessions, and finds the plugin's HSM-resident key version 1.
+func newRawLoop(v *vault) (*rawLoop, error) {
 	lib, err := softhsm.FindLibrary()
 	if err != nil {
-		return rawResult{}, err
+		return nil, err
 	}
 	key := v.must("GET", "plugin/keys/bench-hsm", nil)["data"].(map[string]interface{})
 	label := key["hsm_labels"].(map[string]interface{})["1"].(string)
-
 	if err := os.Setenv("SOFTHSM2_CONF", v.softhsm); err != nil {
-		return rawResult{}, err
+		return nil, err
 	}
-	p := pkcs11.New(lib)
-	if p == nil {
-		return rawResult{}, fmt.Errorf("cannot load %s", lib)
+	r := &rawLoop{p: pkcs11.New(lib), plaintext: make([]byte, 128)}
+	if r.p == nil {
+		return nil, fmt.Errorf("cannot load %s", lib)
 	}
-	if err := p.Initialize(); err != nil {
-		return rawResult{}, err
+	if err := r.p.Initialize(); err != nil {
+		return nil, err
 	}
-	defer p.Destroy()
-	defer p.Finalize()
-	slots, err := p.GetSlotList(true)
+	slots, err := r.p.GetSlotList(true)
 	if err != nil {
-		return rawResult{}, err
+		return nil, err
 	}
 	var slot uint
 	found := false
 	for _, s := range slots {
-		if info, err := p.GetTokenInfo(s); err == nil && len(info.Label) >= 5 && info.Label[:5] == "bench" {
+		if info, err := r.p.GetTokenInfo(s); err == nil && strings.TrimSpace(info.Label) == "bench" {
 			slot, found = s, true
 		}
 	}
 	if !found {
-		return rawResult{}, fmt.Errorf("no bench token")
+		return nil, fmt.Errorf("no bench token")
 	}
-	const workers = hsmSessions
-	sessions := make([]pkcs11.SessionHandle, workers)
-	for i := range sessions {
-		if sessions[i], err = p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION); err != nil {
-			return rawResult{}, err
+	for i := 0; i < hsmSessions; i++ {
+		s, err := r.p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+		if err != nil {
+			return nil, err
 		}
+		r.sessions = append(r.sessions, s)
 	}
-	if err := p.Login(sessions[0], pkcs11.CKU_USER, "1234"); err != nil {
-		return rawResult{}, err
+	if err := r.p.Login(r.sessions[0], pkcs11.CKU_USER, "1234"); err != nil {
+		return nil, err
 	}
-	if err := p.FindObjectsInit(sessions[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)}); err != nil {
-		return rawResult{}, err
+	if err := r.p.FindObjectsInit(r.sessions[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)}); err != nil {
+		return nil, err
 	}
-	objs, _, err := p.FindObjects(sessions[0], 1)
-	_ = p.FindObjectsFinal(sessions[0])
+	objs, _, err := r.p.FindObjects(r.sessions[0], 1)
+	_ = r.p.FindObjectsFinal(r.sessions[0])
 	if err != nil || len(objs) == 0 {
-		return rawResult{}, fmt.Errorf("HSM key %s not found: %v", label, err)
+		return nil, fmt.Errorf("HSM key %s not found: %v", label, err)
 	}
-	plaintext := make([]byte, 128)
-	_, _ = rand.Read(plaintext)
+	r.key = objs[0]
+	_, _ = rand.Read(r.plaintext)
+	return r, nil
+}
 
-	var total rawResult
-	total.workers = workers
-	for round := 0; round < o.rounds; round++ {
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		var firstErr error
-		deadline := time.Now().Add(o.duration)
-		start := time.Now()
-		for w := 0; w < workers; w++ {
-			wg.Add(1)
-			go func(s pkcs11.SessionHandle) {
-				defer wg.Done()
-				n := 0
-				nonce := make([]byte, 12)
-				for time.Now().Before(deadline) {
-					_, _ = rand.Read(nonce)
-					params := pkcs11.NewGCMParams(nonce, nil, 128)
-					err := p.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, objs[0])
-					if err == nil {
-						_, err = p.Encrypt(s, plaintext)
-					}
-					params.Free()
-					if err != nil {
-						mu.Lock()
-						firstErr = err
-						mu.Unlock()
-						return
-					}
-					n++
+func (r *rawLoop) close() {
+	_ = r.p.Finalize()
+	r.p.Destroy()
+}
+
+// run encrypts with every session for d and returns the operations done.
+func (r *rawLoop) run(d time.Duration) (sample, error) {
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		firstErr error
+		total    int
+	)
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	for _, s := range r.sessions {
+		wg.Add(1)
+		go func(s pkcs11.SessionHandle) {
+			defer wg.Done()
+			n := 0
+			nonce := make([]byte, 12)
+			for time.Now().Before(deadline) {
+				_, _ = rand.Read(nonce)
+				params := pkcs11.NewGCMParams(nonce, nil, 128)
+				err := r.p.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, r.key)
+				if err == nil {
+					_, err = r.p.Encrypt(s, r.plaintext)
 				}
-				mu.Lock()
-				total.requests += n
-				mu.Unlock()
-			}(sessions[w])
-		}
-		wg.Wait()
-		total.elapsed += time.Since(start)
-		if firstErr != nil {
-			return total, firstErr
-		}
-		fmt.Fprintf(os.Stderr, "round %d: raw PKCS#11 C_Encrypt loop %8.0f ops/s\n", round+1, total.rps())
+				params.Free()
+				if err != nil {
+					mu.Lock()
+					firstErr = err
+					mu.Unlock()
+					return
+				}
+				n++
+			}
+			mu.Lock()
+			total += n
+			mu.Unlock()
+		}(s)
 	}
-	return total, nil
+	wg.Wait()
+	return sample{requests: total, elapsed: time.Since(start)}, firstErr
 }
