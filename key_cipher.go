@@ -100,9 +100,10 @@ func (c hsmCipher) keyType() keysutil.KeyType { return keysutil.KeyType_AES256_G
 // defaultCap is NIST's AES-GCM bound: the HSM draws a random IV each time.
 func (c hsmCipher) defaultCap() uint64 { return gcmRandomNonceLimit }
 
-// parallelism keeps half the token's sessions busy with one batch: HSM
-// calls wait on the token, not on the CPU.
-func (c hsmCipher) parallelism() int { return hsm.DefaultMaxSessions / 2 }
+// parallelism lets one batch use every session of the token's pool: HSM
+// calls wait on the token, not on the CPU, and the pool bounds what all
+// requests together hold (others queue for a session meanwhile).
+func (c hsmCipher) parallelism() int { return hsm.DefaultMaxSessions }
 
 // lockedCipher finds the key for a crypto operation: an HSM-resident key if
 // one has the name, else the keysutil policy (created when polReq.Upsert).

@@ -385,7 +385,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 		{name: "HSM-resident key: decrypt, 1 item", workers: hsmSessions, items: 1, mounts: []string{"plugin"}, request: func(m string) (string, interface{}) {
 			return m + "/decrypt/bench-hsm", map[string]interface{}{"ciphertext": hsmCT}
 		}},
-		// Each batch keeps 8 HSM sessions busy: 2 in flight use 16, the
+		// Batches spread over the plugin's pool of 16 HSM sessions, the
 		// raw loop's concurrency.
 		{name: "HSM-resident key: encrypt, batch of 1000", workers: 2, items: 1000, mounts: []string{"plugin"}, request: func(m string) (string, interface{}) {
 			return m + "/encrypt/bench-hsm", batch1000

@@ -89,7 +89,7 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 		}
 	}
 	if p, ok := find(results, "HSM-resident key: encrypt, batch of 1000", "plugin"); ok && raw.requests > 0 {
-		target("HSM-resident key, batches of 1000 (16 HSM sessions busy), items/s vs a raw PKCS#11 C_Encrypt loop on 16 sessions", p.itemsPerSec()/raw.rps(), 0.8)
+		target("HSM-resident key, batches of 1000 (the pool's 16 HSM sessions), items/s vs a raw PKCS#11 C_Encrypt loop on 16 sessions", p.itemsPerSec()/raw.rps(), 0.8)
 	}
 	if p, ok := find(results, "HSM-resident key: encrypt, 1 item", "plugin"); ok && raw.requests > 0 {
 		fmt.Fprintf(w, "- HSM-resident key, single items from 16 workers, requests/s vs the raw loop: %.2fx (bounded by Vault's request path: see the floor plugin)\n", p.rps()/raw.rps())
