@@ -253,10 +253,6 @@ func (b *backend) withLM(ctx context.Context, s logical.Storage, f func(lm *keys
 	return f(b.lm)
 }
 
-// errKeyNotFound is returned by lockedPolicy when the key does not exist and
-// was not to be created.
-var errKeyNotFound = errors.New("key not found")
-
 // lockedPolicy loads (or with polReq.Upsert, creates) a policy and locks it,
 // shared or exclusive. The returned unlock must be called exactly once, and is
 // a no-op when the policy is nil. upserted reports that this call created it.
