@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"strconv"
-	"strings"
 
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
@@ -64,20 +63,13 @@ func (a *aeadCache) get(p *keysutil.Policy, ver int) (cipher.AEAD, error) {
 
 // encrypt is EncryptWithOptions for a fast-path key.
 func (a *aeadCache) encrypt(p *keysutil.Policy, it *batchItem) (string, int, error) {
-	ver := it.KeyVersion
-	switch {
-	case ver == 0:
-		ver = p.LatestVersion
-	case ver < 0:
-		return "", 0, errutil.UserError{Err: "requested version for encryption is negative"}
-	case ver > p.LatestVersion:
-		return "", 0, errutil.UserError{Err: "requested version for encryption is higher than the latest key version"}
-	case ver < p.MinEncryptionVersion:
-		return "", 0, errutil.UserError{Err: "requested version for encryption is less than the minimum encryption key version"}
-	}
-	pt, err := base64.StdEncoding.DecodeString(it.Plaintext)
+	ver, err := encryptionVersion(it.KeyVersion, p.LatestVersion, p.MinEncryptionVersion)
 	if err != nil {
-		return "", 0, errutil.UserError{Err: err.Error()}
+		return "", 0, err
+	}
+	pt, err := decodePlaintext(it.Plaintext)
+	if err != nil {
+		return "", 0, err
 	}
 	aead, err := a.get(p, ver)
 	if err != nil {
@@ -88,34 +80,14 @@ func (a *aeadCache) encrypt(p *keysutil.Policy, it *batchItem) (string, int, err
 		return "", 0, errutil.InternalError{Err: err.Error()}
 	}
 	out = aead.Seal(out, out[:aead.NonceSize()], pt, it.aad)
-	return "vault:v" + strconv.Itoa(ver) + ":" + base64.StdEncoding.EncodeToString(out), ver, nil
+	return formatCiphertext(ver, out), ver, nil
 }
 
 // decrypt is DecryptWithOptions for a fast-path key.
 func (a *aeadCache) decrypt(p *keysutil.Policy, it *batchItem) (string, error) {
-	if !strings.HasPrefix(it.Ciphertext, "vault:v") {
-		return "", errutil.UserError{Err: "invalid ciphertext: no prefix"}
-	}
-	parts := strings.SplitN(it.Ciphertext[len("vault:v"):], ":", 2)
-	if len(parts) != 2 {
-		return "", errutil.UserError{Err: "invalid ciphertext: wrong number of fields"}
-	}
-	ver, err := strconv.Atoi(parts[0])
+	ver, raw, err := parseCiphertext(it.Ciphertext, p.LatestVersion, p.MinDecryptionVersion)
 	if err != nil {
-		return "", errutil.UserError{Err: "invalid ciphertext: version number could not be decoded"}
-	}
-	if ver == 0 {
-		ver = 1 // keys from before versions started at 1
-	}
-	if ver > p.LatestVersion {
-		return "", errutil.UserError{Err: "invalid ciphertext: version is too new"}
-	}
-	if p.MinDecryptionVersion > 0 && ver < p.MinDecryptionVersion {
-		return "", errutil.UserError{Err: keysutil.ErrTooOld}
-	}
-	raw, err := base64.StdEncoding.DecodeString(parts[1])
-	if err != nil {
-		return "", errutil.UserError{Err: "invalid ciphertext: could not decode base64"}
+		return "", err
 	}
 	aead, err := a.get(p, ver)
 	if err != nil {

@@ -7,12 +7,10 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/helper/errutil"
-	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -247,20 +245,13 @@ func (s *hsmKeyStore) encrypt(k *hsmKey, it *batchItem) (string, int, error) {
 	if err := checkHSMItem(it, it.PaddingScheme); err != nil {
 		return "", 0, err
 	}
-	ver := it.KeyVersion
-	switch {
-	case ver == 0:
-		ver = k.LatestVersion
-	case ver < 0:
-		return "", 0, errutil.UserError{Err: "requested version for encryption is negative"}
-	case ver > k.LatestVersion:
-		return "", 0, errutil.UserError{Err: "requested version for encryption is higher than the latest key version"}
-	case ver < k.MinEncryptionVersion:
-		return "", 0, errutil.UserError{Err: "requested version for encryption is less than the minimum encryption key version"}
-	}
-	pt, err := base64.StdEncoding.DecodeString(it.Plaintext)
+	ver, err := encryptionVersion(it.KeyVersion, k.LatestVersion, k.MinEncryptionVersion)
 	if err != nil {
-		return "", 0, errutil.UserError{Err: err.Error()}
+		return "", 0, err
+	}
+	pt, err := decodePlaintext(it.Plaintext)
+	if err != nil {
+		return "", 0, err
 	}
 	v, ok := k.Versions[ver]
 	if !ok {
@@ -274,7 +265,7 @@ func (s *hsmKeyStore) encrypt(k *hsmKey, it *batchItem) (string, int, error) {
 	if err != nil {
 		return "", 0, hsmCryptoError(err)
 	}
-	return "vault:v" + strconv.Itoa(ver) + ":" + base64.StdEncoding.EncodeToString(sealed), ver, nil
+	return formatCiphertext(ver, sealed), ver, nil
 }
 
 // decrypt decrypts a decoded item inside the HSM; mu is read-locked. The
@@ -283,29 +274,9 @@ func (s *hsmKeyStore) decrypt(k *hsmKey, it *batchItem, paddingScheme string) (s
 	if err := checkHSMItem(it, paddingScheme); err != nil {
 		return "", err
 	}
-	if !strings.HasPrefix(it.Ciphertext, "vault:v") {
-		return "", errutil.UserError{Err: "invalid ciphertext: no prefix"}
-	}
-	parts := strings.SplitN(strings.TrimPrefix(it.Ciphertext, "vault:v"), ":", 2)
-	if len(parts) != 2 {
-		return "", errutil.UserError{Err: "invalid ciphertext: wrong number of fields"}
-	}
-	ver, err := strconv.Atoi(parts[0])
+	ver, sealed, err := parseCiphertext(it.Ciphertext, k.LatestVersion, k.MinDecryptionVersion)
 	if err != nil {
-		return "", errutil.UserError{Err: "invalid ciphertext: version number could not be decoded"}
-	}
-	if ver == 0 {
-		ver = 1
-	}
-	if ver > k.LatestVersion {
-		return "", errutil.UserError{Err: "invalid ciphertext: version is too new"}
-	}
-	if ver < k.MinDecryptionVersion {
-		return "", errutil.UserError{Err: keysutil.ErrTooOld}
-	}
-	sealed, err := base64.StdEncoding.DecodeString(parts[1])
-	if err != nil {
-		return "", errutil.UserError{Err: "invalid ciphertext: could not decode base64"}
+		return "", err
 	}
 	if len(sealed) < hsm.GCMNonceSize+hsm.GCMTagSize {
 		return "", errutil.UserError{Err: "invalid ciphertext length"}
