@@ -62,11 +62,19 @@ func (b *backend) pathCancelDeletion() *framework.Path {
 	}
 }
 
-// keyExists reports whether a key of either residency has the name.
-func (b *backend) keyExists(ctx context.Context, s logical.Storage, name string) (bool, error) {
+// existingLifecycle is the lifecycle record of a key of either residency,
+// or a 400 response when no key has the name.
+func (b *backend) existingLifecycle(ctx context.Context, s logical.Storage, name string) (*keyLifecycle, *logical.Response, error) {
 	c, _, unlock, err := b.lockedCipher(ctx, keysutil.PolicyRequest{Storage: s, Name: name})
-	defer unlock()
-	return c != nil, err
+	unlock()
+	if err != nil {
+		return nil, nil, err
+	}
+	if c == nil {
+		return nil, logical.ErrorResponse("no existing key named %s could be found", name), logical.ErrInvalidRequest
+	}
+	lc, err := b.lifecycle.get(ctx, s, name)
+	return lc, nil, err
 }
 
 // pathScheduleDeletionWrite disables the key and records when it is
@@ -77,15 +85,9 @@ func (b *backend) pathScheduleDeletionWrite(ctx context.Context, req *logical.Re
 	if days < minPendingDays || days > maxPendingDays {
 		return logical.ErrorResponse("pending_days must be from %d to %d", minPendingDays, maxPendingDays), logical.ErrInvalidRequest
 	}
-	if ok, err := b.keyExists(ctx, req.Storage, name); err != nil || !ok {
-		if err != nil {
-			return nil, err
-		}
-		return logical.ErrorResponse("no existing key named %s could be found", name), logical.ErrInvalidRequest
-	}
-	lc, err := b.lifecycle.get(ctx, req.Storage, name)
-	if err != nil {
-		return nil, err
+	lc, resp, err := b.existingLifecycle(ctx, req.Storage, name)
+	if lc == nil || err != nil {
+		return resp, err
 	}
 	lc.mu.Lock()
 	defer lc.mu.Unlock()
@@ -115,15 +117,9 @@ func (b *backend) pathScheduleDeletionWrite(ctx context.Context, req *logical.Re
 // pathCancelDeletionWrite clears the schedule and enables the key again.
 func (b *backend) pathCancelDeletionWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	if ok, err := b.keyExists(ctx, req.Storage, name); err != nil || !ok {
-		if err != nil {
-			return nil, err
-		}
-		return logical.ErrorResponse("no existing key named %s could be found", name), logical.ErrInvalidRequest
-	}
-	lc, err := b.lifecycle.get(ctx, req.Storage, name)
-	if err != nil {
-		return nil, err
+	lc, resp, err := b.existingLifecycle(ctx, req.Storage, name)
+	if lc == nil || err != nil {
+		return resp, err
 	}
 	lc.mu.Lock()
 	defer lc.mu.Unlock()
