@@ -367,11 +367,7 @@ func TestHMACBatch(t *testing.T) {
 	requireStatus(t, r, 200, "")
 	results, ok = r.data["batch_results"].([]interface{})
 	require.True(t, ok, "%#v", r.data)
-	verifyWants := []struct {
-		ref   string
-		valid bool
-		err   string
-	}{
+	verifyWants := []verifyWant{
 		{"v1", true, ""},
 		{"v-swapped", false, ""},
 		{"v-no-prefix", false, "invalid HMAC to verify: no prefix"},
@@ -379,19 +375,7 @@ func TestHMACBatch(t *testing.T) {
 		{"v-bad-input", false, "unable to decode input as base64"},
 		{"", true, ""},
 	}
-	require.Len(t, results, len(verifyWants))
-	for i, w := range verifyWants {
-		t.Run(fmt.Sprintf("verify item %d", i), func(t *testing.T) {
-			item := results[i].(map[string]interface{})
-			require.Equal(t, w.ref, item["reference"])
-			require.Equal(t, w.valid, item["valid"])
-			if w.err == "" {
-				require.NotContains(t, item, "error")
-			} else {
-				require.Contains(t, item["error"], w.err)
-			}
-		})
-	}
+	requireVerifyResults(t, results, verifyWants)
 }
 
 func TestHMACErrors(t *testing.T) {

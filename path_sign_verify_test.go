@@ -915,11 +915,7 @@ func TestSignVerifyBatch(t *testing.T) {
 	results, ok = r.data["batch_results"].([]interface{})
 	require.True(t, ok, "%#v", r.data)
 	require.NotContains(t, r.data, "valid")
-	verifyWants := []struct {
-		ref   string
-		valid bool
-		err   string
-	}{
+	verifyWants := []verifyWant{
 		{"v-0", true, ""},
 		{"v-swapped", false, ""},
 		{"v-bad-input", false, "failed to parse input"},
@@ -927,19 +923,7 @@ func TestSignVerifyBatch(t *testing.T) {
 		{"v-no-prefix", false, "invalid signature: no prefix"},
 		{"", true, ""},
 	}
-	require.Len(t, results, len(verifyWants))
-	for i, w := range verifyWants {
-		t.Run(fmt.Sprintf("verify item %d", i), func(t *testing.T) {
-			item := results[i].(map[string]interface{})
-			require.Equal(t, w.ref, item["reference"])
-			require.Equal(t, w.valid, item["valid"])
-			if w.err == "" {
-				require.NotContains(t, item, "error")
-			} else {
-				require.Contains(t, item["error"], w.err)
-			}
-		})
-	}
+	requireVerifyResults(t, results, verifyWants)
 }
 
 func TestSignVerifyBatchDerivedEd25519(t *testing.T) {
@@ -1048,4 +1032,29 @@ func TestVerifyBatchKinds(t *testing.T) {
 		require.Equal(t, false, results[1].(map[string]interface{})["valid"])
 		require.Equal(t, "tampered", results[1].(map[string]interface{})["reference"])
 	})
+}
+
+// verifyWant is what one verify batch item should answer.
+type verifyWant struct {
+	ref   string
+	valid bool
+	err   string
+}
+
+// requireVerifyResults checks a verify batch's results item by item.
+func requireVerifyResults(t *testing.T, results []interface{}, wants []verifyWant) {
+	t.Helper()
+	require.Len(t, results, len(wants))
+	for i, w := range wants {
+		t.Run(fmt.Sprintf("verify item %d", i), func(t *testing.T) {
+			item := results[i].(map[string]interface{})
+			require.Equal(t, w.ref, item["reference"])
+			require.Equal(t, w.valid, item["valid"])
+			if w.err == "" {
+				require.NotContains(t, item, "error")
+			} else {
+				require.Contains(t, item["error"], w.err)
+			}
+		})
+	}
 }
