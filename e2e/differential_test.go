@@ -111,7 +111,11 @@ var diffSession = []step{
 	{method: "POST", path: "encrypt/not-created", body: map[string]interface{}{"plaintext": b64("x")}},
 	{method: "POST", path: "config/keys", body: map[string]interface{}{"disable_upsert": false}},
 
-	// Batches.
+	// Batches. A body of 1 KiB or more is decoded by the plugin's fast path
+	// (grpc_fastpath.go); the smaller ones by the SDK.
+	{method: "POST", path: "encrypt/aes", body: largeBatch(40, 7), capture: map[string]string{"lct": "batch_results.39.ciphertext"}},
+	{method: "POST", path: "decrypt/aes", body: map[string]interface{}{"partial_failure_response_code": 207, "batch_input": append(largeBatch(30, -1)["batch_input"].([]interface{}),
+		map[string]interface{}{"ciphertext": "{{lct}}", "reference": "last", "key_version": 1.0})}},
 	{method: "POST", path: "encrypt/aes", body: map[string]interface{}{"batch_input": []interface{}{
 		map[string]interface{}{"plaintext": b64("a"), "reference": "ra"},
 		map[string]interface{}{"plaintext": b64("b"), "reference": "rb"},
@@ -499,4 +503,19 @@ func shape(s string) string {
 		return fmt.Sprintf("hex:%d", len(s))
 	}
 	return s
+}
+
+// largeBatch is a batch_input of n items with references, large enough for
+// the plugin's fast decoding path; item bad (if in range) has a plaintext
+// that is not base64.
+func largeBatch(n, bad int) map[string]interface{} {
+	items := make([]interface{}, n)
+	for i := range items {
+		pt := b64(fmt.Sprintf("row %03d of a batch large enough for the fast path", i))
+		if i == bad {
+			pt = "%%not base64"
+		}
+		items[i] = map[string]interface{}{"plaintext": pt, "ciphertext": pt, "reference": fmt.Sprint("ref-", i)}
+	}
+	return map[string]interface{}{"batch_input": items, "partial_failure_response_code": 207}
 }

@@ -4,14 +4,18 @@ package main
 
 import (
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	_ "net/http/pprof" // served only when HSM_TRANSIT_PPROF_ADDR is set
 	"os"
 
 	"github.com/hashicorp/go-hclog"
+	goplugin "github.com/hashicorp/go-plugin"
 	"github.com/hashicorp/vault/api"
+	"github.com/hashicorp/vault/sdk/helper/pluginutil"
 	"github.com/hashicorp/vault/sdk/plugin"
+	"google.golang.org/grpc"
 
 	hsmtransit "github.com/hsm-transit/vault-plugin-secrets-hsm-transit"
 )
@@ -29,13 +33,43 @@ func main() {
 	if err := flags.Parse(os.Args[1:]); err != nil {
 		fatal(err)
 	}
-	err := plugin.ServeMultiplex(&plugin.ServeOpts{
-		BackendFactoryFunc: hsmtransit.Factory,
-		TLSProviderFunc:    api.VaultPluginTLSProvider(meta.GetTLSConfig()),
-	})
-	if err != nil {
+	if err := serve(api.VaultPluginTLSProvider(meta.GetTLSConfig())); err != nil {
 		fatal(err)
 	}
+}
+
+// serve does what the SDK's plugin.ServeMultiplex does (the same protocol
+// versions, multiplexing, message size limits and handshake), and adds
+// hsmtransit.GRPCUnaryInterceptor to the gRPC server, which ServeMultiplex
+// has no option for.
+func serve(tlsProvider plugin.TLSProviderFunc) error {
+	logger := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: os.Stderr, JSONFormat: true})
+	backend := func(multiplex bool) goplugin.PluginSet {
+		return goplugin.PluginSet{plugin.BackendPluginName: &plugin.GRPCBackendPlugin{
+			Factory:             hsmtransit.Factory,
+			MultiplexingSupport: multiplex,
+			Logger:              logger,
+		}}
+	}
+	if err := pluginutil.OptionallyEnableMlock(); err != nil {
+		return err
+	}
+	goplugin.Serve(&goplugin.ServeConfig{
+		HandshakeConfig: plugin.HandshakeConfig,
+		// Versions 3 and 4 serve Vaults older than multiplexing (they
+		// need TLSProvider); Vault 1.12 and later speak version 5.
+		VersionedPlugins: map[int]goplugin.PluginSet{3: backend(false), 4: backend(false), 5: backend(true)},
+		Logger:           logger,
+		TLSProvider:      tlsProvider,
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			opts = append(opts,
+				grpc.MaxRecvMsgSize(math.MaxInt32),
+				grpc.MaxSendMsgSize(math.MaxInt32),
+				grpc.ChainUnaryInterceptor(hsmtransit.GRPCUnaryInterceptor))
+			return goplugin.DefaultGRPCServer(opts)
+		},
+	})
+	return nil
 }
 
 // servePprof serves the profiling endpoints on a loopback address only.

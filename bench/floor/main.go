@@ -1,8 +1,9 @@
 // Command vault-plugin-floor is the benchmarks' floor: an external Vault
 // plugin that encrypts and decrypts with one in-memory AES-256-GCM key and
-// does nothing else. What it costs is the plugin boundary itself: the gRPC
-// round trips for the request and for Vault's existence check, and JSON
-// across it. It is for benchmarks only.
+// does nothing else, one item or a batch_input of them. What it costs is the
+// plugin boundary as the SDK gives it: the gRPC round trips for the request
+// and for Vault's existence check, and JSON across it. It is for benchmarks
+// only: it checks nothing a real engine must (no key versions, no context).
 package main
 
 import (
@@ -67,8 +68,9 @@ func factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 			{
 				Pattern: "encrypt/" + name,
 				Fields: map[string]*framework.FieldSchema{
-					"name":      {Type: framework.TypeString},
-					"plaintext": {Type: framework.TypeString},
+					"name":        {Type: framework.TypeString},
+					"plaintext":   {Type: framework.TypeString},
+					"batch_input": {Type: framework.TypeSlice},
 				},
 				// Like transit's encrypt: Vault asks whether the key exists.
 				ExistenceCheck: exists,
@@ -80,8 +82,9 @@ func factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 			{
 				Pattern: "decrypt/" + name,
 				Fields: map[string]*framework.FieldSchema{
-					"name":       {Type: framework.TypeString},
-					"ciphertext": {Type: framework.TypeString},
+					"name":        {Type: framework.TypeString},
+					"ciphertext":  {Type: framework.TypeString},
+					"batch_input": {Type: framework.TypeSlice},
 				},
 				Operations: map[logical.Operation]framework.OperationHandler{
 					logical.UpdateOperation: &framework.PathOperation{Callback: f.decrypt},
@@ -96,29 +99,59 @@ func factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func (f *floor) encrypt(_ context.Context, _ *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	pt, err := base64.StdEncoding.DecodeString(d.Get("plaintext").(string))
+	return f.each(d, "plaintext", f.seal)
+}
+
+func (f *floor) decrypt(_ context.Context, _ *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	return f.each(d, "ciphertext", f.open)
+}
+
+// each runs op on the request's field, or on that field of every item of
+// batch_input, and answers as transit does.
+func (f *floor) each(d *framework.FieldData, field string, op func(string) (map[string]interface{}, error)) (*logical.Response, error) {
+	raw, isBatch := d.GetOk("batch_input")
+	if !isBatch {
+		out, err := op(d.Get(field).(string))
+		if err != nil {
+			return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+		}
+		return &logical.Response{Data: out}, nil
+	}
+	items := raw.([]interface{})
+	results := make([]map[string]interface{}, len(items))
+	for i, it := range items {
+		m, _ := it.(map[string]interface{})
+		s, _ := m[field].(string)
+		out, err := op(s)
+		if err != nil {
+			out = map[string]interface{}{"error": err.Error()}
+		}
+		results[i] = out
+	}
+	return &logical.Response{Data: map[string]interface{}{"batch_results": results}}, nil
+}
+
+func (f *floor) seal(plaintext string) (map[string]interface{}, error) {
+	pt, err := base64.StdEncoding.DecodeString(plaintext)
 	if err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+		return nil, err
 	}
 	nonce := make([]byte, f.aead.NonceSize(), f.aead.NonceSize()+len(pt)+f.aead.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
 	ct := f.aead.Seal(nonce, nonce, pt, nil)
-	return &logical.Response{Data: map[string]interface{}{
-		"ciphertext":  "vault:v1:" + base64.StdEncoding.EncodeToString(ct),
-		"key_version": 1,
-	}}, nil
+	return map[string]interface{}{"ciphertext": "vault:v1:" + base64.StdEncoding.EncodeToString(ct), "key_version": 1}, nil
 }
 
-func (f *floor) decrypt(_ context.Context, _ *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	raw, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(d.Get("ciphertext").(string), "vault:v1:"))
+func (f *floor) open(ciphertext string) (map[string]interface{}, error) {
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(ciphertext, "vault:v1:"))
 	if err != nil || len(raw) < f.aead.NonceSize() {
-		return logical.ErrorResponse("invalid ciphertext"), logical.ErrInvalidRequest
+		return nil, errors.New("invalid ciphertext")
 	}
 	pt, err := f.aead.Open(nil, raw[:f.aead.NonceSize()], raw[f.aead.NonceSize():], nil)
 	if err != nil {
-		return logical.ErrorResponse(errors.New("cipher: message authentication failed").Error()), logical.ErrInvalidRequest
+		return nil, errors.New("cipher: message authentication failed")
 	}
-	return &logical.Response{Data: map[string]interface{}{"plaintext": base64.StdEncoding.EncodeToString(pt)}}, nil
+	return map[string]interface{}{"plaintext": base64.StdEncoding.EncodeToString(pt)}, nil
 }

@@ -56,7 +56,7 @@ func main() {
 	flag.IntVar(&o.memoryKeys, "memory-keys", 100000, "keys to create and use in the memory run")
 	flag.IntVar(&o.memoryCache, "memory-cache", 1000, "cache-config size for the memory run")
 	flag.BoolVar(&o.skipLoads, "skip-loads", false, "run only the memory measurement")
-	flag.StringVar(&o.only, "only", "", "run only the loads whose name contains this")
+	flag.StringVar(&o.only, "only", "", "run only the loads whose name starts with this")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "hsm-transit-load:", err)
@@ -313,6 +313,7 @@ type sample struct {
 	requests  int
 	elapsed   time.Duration
 	latencies []time.Duration
+	cpu       cpuSplit
 }
 
 // result aggregates a load on a mount over the rounds.
@@ -322,6 +323,7 @@ type result struct {
 	requests    int
 	elapsed     time.Duration
 	p50, p99    time.Duration
+	cpu         cpuSplit
 }
 
 func (r result) rps() float64         { return float64(r.requests) / r.elapsed.Seconds() }
@@ -355,7 +357,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 	hsmCT := v.must("POST", "plugin/encrypt/bench-hsm", map[string]interface{}{"plaintext": pt})["data"].(map[string]interface{})["ciphertext"].(string)
 	batch100, batch1000 := batchOf(100, "plaintext", pt), batchOf(1000, "plaintext", pt)
 	ctBatch := map[string]map[string]interface{}{}
-	for _, m := range []string{"builtin", "plugin"} {
+	for _, m := range []string{"builtin", "plugin", "floor"} {
 		ctBatch[m] = batchOf(1000, "ciphertext", cts[m])
 	}
 	all := []string{"builtin", "plugin", "floor"}
@@ -367,13 +369,13 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 		{name: "decrypt, 1 item", workers: 8, items: 1, mounts: all, request: func(m string) (string, interface{}) {
 			return m + "/decrypt/bench", map[string]interface{}{"ciphertext": cts[m]}
 		}},
-		{name: "encrypt, batch of 100", workers: 4, items: 100, mounts: both, request: func(m string) (string, interface{}) {
+		{name: "encrypt, batch of 100", workers: 4, items: 100, mounts: all, request: func(m string) (string, interface{}) {
 			return m + "/encrypt/bench", batch100
 		}},
-		{name: "encrypt, batch of 1000", workers: 2, items: 1000, mounts: both, request: func(m string) (string, interface{}) {
+		{name: "encrypt, batch of 1000", workers: 2, items: 1000, mounts: all, request: func(m string) (string, interface{}) {
 			return m + "/encrypt/bench", batch1000
 		}},
-		{name: "decrypt, batch of 1000", workers: 2, items: 1000, mounts: both, request: func(m string) (string, interface{}) {
+		{name: "decrypt, batch of 1000", workers: 2, items: 1000, mounts: all, request: func(m string) (string, interface{}) {
 			return m + "/decrypt/bench", ctBatch[m]
 		}},
 		{name: "datakey", workers: 8, items: 1, mounts: both, request: func(m string) (string, interface{}) {
@@ -394,7 +396,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 	if o.only != "" {
 		var kept []load
 		for _, l := range loads {
-			if strings.Contains(l.name, o.only) {
+			if strings.HasPrefix(l.name, o.only) {
 				kept = append(kept, l)
 			}
 		}
@@ -432,6 +434,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 				acc[key].requests += s.requests
 				acc[key].elapsed += s.elapsed
 				acc[key].latencies = append(acc[key].latencies, s.latencies...)
+				acc[key].cpu = acc[key].cpu.add(s.cpu)
 				fmt.Fprintf(os.Stderr, "round %d: %-36s %-8s %8.0f req/s\n", round+1, l.name, m, float64(s.requests)/s.elapsed.Seconds())
 			}
 		}
@@ -444,6 +447,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 			out = append(out, result{
 				load: l.name, mount: m, items: l.items, requests: s.requests, elapsed: s.elapsed,
 				p50: percentile(s.latencies, 0.50), p99: percentile(s.latencies, 0.99),
+				cpu: s.cpu,
 			})
 		}
 	}
@@ -470,6 +474,7 @@ func runOne(v *vault, l load, mount string, d time.Duration) (sample, error) {
 		firstErr error
 		wg       sync.WaitGroup
 	)
+	cpu0 := cpuNow(v.cmd.Process.Pid)
 	deadline := time.Now().Add(d)
 	start := time.Now()
 	for w := 0; w < l.workers; w++ {
@@ -507,5 +512,6 @@ func runOne(v *vault, l load, mount string, d time.Duration) (sample, error) {
 	}
 	wg.Wait()
 	s.elapsed = time.Since(start)
+	s.cpu = cpuNow(v.cmd.Process.Pid).sub(cpu0)
 	return s, firstErr
 }

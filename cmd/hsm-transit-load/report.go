@@ -55,6 +55,7 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 				l, mountName(m), r.rps(), r.itemsPerSec(), ms(r.p50), ms(r.p99), vb, vf)
 		}
 	}
+	writeCPU(w, loads, results)
 	if raw.requests > 0 {
 		fmt.Fprintf(w, "| raw PKCS#11 C_Encrypt loop, %d workers | (no Vault) | %.0f | %.0f | - | - | - | - |\n", raw.workers, raw.rps(), raw.rps())
 	}
@@ -93,6 +94,36 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 	}
 	if p, ok := find(results, "HSM-resident key: encrypt, 1 item", "plugin"); ok && raw.requests > 0 {
 		fmt.Fprintf(w, "- HSM-resident key, single items from 16 workers, requests/s vs the raw loop: %.2fx (bounded by Vault's request path: see the floor plugin)\n", p.rps()/raw.rps())
+	}
+	fmt.Fprintln(w)
+}
+
+// writeCPU writes where the CPU time went, per item, by process: the
+// machine's cores are shared by Vault, the plugins and the clients, so a
+// mount's throughput is bounded by the sum.
+func writeCPU(w io.Writer, loads []string, results []result) {
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "CPU time per item, in microseconds, by process (from /proc; the plugin column is every plugin process Vault started):")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| load | mount | Vault | plugin | load tool | total |")
+	fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | ---: |")
+	us := func(d time.Duration, items int) string {
+		if items == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.1f", float64(d.Microseconds())/float64(items))
+	}
+	for _, l := range loads {
+		for _, m := range []string{"builtin", "floor", "plugin"} {
+			r, ok := find(results, l, m)
+			if !ok {
+				continue
+			}
+			n := r.requests * r.items
+			fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", l, mountName(m),
+				us(r.cpu.vault, n), us(r.cpu.plugins, n), us(r.cpu.client, n),
+				us(r.cpu.vault+r.cpu.plugins+r.cpu.client, n))
+		}
 	}
 	fmt.Fprintln(w)
 }
