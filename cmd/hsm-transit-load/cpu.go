@@ -19,6 +19,8 @@ type cpuSplit struct {
 	vault, plugins, client time.Duration
 }
 
+func (a cpuSplit) total() time.Duration { return a.vault + a.plugins + a.client }
+
 func (a cpuSplit) sub(b cpuSplit) cpuSplit {
 	return cpuSplit{a.vault - b.vault, a.plugins - b.plugins, a.client - b.client}
 }

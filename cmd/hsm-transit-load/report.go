@@ -84,6 +84,14 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 		if ok1 && ok2 {
 			if t.items {
 				target(t.what, p.itemsPerSec()/o.itemsPerSec(), t.want)
+				if f, ok := find(results, t.load, "floor"); ok {
+					fmt.Fprintf(w, "  - the floor plugin (the SDK's boundary, no other work) reached %.2fx\n", f.itemsPerSec()/o.itemsPerSec())
+				}
+				if c := perItem(p, p.cpu.vault+p.cpu.client); c > 0 {
+					fmt.Fprintf(w, "  - bound: Vault and the clients alone used %.1f µs of CPU per item on this mount, built-in transit %.1f µs in all; "+
+						"with the cores saturated, a plugin using no CPU would reach %.2fx\n",
+						c, perItem(o, o.cpu.total()), perItem(o, o.cpu.total())/c)
+				}
 			} else {
 				target(t.what, p.rps()/o.rps(), t.want)
 			}
@@ -105,8 +113,8 @@ func writeCPU(w io.Writer, loads []string, results []result) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "CPU time per item, in microseconds, by process (from /proc; the plugin column is every plugin process Vault started):")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| load | mount | Vault | plugin | load tool | total |")
-	fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | ---: |")
+	fmt.Fprintln(w, "| load | mount | Vault | plugin | load tool | total | cores busy |")
+	fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 	us := func(d time.Duration, items int) string {
 		if items == 0 {
 			return "-"
@@ -120,12 +128,21 @@ func writeCPU(w io.Writer, loads []string, results []result) {
 				continue
 			}
 			n := r.requests * r.items
-			fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", l, mountName(m),
+			fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.2f |\n", l, mountName(m),
 				us(r.cpu.vault, n), us(r.cpu.plugins, n), us(r.cpu.client, n),
-				us(r.cpu.vault+r.cpu.plugins+r.cpu.client, n))
+				us(r.cpu.total(), n), r.cpu.total().Seconds()/r.elapsed.Seconds())
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// perItem is CPU time per item of a result, in microseconds.
+func perItem(r result, d time.Duration) float64 {
+	n := r.requests * r.items
+	if n == 0 {
+		return 0
+	}
+	return float64(d.Microseconds()) / float64(n)
 }
 
 func mountName(m string) string {
