@@ -68,9 +68,15 @@ func cpuNow(vaultPid int) cpuSplit {
 			s.plugins += cpu
 		}
 	}
-	var ru syscall.Rusage
-	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
-		s.client = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	}
+	s.client = selfCPU()
 	return s
+}
+
+// selfCPU is the CPU time this process has used.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

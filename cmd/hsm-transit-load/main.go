@@ -420,6 +420,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 				}
 				raw.requests += s.requests
 				raw.elapsed += s.elapsed
+				raw.cpu += s.cpu.client
 				fmt.Fprintf(os.Stderr, "round %d: %-36s %-8s %8.0f ops/s\n", round+1, "raw PKCS#11 C_Encrypt loop", "-", float64(s.requests)/s.elapsed.Seconds())
 			}
 			for _, m := range order {

@@ -21,6 +21,9 @@ type rawResult struct {
 	workers  int
 	requests int
 	elapsed  time.Duration
+	// cpu is this process's CPU time during the loop: the loop and the
+	// PKCS#11 module (SoftHSM2 runs in the caller's process).
+	cpu time.Duration
 }
 
 func (r rawResult) rps() float64 { return float64(r.requests) / r.elapsed.Seconds() }
@@ -103,6 +106,7 @@ func (r *rawLoop) run(d time.Duration) (sample, error) {
 		firstErr error
 		total    int
 	)
+	cpu0 := selfCPU()
 	deadline := time.Now().Add(d)
 	start := time.Now()
 	for _, s := range r.sessions {
@@ -133,5 +137,5 @@ func (r *rawLoop) run(d time.Duration) (sample, error) {
 		}(s)
 	}
 	wg.Wait()
-	return sample{requests: total, elapsed: time.Since(start)}, firstErr
+	return sample{requests: total, elapsed: time.Since(start), cpu: cpuSplit{client: selfCPU() - cpu0}}, firstErr
 }
