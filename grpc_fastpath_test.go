@@ -8,7 +8,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/hashicorp/vault/sdk/plugin/pb"
 	"github.com/stretchr/testify/require"
@@ -24,6 +23,7 @@ var fastDecodeCorpus = []string{
 	`{"batch_input":[],"partial_failure_response_code":400}`,
 	`{"n":[0,-0,1e3,1.5e-7,-12.25,9007199254740993,18446744073709551616,1E+2]}`,
 	`{"s":"\u00e9\u4e2d\ud83d\ude00 \"quoted\" \\ \/ \b\f\n\r\t","t":"\u0000"}`,
+	`{"nested":{"a":[{"c":null},true,false,[]]}}`,
 	`{"nested":{"a":{"b":[{"c":null},true,false,[1,[2,[3]]]]}}}`,
 	`{"dup":1,"dup":"second"}`,
 	`{"unicode key é":"v","":"empty key"}`,
@@ -42,12 +42,17 @@ func TestFastDecodeMatchesStdlib(t *testing.T) {
 		want, err := stdDecode(body)
 		require.NoError(t, err, "corpus[%d]", i)
 		got, ok := fastDecode(body)
+		if nestingDepth(body) > fastDecodeMaxDepth {
+			require.False(t, ok, "corpus[%d]: nested deeper than the fast path takes", i)
+			continue
+		}
 		require.True(t, ok, "corpus[%d]: fast decoder refused valid JSON", i)
 		require.True(t, reflect.DeepEqual(want, got), "corpus[%d]:\nstdlib %#v\nfast   %#v", i, want, got)
 	}
 	// What the standard library refuses, the fast decoder refuses too (the
 	// interceptor then leaves the body to the SDK, which reports it).
-	for _, bad := range []string{``, `[1,2]`, `"s"`, `{"a":}`, `{"a":1`, `{"a":1}x`, `{'a':1}`, `{"a":01}`, `{"a":NaN}`} {
+	for _, bad := range []string{``, `[1,2]`, `"s"`, `{"a":}`, `{"a":1`, `{"a":1}x`, `{'a':1}`, `{"a":01}`, `{"a":NaN}`,
+		`{"a":` + strings.Repeat("[", 10001) + strings.Repeat("]", 10001) + `}`} {
 		_, err := stdDecode(bad)
 		require.Error(t, err, bad)
 		_, ok := fastDecode(bad)
@@ -91,87 +96,84 @@ func intercept(t *testing.T, method string, msg interface{}) (context.Context, i
 	return gotCtx, gotMsg
 }
 
-func TestInterceptorHandsTheDecodedBodyToHandleRequest(t *testing.T) {
+func TestInterceptorHandsTheDecodedBodyToTheBackend(t *testing.T) {
 	body := `{"batch_input":[` + strings.Repeat(`{"plaintext":"aGVsbG8gd29ybGQ="},`, 99) + `{"plaintext":""}]}`
-	args := &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: body}}
-	ctx, msg := intercept(t, pb.Backend_HandleRequest_FullMethodName, args)
-	require.Same(t, args, msg)
-	require.Equal(t, emptyBody, args.Request.Data)
 	want, _ := stdDecode(body)
-	require.Equal(t, want, ctx.Value(decodedBodyKey{}))
-
-	// Small bodies, bodies the decoder refuses, and other methods pass
-	// through untouched.
 	for _, tc := range []struct {
 		method string
 		msg    interface{}
-		data   func() string
+		req    *pb.Request
 	}{
-		{pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: `{"plaintext":"aGk="}`}}, nil},
-		{pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: `{"plaintext":"` + strings.Repeat("a", 2000) + `"`}}, nil},
-		{pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{}, nil},
-		{pb.Backend_HandleExistenceCheck_FullMethodName, &pb.HandleExistenceCheckArgs{Request: &pb.Request{Path: "keys/k", Data: body}}, nil},
-		{pb.Backend_HandleExistenceCheck_FullMethodName, &pb.HandleExistenceCheckArgs{Request: &pb.Request{Path: "encrypt/k/extra", Data: body}}, nil},
-		{pb.Backend_InvalidateKey_FullMethodName, &pb.InvalidateKeyArgs{Key: "policy/k"}, nil},
+		{pb.Backend_HandleRequest_FullMethodName, nil, &pb.Request{Path: "encrypt/k", Data: body}},
+		{pb.Backend_HandleExistenceCheck_FullMethodName, nil, &pb.Request{Path: "encrypt/k", Data: body}},
+	} {
+		var msg interface{} = &pb.HandleRequestArgs{Request: tc.req}
+		if tc.method == pb.Backend_HandleExistenceCheck_FullMethodName {
+			msg = &pb.HandleExistenceCheckArgs{Request: tc.req}
+		}
+		ctx, got := intercept(t, tc.method, msg)
+		require.Same(t, msg, got)
+		require.Equal(t, emptyBody, tc.req.Data)
+		require.Equal(t, want, ctx.Value(decodedBodyKey{}))
+	}
+
+	// Small bodies, deeply nested ones, bodies the decoder refuses, and
+	// other methods pass through untouched.
+	deep := `{"batch_input":[{"context":[[["x"]]]}],"pad":"` + strings.Repeat("a", 2000) + `"}`
+	require.Equal(t, 6, nestingDepth(deep))
+	require.Equal(t, 1, nestingDepth(`{"s":"[{\"[{"}`))
+	for _, tc := range []struct {
+		method string
+		msg    interface{}
+	}{
+		{pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: `{"plaintext":"aGk="}`}}},
+		{pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: `{"plaintext":"` + strings.Repeat("a", 2000) + `"`}}},
+		{pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: deep}}},
+		{pb.Backend_HandleExistenceCheck_FullMethodName, &pb.HandleExistenceCheckArgs{Request: &pb.Request{Path: "encrypt/k", Data: deep}}},
+		{pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{}},
+		{pb.Backend_HandleExistenceCheck_FullMethodName, &pb.HandleExistenceCheckArgs{}},
+		{pb.Backend_InvalidateKey_FullMethodName, &pb.InvalidateKeyArgs{Key: "policy/k"}},
+		// A message under another method's name is not touched.
+		{pb.Backend_Setup_FullMethodName, &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: body}}},
 	} {
 		before := fmt.Sprintf("%v", tc.msg)
 		ctx, _ := intercept(t, tc.method, tc.msg)
 		require.Equal(t, before, fmt.Sprintf("%v", tc.msg), "%s changed", tc.method)
 		require.Nil(t, ctx.Value(decodedBodyKey{}))
 	}
-
-	// The existence check of encrypt/<name> gets an empty body.
-	ec := &pb.HandleExistenceCheckArgs{Request: &pb.Request{Path: "encrypt/k", Data: body}}
-	ctx, _ = intercept(t, pb.Backend_HandleExistenceCheck_FullMethodName, ec)
-	require.Equal(t, emptyBody, ec.Request.Data)
-	require.Nil(t, ctx.Value(decodedBodyKey{}))
 }
 
-// TestExistenceChecksIgnoreBody: the only routes with an existence check are
-// those existenceCheckIgnoresBody names, and their answer is the same with
-// and without the body, for a key that exists and one that does not, with
-// a valid body and one the handler refuses.
-func TestExistenceChecksIgnoreBody(t *testing.T) {
+// TestExistenceCheckWithDecodedBody: the existence check answers the same,
+// with the same error, whether the body came in the request or in the
+// context, for a key that exists and one that does not, for a valid body
+// and one the framework refuses.
+func TestExistenceCheckWithDecodedBody(t *testing.T) {
 	e := getTestBackend(t)
-	var withCheck []string
-	for _, p := range e.b.Backend.Paths {
-		if p.ExistenceCheck != nil {
-			withCheck = append(withCheck, p.Pattern)
-		}
-	}
-	require.Equal(t, []string{"^encrypt/" + framework.GenericNameRegex("name") + "$"}, withCheck,
-		"a route gained an existence check: make sure it reads only the path, then add it to existenceCheckIgnoresBody")
-	require.True(t, existenceCheckIgnoresBody("encrypt/my-key"))
-	for _, p := range []string{"encrypt/", "encrypt/a/b", "keys/a", "decrypt/a", "xencrypt/a"} {
-		require.False(t, existenceCheckIgnoresBody(p), p)
-	}
-
 	e.mustWrite(t, "keys/present", nil)
-	ctx := context.Background()
 	for _, name := range []string{"present", "absent"} {
-		for _, body := range []map[string]interface{}{
-			{"plaintext": b64("x")},
-			{"batch_input": []interface{}{map[string]interface{}{"plaintext": b64("x")}}},
-			{"plaintext": b64("x"), "key_version": "not a number"},
+		for _, body := range []string{
+			`{"plaintext":"eA==","reference":"` + strings.Repeat("r", 1100) + `"}`,
+			`{"batch_input":[{"plaintext":"eA=="}],"pad":"` + strings.Repeat("p", 1100) + `"}`,
+			`{"plaintext":"eA==","key_version":"not a number","pad":"` + strings.Repeat("p", 1100) + `"}`,
 		} {
-			full := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/" + name, Data: body, Storage: e.storage}
-			empty := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/" + name, Data: map[string]interface{}{}, Storage: e.storage}
-			f1, x1, err1 := e.b.HandleExistenceCheck(ctx, full)
-			f2, x2, err2 := e.b.HandleExistenceCheck(ctx, empty)
-			require.NoError(t, err2)
-			require.True(t, f2)
-			require.Equal(t, name == "present", x2)
-			if err1 == nil {
-				require.Equal(t, []bool{f1, x1}, []bool{f2, x2}, "%s %v", name, body)
+			data, _ := stdDecode(body)
+			stock := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/" + name, Data: data, Storage: e.storage}
+			f1, x1, err1 := e.b.HandleExistenceCheck(context.Background(), stock)
+
+			args := &pb.HandleExistenceCheckArgs{Request: &pb.Request{Path: "encrypt/" + name, Data: body}}
+			ctx, _ := intercept(t, pb.Backend_HandleExistenceCheck_FullMethodName, args)
+			require.Equal(t, emptyBody, args.Request.Data)
+			fast := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/" + name, Data: map[string]interface{}{}, Storage: e.storage}
+			f2, x2, err2 := e.b.HandleExistenceCheck(ctx, fast)
+
+			require.Equal(t, []bool{f1, x1}, []bool{f2, x2}, "%s %.60s", name, body)
+			require.Equal(t, fmt.Sprint(err1), fmt.Sprint(err2), "%s %.60s", name, body)
+			if strings.Contains(body, "not a number") {
+				require.Error(t, err2, "the framework validates the body in the existence check")
 			} else {
-				// The body check the existence check did is
-				// still done by the handler: still a 400.
-				req := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/" + name, Data: body, Storage: e.storage}
-				if !x2 {
-					req.Operation = logical.CreateOperation
-				}
-				resp, err := e.b.HandleRequest(ctx, req)
-				require.Equal(t, 400, toResult(t, req, resp, err).status, "%s %v: %v", name, body, err1)
+				require.NoError(t, err2)
+				require.True(t, f2)
+				require.Equal(t, name == "present", x2)
 			}
 		}
 	}

@@ -114,6 +114,8 @@ var diffSession = []step{
 	// Batches. A body of 1 KiB or more is decoded by the plugin's fast path
 	// (grpc_fastpath.go); the smaller ones by the SDK.
 	{method: "POST", path: "encrypt/aes", body: largeBatch(40, 7), capture: map[string]string{"lct": "batch_results.39.ciphertext"}},
+	{method: "POST", path: "encrypt/aes", body: withField(largeBatch(20, -1), "key_version", "not a number")},
+	{method: "POST", path: "encrypt/new-from-large-batch", body: withField(largeBatch(20, -1), "key_version", "not a number")},
 	{method: "POST", path: "decrypt/aes", body: map[string]interface{}{"partial_failure_response_code": 207, "batch_input": append(largeBatch(30, -1)["batch_input"].([]interface{}),
 		map[string]interface{}{"ciphertext": "{{lct}}", "reference": "last", "key_version": 1.0})}},
 	{method: "POST", path: "encrypt/aes", body: map[string]interface{}{"batch_input": []interface{}{
@@ -518,4 +520,9 @@ func largeBatch(n, bad int) map[string]interface{} {
 		items[i] = map[string]interface{}{"plaintext": pt, "ciphertext": pt, "reference": fmt.Sprint("ref-", i)}
 	}
 	return map[string]interface{}{"batch_input": items, "partial_failure_response_code": 207}
+}
+
+func withField(body map[string]interface{}, k string, v interface{}) map[string]interface{} {
+	body[k] = v
+	return body
 }

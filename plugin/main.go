@@ -38,8 +38,10 @@ func main() {
 	}
 }
 
-// serve does what the SDK's plugin.ServeMultiplex does (the same protocol
-// versions, multiplexing, message size limits and handshake), and adds
+// serve does what the SDK's plugin.ServeMultiplex does, as of
+// github.com/hashicorp/vault/sdk v0.20.0 (the same protocol versions,
+// multiplexing, logger, message size limits, mlock and handshake): check it
+// against sdk/plugin/serve.go when the SDK is upgraded. It adds
 // hsmtransit.GRPCUnaryInterceptor to the gRPC server, which ServeMultiplex
 // has no option for.
 func serve(tlsProvider plugin.TLSProviderFunc) error {
