@@ -314,6 +314,8 @@ type sample struct {
 	elapsed   time.Duration
 	latencies []time.Duration
 	cpu       cpuSplit
+	// rounds is the requests/s of each round, in order.
+	rounds []float64
 }
 
 // result aggregates a load on a mount over the rounds.
@@ -324,6 +326,7 @@ type result struct {
 	elapsed     time.Duration
 	p50, p99    time.Duration
 	cpu         cpuSplit
+	rounds      []float64
 }
 
 func (r result) rps() float64         { return float64(r.requests) / r.elapsed.Seconds() }
@@ -421,6 +424,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 				raw.requests += s.requests
 				raw.elapsed += s.elapsed
 				raw.cpu += s.cpu.client
+				raw.rounds = append(raw.rounds, float64(s.requests)/s.elapsed.Seconds())
 				fmt.Fprintf(os.Stderr, "round %d: %-36s %-8s %8.0f ops/s\n", round+1, "raw PKCS#11 C_Encrypt loop", "-", float64(s.requests)/s.elapsed.Seconds())
 			}
 			for _, m := range order {
@@ -436,6 +440,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 				acc[key].elapsed += s.elapsed
 				acc[key].latencies = append(acc[key].latencies, s.latencies...)
 				acc[key].cpu = acc[key].cpu.add(s.cpu)
+				acc[key].rounds = append(acc[key].rounds, float64(s.requests)/s.elapsed.Seconds())
 				fmt.Fprintf(os.Stderr, "round %d: %-36s %-8s %8.0f req/s\n", round+1, l.name, m, float64(s.requests)/s.elapsed.Seconds())
 			}
 		}
@@ -448,7 +453,7 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 			out = append(out, result{
 				load: l.name, mount: m, items: l.items, requests: s.requests, elapsed: s.elapsed,
 				p50: percentile(s.latencies, 0.50), p99: percentile(s.latencies, 0.99),
-				cpu: s.cpu,
+				cpu: s.cpu, rounds: s.rounds,
 			})
 		}
 	}

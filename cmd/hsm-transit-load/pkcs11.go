@@ -24,6 +24,8 @@ type rawResult struct {
 	// cpu is this process's CPU time during the loop: the loop and the
 	// PKCS#11 module (SoftHSM2 runs in the caller's process).
 	cpu time.Duration
+	// rounds is the operations/s of each round.
+	rounds []float64
 }
 
 func (r rawResult) rps() float64 { return float64(r.requests) / r.elapsed.Seconds() }

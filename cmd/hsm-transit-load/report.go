@@ -62,12 +62,12 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Targets:")
 	fmt.Fprintln(w)
-	target := func(what string, got float64, want float64) {
+	target := func(what string, got float64, want float64, a, b []float64) {
 		mark := "met"
 		if got < want {
 			mark = "NOT met"
 		}
-		fmt.Fprintf(w, "- %s: %.2fx (target %.2fx): %s\n", what, got, want, mark)
+		fmt.Fprintf(w, "- %s: %.2fx (target %.2fx): %s%s\n", what, got, want, mark, roundRange(a, b))
 	}
 	for _, t := range []struct {
 		load, against, what string
@@ -83,7 +83,7 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 		o, ok2 := find(results, t.load, t.against)
 		if ok1 && ok2 {
 			if t.items {
-				target(t.what, p.itemsPerSec()/o.itemsPerSec(), t.want)
+				target(t.what, p.itemsPerSec()/o.itemsPerSec(), t.want, p.rounds, o.rounds)
 				if f, ok := find(results, t.load, "floor"); ok {
 					fmt.Fprintf(w, "  - the floor plugin (the SDK's boundary, no other work) reached %.2fx\n", f.itemsPerSec()/o.itemsPerSec())
 				}
@@ -93,12 +93,12 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 						c, perItem(o, o.cpu.total()), perItem(o, o.cpu.total())/c)
 				}
 			} else {
-				target(t.what, p.rps()/o.rps(), t.want)
+				target(t.what, p.rps()/o.rps(), t.want, p.rounds, o.rounds)
 			}
 		}
 	}
 	if p, ok := find(results, "HSM-resident key: encrypt, batch of 1000", "plugin"); ok && raw.requests > 0 {
-		target("HSM-resident key, batches of 1000 (the pool's 16 HSM sessions), items/s vs a raw PKCS#11 C_Encrypt loop on 16 sessions", p.itemsPerSec()/raw.rps(), 0.8)
+		target("HSM-resident key, batches of 1000 (the pool's 16 HSM sessions), items/s vs a raw PKCS#11 C_Encrypt loop on 16 sessions", p.itemsPerSec()/raw.rps(), 0.8, scale(p.rounds, float64(p.items)), raw.rounds)
 		if raw.cpu > 0 {
 			hsmOp := float64(raw.cpu.Microseconds()) / float64(raw.requests)
 			c := perItem(p, p.cpu.vault+p.cpu.client)
@@ -144,6 +144,28 @@ func writeCPU(w io.Writer, loads []string, results []result, raw rawResult) {
 			us(raw.cpu, raw.requests), us(raw.cpu, raw.requests), raw.cpu.Seconds()/raw.elapsed.Seconds())
 	}
 	fmt.Fprintln(w)
+}
+
+// roundRange gives the lowest and highest ratio of one round's rate to the
+// peer's in the same round, a measure of the run's noise.
+func roundRange(a, b []float64) string {
+	if len(a) < 2 || len(a) != len(b) {
+		return ""
+	}
+	lo, hi := a[0]/b[0], a[0]/b[0]
+	for i := range a {
+		r := a[i] / b[i]
+		lo, hi = min(lo, r), max(hi, r)
+	}
+	return fmt.Sprintf(" (rounds: %.2fx to %.2fx)", lo, hi)
+}
+
+func scale(v []float64, k float64) []float64 {
+	out := make([]float64, len(v))
+	for i := range v {
+		out[i] = v[i] * k
+	}
+	return out
 }
 
 // perItem is CPU time per item of a result, in microseconds.
