@@ -99,21 +99,15 @@ func intercept(t *testing.T, method string, msg interface{}) (context.Context, i
 func TestInterceptorHandsTheDecodedBodyToTheBackend(t *testing.T) {
 	body := `{"batch_input":[` + strings.Repeat(`{"plaintext":"aGVsbG8gd29ybGQ="},`, 99) + `{"plaintext":""}]}`
 	want, _ := stdDecode(body)
-	for _, tc := range []struct {
-		method string
-		msg    interface{}
-		req    *pb.Request
-	}{
-		{pb.Backend_HandleRequest_FullMethodName, nil, &pb.Request{Path: "encrypt/k", Data: body}},
-		{pb.Backend_HandleExistenceCheck_FullMethodName, nil, &pb.Request{Path: "encrypt/k", Data: body}},
-	} {
-		var msg interface{} = &pb.HandleRequestArgs{Request: tc.req}
-		if tc.method == pb.Backend_HandleExistenceCheck_FullMethodName {
-			msg = &pb.HandleExistenceCheckArgs{Request: tc.req}
+	for _, method := range []string{pb.Backend_HandleRequest_FullMethodName, pb.Backend_HandleExistenceCheck_FullMethodName} {
+		req := &pb.Request{Path: "encrypt/k", Data: body}
+		var msg interface{} = &pb.HandleRequestArgs{Request: req}
+		if method == pb.Backend_HandleExistenceCheck_FullMethodName {
+			msg = &pb.HandleExistenceCheckArgs{Request: req}
 		}
-		ctx, got := intercept(t, tc.method, msg)
+		ctx, got := intercept(t, method, msg)
 		require.Same(t, msg, got)
-		require.Equal(t, emptyBody, tc.req.Data)
+		require.Equal(t, emptyBody, req.Data)
 		require.Equal(t, want, ctx.Value(decodedBodyKey{}))
 	}
 

@@ -55,10 +55,10 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 				l, mountName(m), r.rps(), r.itemsPerSec(), ms(r.p50), ms(r.p99), vb, vf)
 		}
 	}
-	writeCPU(w, loads, results, raw)
 	if raw.requests > 0 {
 		fmt.Fprintf(w, "| raw PKCS#11 C_Encrypt loop, %d workers | (no Vault) | %.0f | %.0f | - | - | - | - |\n", raw.workers, raw.rps(), raw.rps())
 	}
+	writeCPU(w, loads, results, raw)
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Targets:")
 	fmt.Fprintln(w)
@@ -100,7 +100,7 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 	if p, ok := find(results, "HSM-resident key: encrypt, batch of 1000", "plugin"); ok && raw.requests > 0 {
 		target("HSM-resident key, batches of 1000 (the pool's 16 HSM sessions), items/s vs a raw PKCS#11 C_Encrypt loop on 16 sessions", p.itemsPerSec()/raw.rps(), 0.8, scale(p.rounds, float64(p.items)), raw.rounds)
 		if raw.cpu > 0 {
-			hsmOp := float64(raw.cpu.Microseconds()) / float64(raw.requests)
+			hsmOp := microsPer(raw.cpu, raw.requests)
 			c := perItem(p, p.cpu.vault+p.cpu.client)
 			fmt.Fprintf(w, "  - bound: the raw loop used %.1f µs of CPU per operation, Vault and the clients %.1f µs per item on this load; "+
 				"so at the loop's CPU use a plugin adding nothing to the token's work would reach %.2fx\n", hsmOp, c, hsmOp/(hsmOp+c))
@@ -121,29 +121,21 @@ func writeCPU(w io.Writer, loads []string, results []result, raw rawResult) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "| load | mount | Vault | plugin | load tool | total | cores busy |")
 	fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-	us := func(d time.Duration, items int) string {
-		if items == 0 {
-			return "-"
-		}
-		return fmt.Sprintf("%.1f", float64(d.Microseconds())/float64(items))
-	}
 	for _, l := range loads {
 		for _, m := range []string{"builtin", "floor", "plugin"} {
 			r, ok := find(results, l, m)
 			if !ok {
 				continue
 			}
-			n := r.requests * r.items
-			fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.2f |\n", l, mountName(m),
-				us(r.cpu.vault, n), us(r.cpu.plugins, n), us(r.cpu.client, n),
-				us(r.cpu.total(), n), r.cpu.total().Seconds()/r.elapsed.Seconds())
+			fmt.Fprintf(w, "| %s | %s | %.1f | %.1f | %.1f | %.1f | %.2f |\n", l, mountName(m),
+				perItem(r, r.cpu.vault), perItem(r, r.cpu.plugins), perItem(r, r.cpu.client),
+				perItem(r, r.cpu.total()), r.cpu.total().Seconds()/r.elapsed.Seconds())
 		}
 	}
 	if raw.requests > 0 {
-		fmt.Fprintf(w, "| raw PKCS#11 C_Encrypt loop, %d workers | (no Vault; SoftHSM2 in the load tool) | - | - | %s | %s | %.2f |\n", raw.workers,
-			us(raw.cpu, raw.requests), us(raw.cpu, raw.requests), raw.cpu.Seconds()/raw.elapsed.Seconds())
+		fmt.Fprintf(w, "| raw PKCS#11 C_Encrypt loop, %d workers | (no Vault; SoftHSM2 in the load tool) | - | - | %.1f | %.1f | %.2f |\n", raw.workers,
+			microsPer(raw.cpu, raw.requests), microsPer(raw.cpu, raw.requests), raw.cpu.Seconds()/raw.elapsed.Seconds())
 	}
-	fmt.Fprintln(w)
 }
 
 // roundRange gives the lowest and highest ratio of one round's rate to the
@@ -169,8 +161,10 @@ func scale(v []float64, k float64) []float64 {
 }
 
 // perItem is CPU time per item of a result, in microseconds.
-func perItem(r result, d time.Duration) float64 {
-	n := r.requests * r.items
+func perItem(r result, d time.Duration) float64 { return microsPer(d, r.requests*r.items) }
+
+// microsPer is d/n in microseconds, 0 when n is.
+func microsPer(d time.Duration, n int) float64 {
 	if n == 0 {
 		return 0
 	}
