@@ -1,7 +1,7 @@
 // Package hsm is hsm-transit's access to a PKCS#11 token: one module per
-// library per process, shared tokens with a bounded session pool and a single
-// login, AES keys kept in the token, AES-GCM inside it, and its random
-// generator.
+// library file per process, shared connections to tokens with a bounded
+// session pool and a single login, a bound on failed logins, AES keys kept in
+// the token, AES-GCM inside it, and its random generator.
 package hsm
 
 import (
@@ -20,6 +20,8 @@ const (
 	Unavailable Kind = iota + 1
 	// Credentials: the PIN was refused or the user is locked. Retrying
 	// would lock the token: nothing is retried until the PIN changes.
+	// Also a login refused because the token had too many failed logins
+	// lately (IsLoginLimited), which may be tried again later.
 	Credentials
 	// NotFound: the named key is not in the token.
 	NotFound
@@ -69,6 +71,25 @@ func KindOf(err error) Kind {
 
 // IsUnavailable reports a transient failure.
 func IsUnavailable(err error) bool { return KindOf(err) == Unavailable }
+
+// IsTokenNotFound reports an Unavailable failure because what the
+// configuration names is not there: no token with that label, no token in
+// that slot, a library that cannot be loaded. For a configuration in use it
+// is transient (the token may come back); for a new configuration it most
+// likely names something that does not exist.
+func IsTokenNotFound(err error) bool {
+	var a *absentError
+	return KindOf(err) == Unavailable && errors.As(err, &a)
+}
+
+// absentError marks the failures IsTokenNotFound reports.
+type absentError struct{ err error }
+
+func absent(err error) error { return &absentError{err} }
+
+func (e *absentError) Error() string { return e.err.Error() }
+
+func (e *absentError) Unwrap() error { return e.err }
 
 func newError(kind Kind, op string, err error) *Error {
 	return &Error{Kind: kind, Op: op, Err: err}
@@ -122,7 +143,9 @@ func needsReconnect(err error) bool {
 
 // needsRescan reports failures after which the module itself must be
 // finalised and initialised again: some tokens (SoftHSM2 among them) list
-// their slots only at C_Initialize.
+// their slots only at C_Initialize. CKR_GENERAL_ERROR is not one: SoftHSM2
+// answers it to a ciphertext that does not authenticate, among others, and
+// anyone who can configure a mount could finalise the module at will.
 func needsRescan(err error) bool {
 	var rv pkcs11.Error
 	if !errors.As(err, &rv) {
@@ -130,8 +153,7 @@ func needsRescan(err error) bool {
 	}
 	switch rv {
 	case pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_DEVICE_REMOVED,
-		pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_SLOT_ID_INVALID, pkcs11.CKR_GENERAL_ERROR,
-		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED:
+		pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_SLOT_ID_INVALID, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED:
 		return true
 	}
 	return false

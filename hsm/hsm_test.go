@@ -2,6 +2,8 @@ package hsm
 
 import (
 	"bytes"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -37,6 +39,10 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	softhsmLib = lib
+	// Tests make many tokens; SoftHSM2 sees only the first one made after
+	// C_Initialize, and the tests do not wait for the spacing of rescans
+	// (TestRescansAreSpaced checks it).
+	minRescanInterval = 0
 	dir, err := os.MkdirTemp("", "hsm-test-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -51,6 +57,25 @@ func runTests(m *testing.M) int {
 	return m.Run()
 }
 
+// uniqueLabel returns prefix with a random suffix: the tokens live as long
+// as the test process, which runs each test -count times.
+func uniqueLabel(prefix string) string {
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return prefix + "-" + hex.EncodeToString(b)
+}
+
+// newTestToken initialises a token of its own for a test that changes the
+// token's state (its login, its failed logins, its presence).
+func newTestToken(t *testing.T) string {
+	t.Helper()
+	label := uniqueLabel("t")
+	require.NoError(t, softhsm.InitToken(softhsmConf, label, testPIN))
+	return label
+}
+
 func openToken(t *testing.T, label, pin string) *Token {
 	t.Helper()
 	tok, err := Open(Config{Library: softhsmLib, TokenLabel: label, PIN: pin})
@@ -61,25 +86,27 @@ func openToken(t *testing.T, label, pin string) *Token {
 
 func TestKEKGenerateAndAttributes(t *testing.T) {
 	tok := openToken(t, "token-a", testPIN)
-	has, err := tok.HasKey("kek-attrs")
+	kek := uniqueLabel("kek-attrs")
+	has, err := tok.HasKey(kek)
 	require.NoError(t, err)
 	require.False(t, has)
-	require.NoError(t, tok.GenerateKey("kek-attrs"))
-	has, err = tok.HasKey("kek-attrs")
+	require.NoError(t, tok.GenerateKey(kek))
+	has, err = tok.HasKey(kek)
 	require.NoError(t, err)
 	require.True(t, has)
 
-	attrs, err := tok.Attributes("kek-attrs")
+	attrs, err := tok.Attributes(kek)
 	require.NoError(t, err)
 	require.Equal(t, KeyAttributes{Sensitive: true, Extractable: false, NeverExtractable: true, Token: true}, attrs)
 
-	err = tok.GenerateKey("kek-attrs")
+	err = tok.GenerateKey(kek)
 	require.Equal(t, Configuration, KindOf(err), "a second key with the same label is refused: %v", err)
 }
 
 func TestSealUnsealRoundTrip(t *testing.T) {
 	tok := openToken(t, "token-a", testPIN)
-	require.NoError(t, tok.GenerateKey("kek-roundtrip"))
+	kek := uniqueLabel("kek-roundtrip")
+	require.NoError(t, tok.GenerateKey(kek))
 	root, err := tok.Random(32)
 	require.NoError(t, err)
 	require.Len(t, root, 32)
@@ -88,22 +115,22 @@ func TestSealUnsealRoundTrip(t *testing.T) {
 	require.NotEqual(t, root, other)
 
 	aad := []byte("mount-1234")
-	sealed, err := tok.EncryptGCM("kek-roundtrip", root, aad)
+	sealed, err := tok.EncryptGCM(kek, root, aad)
 	require.NoError(t, err)
 	require.Len(t, sealed, GCMNonceSize+32+GCMTagSize)
 	require.False(t, bytes.Contains(sealed, root))
 
-	opened, err := tok.DecryptGCM("kek-roundtrip", sealed, aad)
+	opened, err := tok.DecryptGCM(kek, sealed, aad)
 	require.NoError(t, err)
 	require.Equal(t, root, opened)
 
-	_, err = tok.DecryptGCM("kek-roundtrip", sealed, []byte("mount-9999"))
+	_, err = tok.DecryptGCM(kek, sealed, []byte("mount-9999"))
 	require.Equal(t, Failed, KindOf(err), "the AAD binds the mount: %v", err)
 	tampered := append([]byte{}, sealed...)
 	tampered[20] ^= 1
-	_, err = tok.DecryptGCM("kek-roundtrip", tampered, aad)
+	_, err = tok.DecryptGCM(kek, tampered, aad)
 	require.Equal(t, Failed, KindOf(err), "%v", err)
-	_, err = tok.DecryptGCM("kek-roundtrip", sealed[:10], aad)
+	_, err = tok.DecryptGCM(kek, sealed[:10], aad)
 	require.Equal(t, Failed, KindOf(err))
 }
 
@@ -117,50 +144,52 @@ func TestMissingKEK(t *testing.T) {
 
 func TestKEKRotationBetweenLabels(t *testing.T) {
 	tok := openToken(t, "token-a", testPIN)
-	require.NoError(t, tok.GenerateKey("kek-old"))
-	require.NoError(t, tok.GenerateKey("kek-new"))
+	prefix := uniqueLabel("kek") + "-"
+	kekOld, kekNew := prefix+"old", prefix+"new"
+	require.NoError(t, tok.GenerateKey(kekOld))
+	require.NoError(t, tok.GenerateKey(kekNew))
 	secret := []byte("root key bytes, 32 of them......")
-	underOld, err := tok.EncryptGCM("kek-old", secret, nil)
+	underOld, err := tok.EncryptGCM(kekOld, secret, nil)
 	require.NoError(t, err)
 
 	// Re-seal: open under the old KEK, seal under the new one.
-	opened, err := tok.DecryptGCM("kek-old", underOld, nil)
+	opened, err := tok.DecryptGCM(kekOld, underOld, nil)
 	require.NoError(t, err)
-	underNew, err := tok.EncryptGCM("kek-new", opened, nil)
+	underNew, err := tok.EncryptGCM(kekNew, opened, nil)
 	require.NoError(t, err)
-	_, err = tok.DecryptGCM("kek-old", underNew, nil)
+	_, err = tok.DecryptGCM(kekOld, underNew, nil)
 	require.Error(t, err, "the old KEK cannot open what the new one sealed")
-	got, err := tok.DecryptGCM("kek-new", underNew, nil)
+	got, err := tok.DecryptGCM(kekNew, underNew, nil)
 	require.NoError(t, err)
 	require.Equal(t, secret, got)
 
-	require.NoError(t, tok.DestroyKey("kek-old"))
-	has, err := tok.HasKey("kek-old")
+	require.NoError(t, tok.DestroyKey(kekOld))
+	has, err := tok.HasKey(kekOld)
 	require.NoError(t, err)
 	require.False(t, has)
-	labels, err := tok.KeyLabels("kek-")
+	labels, err := tok.KeyLabels(prefix)
 	require.NoError(t, err)
-	require.Contains(t, labels, "kek-new")
-	require.NotContains(t, labels, "kek-old")
+	require.Equal(t, []string{kekNew}, labels)
 }
 
 func TestWrongPINIsNotRetried(t *testing.T) {
-	tok := openToken(t, "token-b", "0000")
+	label := newTestToken(t)
+	tok := openToken(t, label, "0000")
 	for i := 0; i < 5; i++ {
 		_, err := tok.Random(8)
 		require.Equal(t, Credentials, KindOf(err), "%v", err)
 		require.Contains(t, err.Error(), "PIN refused")
 	}
-	require.Equal(t, 1, tok.loginAttempts(), "one refused login, then the error is sticky")
+	require.Equal(t, 1, tok.conn.loginAttempts(), "one refused login, then the error is sticky")
 
 	// The right PIN is another Token and works.
-	good := openToken(t, "token-b", testPIN)
+	good := openToken(t, label, testPIN)
 	_, err := good.Random(8)
 	require.NoError(t, err)
 
 	// Once logged in with the right PIN, another PIN is refused without
 	// asking the token (which would answer "already logged in").
-	other := openToken(t, "token-b", "9999")
+	other := openToken(t, label, "9999")
 	_, err = other.Random(8)
 	require.Equal(t, Credentials, KindOf(err), "%v", err)
 }
@@ -168,8 +197,19 @@ func TestWrongPINIsNotRetried(t *testing.T) {
 func TestTokensAreSharedAndBounded(t *testing.T) {
 	a1 := openToken(t, "token-a", testPIN)
 	a2 := openToken(t, "token-a", testPIN)
-	require.Same(t, a1, a2, "one token per library, token and PIN in a process")
-	require.Equal(t, DefaultMaxSessions, cap(a1.inUse))
+	require.NotSame(t, a1, a2, "one handle per Open")
+	require.Same(t, a1.conn, a2.conn, "one connection per library, token and PIN in a process")
+	require.Equal(t, DefaultMaxSessions, cap(a1.conn.inUse))
+	a3, err := Open(Config{Library: softhsmLib, TokenLabel: "token-a", PIN: testPIN})
+	require.NoError(t, err)
+	a3.Close()
+	a3.Close() // harmless: it does not release the others' reference
+	_, err = a1.Random(4)
+	require.NoError(t, err)
+	tokens.Lock()
+	refs := a1.conn.refs
+	tokens.Unlock()
+	require.Equal(t, 2, refs)
 }
 
 func TestConfigurationRefused(t *testing.T) {
@@ -210,8 +250,9 @@ func TestUnknownTokenIsUnavailable(t *testing.T) {
 func TestConcurrentUseOfTwoTokens(t *testing.T) {
 	a := openToken(t, "token-a", testPIN)
 	b := openToken(t, "token-b", testPIN)
-	require.NoError(t, a.GenerateKey("kek-conc"))
-	require.NoError(t, b.GenerateKey("kek-conc"))
+	kek := uniqueLabel("kek-conc")
+	require.NoError(t, a.GenerateKey(kek))
+	require.NoError(t, b.GenerateKey(kek))
 	var wg sync.WaitGroup
 	errs := make(chan error, 200)
 	for i := 0; i < 100; i++ {
@@ -220,12 +261,12 @@ func TestConcurrentUseOfTwoTokens(t *testing.T) {
 			go func(tok *Token, i int) {
 				defer wg.Done()
 				msg := []byte(fmt.Sprintf("message %d", i))
-				ct, err := tok.EncryptGCM("kek-conc", msg, []byte("aad"))
+				ct, err := tok.EncryptGCM(kek, msg, []byte("aad"))
 				if err != nil {
 					errs <- err
 					return
 				}
-				pt, err := tok.DecryptGCM("kek-conc", ct, []byte("aad"))
+				pt, err := tok.DecryptGCM(kek, ct, []byte("aad"))
 				if err != nil {
 					errs <- err
 					return
@@ -241,22 +282,22 @@ func TestConcurrentUseOfTwoTokens(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	require.LessOrEqual(t, len(a.idle), DefaultMaxSessions, "sessions stay bounded")
+	a.conn.mu.Lock()
+	defer a.conn.mu.Unlock()
+	require.LessOrEqual(t, len(a.conn.idle), DefaultMaxSessions, "sessions stay bounded")
 }
 
 // TestTokenRemovedAndRestored takes the token directory away while the
 // token is in use: operations fail as unavailable, then work again once it
 // is back, on the same Token, with no reconfiguration.
 func TestTokenRemovedAndRestored(t *testing.T) {
-	require.NoError(t, softhsm.InitToken(softhsmConf, "token-outage", testPIN))
-	tok := openToken(t, "token-outage", testPIN)
+	label := newTestToken(t)
+	tok := openToken(t, label, testPIN)
 	require.NoError(t, tok.GenerateKey("kek-outage"))
 	sealed, err := tok.EncryptGCM("kek-outage", []byte("survives"), nil)
 	require.NoError(t, err)
 
-	dir, err := softhsm.TokenDir(softhsmConf, "token-outage")
+	dir, err := softhsm.TokenDir(softhsmConf, label)
 	require.NoError(t, err)
 	aside := filepath.Join(filepath.Dir(tokenDir), "aside-"+filepath.Base(dir))
 	require.NoError(t, os.Rename(dir, aside))

@@ -3,95 +3,80 @@ package hsm
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
 
-// LibrariesEnv names the environment variable with the colon-separated
-// PKCS#11 libraries the plugin may load. The operator sets it when
-// registering the plugin (vault plugin register -env ...); the API can never
-// widen it.
-const LibrariesEnv = "HSM_TRANSIT_PKCS11_LIBRARIES"
+// minRescanInterval spaces the finalisations that make a module list its
+// slots anew. Anyone who can configure a mount can ask for one (by naming a
+// token that is not there), and each one stops every mount of the library
+// while it runs and makes them all log in again.
+var minRescanInterval = time.Second
 
-// defaultLibraries are SoftHSM2's paths on Debian and Ubuntu, allowed when
-// LibrariesEnv is not set.
-var defaultLibraries = []string{
-	"/usr/lib/softhsm/libsofthsm2.so",
-	"/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-	"/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-}
-
-// AllowedLibraries returns the libraries this process may load.
-func AllowedLibraries() []string {
-	env := os.Getenv(LibrariesEnv)
-	if env == "" {
-		return defaultLibraries
-	}
-	var out []string
-	for _, p := range strings.Split(env, ":") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, filepath.Clean(p))
-		}
-	}
-	return out
-}
-
-// CheckLibrary refuses a library that is not on the allowlist. Paths are
-// compared exactly after cleaning, so that no relative path or symlink trick
-// turns the API into a way to load other code.
-func CheckLibrary(path string) error {
-	if path == "" {
-		return newError(Configuration, "load library", errors.New("library is required"))
-	}
-	if !filepath.IsAbs(path) {
-		return newError(Configuration, "load library", fmt.Errorf("library %q must be an absolute path", path))
-	}
-	clean := filepath.Clean(path)
-	for _, allowed := range AllowedLibraries() {
-		if clean == allowed {
-			return nil
-		}
-	}
-	return newError(Configuration, "load library", fmt.Errorf(
-		"library %q is not allowed; the operator allows libraries when registering the plugin with -env %s=/path/one.so:/path/two.so (allowed now: %s)",
-		path, LibrariesEnv, strings.Join(AllowedLibraries(), ":")))
-}
-
-// module is one PKCS#11 library loaded in this process. C_Initialize is
+// module is one PKCS#11 library file loaded in this process. C_Initialize is
 // called once and shared by every token and mount; the module is initialised
 // again only when a token vanished, so that its slots are listed anew.
 type module struct {
+	id   fileID
 	path string
+	refs int // guarded by modules
 
-	mu          sync.Mutex
+	// calls is held shared across every PKCS#11 call made with ctx, and
+	// exclusively to load, initialise, finalise or unload the library: a
+	// C_Finalize under another goroutine's C_Encrypt crashes the process.
+	// A goroutine takes the shared side once per operation (module.enter),
+	// never twice, and never while holding a Token's lock.
+	calls       sync.RWMutex
 	ctx         *pkcs11.Ctx
 	initialized bool
+	released    bool
 	// generation counts initialisations; handles and sessions from an
 	// older generation are void.
 	generation uint64
-	refs       int
+	lastReset  time.Time
+
+	// slotMu serialises C_OpenSession, C_CloseSession and C_Login with the
+	// bookkeeping in slots, so that it follows the library's own state.
+	slotMu sync.Mutex
+	// slots is reset with each initialisation.
+	slots map[uint]*slotState
+}
+
+// slotState mirrors the library's login state for a slot. PKCS#11 logs in
+// per process and token, not per session: a second C_Login answers "already
+// logged in" whatever PIN it carries, and the login lasts until the last
+// session of the slot is closed, whichever Token opened it.
+type slotState struct {
+	sessions int
+	loggedIn bool
+	// pin is the SHA-256 of the PIN of the login, so that a later login
+	// with another PIN is refused instead of joining it.
+	pin [32]byte
 }
 
 var modules = struct {
 	sync.Mutex
-	byPath map[string]*module
-}{byPath: map[string]*module{}}
+	byFile map[fileID]*module
+}{byFile: map[fileID]*module{}}
 
-// acquireModule returns the process's module for path, counting a reference.
-func acquireModule(path string) *module {
+// acquireModule returns the process's module for the library file at path
+// (canonical, from ResolveLibrary), counting a reference.
+func acquireModule(path string) (*module, error) {
+	id, err := identify(path)
+	if err != nil {
+		return nil, newError(Unavailable, "load library", absent(fmt.Errorf("cannot load PKCS#11 library %s: %w", path, err)))
+	}
 	modules.Lock()
 	defer modules.Unlock()
-	m, ok := modules.byPath[path]
+	m, ok := modules.byFile[id]
 	if !ok {
-		m = &module{path: path}
-		modules.byPath[path] = m
+		m = &module{id: id, path: path}
+		modules.byFile[id] = m
 	}
 	m.refs++
-	return m
+	return m, nil
 }
 
 // release drops a reference; the last one finalises and unloads the library.
@@ -102,9 +87,10 @@ func (m *module) release() {
 	if m.refs > 0 {
 		return
 	}
-	delete(modules.byPath, m.path)
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	delete(modules.byFile, m.id)
+	m.calls.Lock()
+	defer m.calls.Unlock()
+	m.released = true
 	if m.ctx != nil {
 		if m.initialized {
 			_ = m.ctx.Finalize()
@@ -112,41 +98,125 @@ func (m *module) release() {
 		m.ctx.Destroy()
 		m.ctx = nil
 		m.initialized = false
+		m.slots = nil
 	}
 }
 
-// ensure loads and initialises the library if needed, and returns it with
-// its generation.
-func (m *module) ensure() (*pkcs11.Ctx, uint64, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+// enter loads and initialises the library if needed and holds it
+// initialised, for PKCS#11 calls, until leave. It returns the generation
+// the calls belong to.
+func (m *module) enter() (*pkcs11.Ctx, uint64, error) {
+	for {
+		m.calls.RLock()
+		if m.initialized {
+			return m.ctx, m.generation, nil
+		}
+		m.calls.RUnlock()
+		if err := m.initialize(); err != nil {
+			return nil, 0, err
+		}
+		// Initialised; a reset may come first, hence the loop.
+	}
+}
+
+// enterIfReady is enter without initialising: ok is false (and nothing is
+// held) when the module is not initialised.
+func (m *module) enterIfReady() (ctx *pkcs11.Ctx, gen uint64, ok bool) {
+	m.calls.RLock()
+	if m.initialized {
+		return m.ctx, m.generation, true
+	}
+	m.calls.RUnlock()
+	return nil, 0, false
+}
+
+// leave ends what enter began.
+func (m *module) leave() { m.calls.RUnlock() }
+
+func (m *module) initialize() error {
+	m.calls.Lock()
+	defer m.calls.Unlock()
+	if m.released {
+		return newError(Unavailable, "load library", errors.New("the token was closed"))
+	}
+	if m.initialized {
+		return nil
+	}
 	if m.ctx == nil {
 		ctx := pkcs11.New(m.path)
 		if ctx == nil {
-			return nil, 0, newError(Unavailable, "load library", fmt.Errorf("cannot load PKCS#11 library %s", m.path))
+			return newError(Unavailable, "load library", absent(fmt.Errorf("cannot load PKCS#11 library %s", m.path)))
 		}
 		m.ctx = ctx
 	}
-	if !m.initialized {
-		err := m.ctx.Initialize()
-		var rv pkcs11.Error
-		if err != nil && !(errors.As(err, &rv) && rv == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-			return nil, 0, newError(Unavailable, "initialize", err)
-		}
-		m.initialized = true
-		m.generation++
+	err := m.ctx.Initialize()
+	var rv pkcs11.Error
+	if err != nil && !(errors.As(err, &rv) && rv == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+		return newError(Unavailable, "initialize", err)
 	}
-	return m.ctx, m.generation, nil
+	m.initialized = true
+	m.generation++
+	m.slots = map[uint]*slotState{}
+	return nil
 }
 
-// reset finalises the module so that the next ensure initialises it again,
-// unless another caller already did since generation gen.
-func (m *module) reset(gen uint64) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+// reset finalises the module so that the next enter initialises it again,
+// unless it was initialised again since generation gen or was finalised
+// less than minRescanInterval ago. It reports whether the slots will be
+// listed anew. The caller must not be between enter and leave: reset waits
+// for every call in flight.
+func (m *module) reset(gen uint64) bool {
+	m.calls.Lock()
+	defer m.calls.Unlock()
+	if m.released {
+		return false
+	}
 	if m.generation != gen || !m.initialized {
-		return
+		return true // someone else did
+	}
+	now := time.Now()
+	if now.Sub(m.lastReset) < minRescanInterval {
+		return false
 	}
 	_ = m.ctx.Finalize()
 	m.initialized = false
+	m.slots = nil
+	m.lastReset = now
+	return true
+}
+
+// slotLocked returns the state of slot; slotMu is held.
+func (m *module) slotLocked(slot uint) *slotState {
+	st, ok := m.slots[slot]
+	if !ok {
+		st = &slotState{}
+		m.slots[slot] = st
+	}
+	return st
+}
+
+// openSession opens a read-write session on slot, between enter and leave.
+func (m *module) openSession(ctx *pkcs11.Ctx, slot uint) (pkcs11.SessionHandle, error) {
+	m.slotMu.Lock()
+	defer m.slotMu.Unlock()
+	s, err := ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return 0, err
+	}
+	m.slotLocked(slot).sessions++
+	return s, nil
+}
+
+// closeSession closes a session openSession opened in the current
+// generation, between enter and leave. Closing the slot's last session logs
+// the process out of the token.
+func (m *module) closeSession(ctx *pkcs11.Ctx, slot uint, s pkcs11.SessionHandle) {
+	m.slotMu.Lock()
+	defer m.slotMu.Unlock()
+	// A session the library already voided is counted as closed too.
+	_ = ctx.CloseSession(s)
+	st := m.slotLocked(slot)
+	if st.sessions--; st.sessions <= 0 {
+		delete(m.slots, slot)
+	}
 }

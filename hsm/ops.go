@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strings"
@@ -35,7 +36,7 @@ func (t *Token) Random(n int) ([]byte, error) {
 // HasKey reports whether an AES key with the label is in the token.
 func (t *Token) HasKey(label string) (bool, error) {
 	err := t.do("find key", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
-		_, err := t.objectHandle(ctx, s, gen, label)
+		_, err := t.conn.objectHandle(ctx, s, gen, label)
 		return err
 	})
 	switch KindOf(err) {
@@ -48,11 +49,14 @@ func (t *Token) HasKey(label string) (bool, error) {
 }
 
 // GenerateKey makes an AES-256 key in the token: a token object, private,
-// sensitive and not extractable, usable only to encrypt and decrypt. It is
-// never retried, so that a failure cannot leave two keys with one label.
+// sensitive and not extractable, usable only to encrypt and decrypt, and
+// neither modifiable nor copyable, so that no session of the token's user
+// can later widen what it may do (make it a derivation base, say, whose
+// derived keys could be extractable). It is never retried, so that a failure
+// cannot leave two keys with one label.
 func (t *Token) GenerateKey(label string) error {
-	if label == "" {
-		return newError(Configuration, "generate key", errors.New("a key label is required"))
+	if err := CheckKeyLabel(label); err != nil {
+		return err
 	}
 	id := make([]byte, 16)
 	if _, err := rand.Read(id); err != nil {
@@ -66,34 +70,136 @@ func (t *Token) GenerateKey(label string) error {
 		if len(existing) > 0 {
 			return newError(Configuration, "generate key", fmt.Errorf("a key labelled %q already exists in token %s", label, t.Describe()))
 		}
-		h, err := ctx.GenerateKey(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-			pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-			pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-			pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}
+		tmpl := kekTemplate(label, id)
+		h, err := ctx.GenerateKey(s, mech, append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_COPYABLE, false)))
+		var rv pkcs11.Error
+		if errors.As(err, &rv) && rv == pkcs11.CKR_ATTRIBUTE_TYPE_INVALID {
+			// CKA_COPYABLE is PKCS#11 2.40; older tokens do not know it
+			// (nor C_CopyObject's use of it). The rest of the template
+			// was accepted, and is still required.
+			h, err = ctx.GenerateKey(s, mech, tmpl)
+		}
+		if err != nil {
+			return err
+		}
+		t.conn.remember(gen, label, h)
+		return nil
+	})
+}
+
+// kekTemplate is the template of the keys GenerateKey makes, but for
+// CKA_COPYABLE.
+func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, kekSize),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	}
+}
+
+// kekSize is the size of a KEK in bytes: AES-256.
+const kekSize = 32
+
+// CheckKEK refuses, with a Configuration error naming the attribute, a key
+// that should not be a KEK: not an AES-256 secret key, extractable or not
+// sensitive (its value can leave the token), usable to derive keys (a
+// derived key can be extractable), to wrap or unwrap (it can export other
+// keys, or import keys chosen by whoever holds a wrapped blob), or unable
+// to encrypt and decrypt. Modifiable and copyable keys are accepted: keys
+// made outside this plugin on real HSMs often are, and the checks above
+// read the attributes as they are now.
+func (t *Token) CheckKEK(label string) error {
+	const op = "check KEK"
+	return t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
+		h, err := t.conn.objectHandle(ctx, s, gen, label)
+		if KindOf(err) == NotFound {
+			// Say so when the label names an object of another kind.
+			others, ferr := findObjects(ctx, s, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+			})
+			if ferr == nil && len(others) > 0 {
+				return newError(Configuration, op, fmt.Errorf(
+					"the KEK %q is not a secret key (CKA_CLASS is not CKO_SECRET_KEY); use an AES-256 secret key", label))
+			}
+		}
+		if err != nil {
+			return err
+		}
+		refuse := func(format string, args ...any) error {
+			return newError(Configuration, op, fmt.Errorf("the KEK %q "+format, append([]any{label}, args...)...))
+		}
+		kt, err := ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil)})
+		if err != nil {
+			return err
+		}
+		if v, ok := attrUint(kt[0]); !ok || v != pkcs11.CKK_AES {
+			return refuse("is not an AES key (CKA_KEY_TYPE=0x%x); use an AES-256 key", v)
+		}
+		attrs, err := ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_DERIVE, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_WRAP, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, nil),
 		})
 		if err != nil {
 			return err
 		}
-		t.mu.Lock()
-		if t.gen == gen {
-			t.handles[label] = h
+		if n, ok := attrUint(attrs[0]); !ok || n != kekSize {
+			return refuse("is not AES-256 (CKA_VALUE_LEN=%d); use a 32-byte AES key", n)
 		}
-		t.mu.Unlock()
+		for _, c := range []struct {
+			attr       *pkcs11.Attribute
+			name, hint string
+			want       bool
+		}{
+			{attrs[1], "CKA_EXTRACTABLE", "is extractable", false},
+			{attrs[2], "CKA_SENSITIVE", "is not sensitive", true},
+			{attrs[3], "CKA_DERIVE", "can derive keys", false},
+			{attrs[4], "CKA_WRAP", "can wrap keys", false},
+			{attrs[5], "CKA_UNWRAP", "can unwrap keys", false},
+			{attrs[6], "CKA_ENCRYPT", "cannot encrypt", true},
+			{attrs[7], "CKA_DECRYPT", "cannot decrypt", true},
+		} {
+			if got := attrBool(c.attr); got != c.want {
+				return refuse("%s (%s=%t); use a key with %s=%t (as generated by this plugin)", c.hint, c.name, got, c.name, c.want)
+			}
+		}
 		return nil
 	})
+}
+
+// attrBool reads a CK_BBOOL attribute.
+func attrBool(a *pkcs11.Attribute) bool { return len(a.Value) == 1 && a.Value[0] != 0 }
+
+// attrUint reads a CK_ULONG attribute, in the platform's byte order.
+func attrUint(a *pkcs11.Attribute) (uint, bool) {
+	switch len(a.Value) {
+	case 4:
+		return uint(binary.NativeEndian.Uint32(a.Value)), true
+	case 8:
+		return uint(binary.NativeEndian.Uint64(a.Value)), true
+	}
+	return 0, false
 }
 
 // KeyAttributes are the security attributes of a key, for checks.
@@ -105,7 +211,7 @@ type KeyAttributes struct {
 func (t *Token) Attributes(label string) (KeyAttributes, error) {
 	var ka KeyAttributes
 	err := t.do("read key attributes", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
-		h, err := t.objectHandle(ctx, s, gen, label)
+		h, err := t.conn.objectHandle(ctx, s, gen, label)
 		if err != nil {
 			return err
 		}
@@ -118,8 +224,7 @@ func (t *Token) Attributes(label string) (KeyAttributes, error) {
 		if err != nil {
 			return err
 		}
-		flag := func(a *pkcs11.Attribute) bool { return len(a.Value) == 1 && a.Value[0] != 0 }
-		ka = KeyAttributes{flag(attrs[0]), flag(attrs[1]), flag(attrs[2]), flag(attrs[3])}
+		ka = KeyAttributes{attrBool(attrs[0]), attrBool(attrs[1]), attrBool(attrs[2]), attrBool(attrs[3])}
 		return nil
 	})
 	return ka, err
@@ -134,7 +239,7 @@ func (t *Token) EncryptGCM(label string, plaintext, aad []byte) ([]byte, error) 
 	}
 	var out []byte
 	err := t.do("encrypt", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
-		h, err := t.objectHandle(ctx, s, gen, label)
+		h, err := t.conn.objectHandle(ctx, s, gen, label)
 		if err != nil {
 			return err
 		}
@@ -160,7 +265,7 @@ func (t *Token) DecryptGCM(label string, sealed, aad []byte) ([]byte, error) {
 	}
 	var out []byte
 	err := t.do("decrypt", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
-		h, err := t.objectHandle(ctx, s, gen, label)
+		h, err := t.conn.objectHandle(ctx, s, gen, label)
 		if err != nil {
 			return err
 		}
@@ -191,7 +296,7 @@ func tokenStillThere(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) bool {
 // DestroyKey deletes the labelled key from the token; a missing key is
 // NotFound.
 func (t *Token) DestroyKey(label string) error {
-	defer t.forget(label)
+	defer t.conn.forget(label)
 	return t.do("destroy key", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
 		found, err := findSecretKeys(ctx, s, label)
 		if err != nil {

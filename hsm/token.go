@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
 )
@@ -28,18 +29,25 @@ type Config struct {
 	MaxSessions int
 }
 
-// validate checks what can be checked without loading anything.
-func (c Config) validate() error {
-	if err := CheckLibrary(c.Library); err != nil {
-		return err
+// validate checks what can be checked without loading anything, and
+// returns the library's canonical path.
+func (c Config) validate() (string, error) {
+	lib, err := ResolveLibrary(c.Library)
+	if err != nil {
+		return "", err
 	}
 	if (c.TokenLabel == "") == (c.Slot == nil) {
-		return newError(Configuration, "open token", errors.New("exactly one of token_label and slot is required"))
+		return "", newError(Configuration, "open token", errors.New("exactly one of token_label and slot is required"))
+	}
+	if c.Slot == nil {
+		if err := CheckTokenLabel(c.TokenLabel); err != nil {
+			return "", err
+		}
 	}
 	if c.PIN == "" {
-		return newError(Configuration, "open token", errors.New("a PIN is required"))
+		return "", newError(Configuration, "open token", errors.New("a PIN is required"))
 	}
-	return nil
+	return lib, nil
 }
 
 func (c Config) tokenName() string {
@@ -49,29 +57,39 @@ func (c Config) tokenName() string {
 	return strconv.Quote(c.TokenLabel)
 }
 
-// tokenKey identifies a shared Token: the same library, token and PIN.
+// tokenKey identifies a shared connection: the same library file, token and
+// PIN.
 type tokenKey struct {
-	library, token string
-	pin            [32]byte
+	file  fileID
+	token string
+	pin   [32]byte
 }
 
 var tokens = struct {
 	sync.Mutex
-	byKey map[tokenKey]*Token
-}{byKey: map[tokenKey]*Token{}}
+	byKey map[tokenKey]*connection
+}{byKey: map[tokenKey]*connection{}}
 
-// loggedIn records, per module and slot, a digest of the PIN this process
-// logged in with: PKCS#11 login is per process, so a second login attempt
-// answers "already logged in" whatever PIN it carries.
-var loggedIn = struct {
-	sync.Mutex
-	bySlot map[*module]map[uint][32]byte
-}{bySlot: map[*module]map[uint][32]byte{}}
+// loginCalls counts C_Login calls in the process, for tests.
+var loginCalls atomic.Int64
 
-// Token is a PKCS#11 token, logged in once and shared by every user of the
-// same library, token and PIN in this process. It connects lazily, keeps a
-// bounded pool of sessions, and connects again after the token went away.
+// Token is one user's handle on a PKCS#11 token. Handles with the same
+// library, token and PIN share one connection: one login and a bounded pool
+// of sessions, set up lazily and again after the token went away.
+//
+// A handle is admitted once: its first operation is a login attempt even
+// when it joins a connection already logged in, and is refused while the
+// token is over its bound of failed logins. Otherwise the shared login would
+// tell a PIN guess that is right (it works at once) from the wrong ones (the
+// bound refuses them) however many guesses were made.
 type Token struct {
+	conn     *connection
+	admitted atomic.Bool
+	closed   atomic.Bool
+}
+
+// connection is the state shared by the handles of one tokenKey.
+type connection struct {
 	cfg  Config
 	key  tokenKey
 	mod  *module
@@ -85,265 +103,365 @@ type Token struct {
 	// means not connected.
 	gen          uint64
 	slot         uint
+	limit        loginKey
 	loginSession pkcs11.SessionHandle
 	idle         []pkcs11.SessionHandle
 	handles      map[string]pkcs11.ObjectHandle
 	// credErr is sticky: a refused PIN is never tried again, so that the
 	// token does not lock itself.
 	credErr error
+	// verified is set once the token accepted the PIN: logging in again
+	// (after the module was initialised again) is not a guess, and is not
+	// held to the failed-login bound.
+	verified bool
+	closed   bool
 	// logins counts C_Login calls, for tests of that promise.
 	logins int
 }
 
-// Open returns the shared token for cfg. Nothing is loaded or logged in
-// until the first operation. Close releases it.
+// Open returns a handle on the token cfg names. Nothing is loaded or logged
+// in until the first operation. Close releases it.
 func Open(cfg Config) (*Token, error) {
-	if err := cfg.validate(); err != nil {
+	lib, err := cfg.validate()
+	if err != nil {
 		return nil, err
 	}
+	cfg.Library = lib
 	if cfg.MaxSessions <= 0 {
 		cfg.MaxSessions = DefaultMaxSessions
 	}
-	key := tokenKey{library: cfg.Library, token: cfg.tokenName(), pin: sha256.Sum256([]byte(cfg.PIN))}
 	tokens.Lock()
 	defer tokens.Unlock()
-	if t, ok := tokens.byKey[key]; ok {
-		t.refs++
-		return t, nil
+	mod, err := acquireModule(lib)
+	if err != nil {
+		return nil, err
 	}
-	t := &Token{
+	key := tokenKey{file: mod.id, token: cfg.tokenName(), pin: sha256.Sum256([]byte(cfg.PIN))}
+	if c, ok := tokens.byKey[key]; ok {
+		mod.release()
+		c.refs++
+		return &Token{conn: c}, nil
+	}
+	c := &connection{
 		cfg:   cfg,
 		key:   key,
-		mod:   acquireModule(cfg.Library),
+		mod:   mod,
 		refs:  1,
 		inUse: make(chan struct{}, cfg.MaxSessions),
 	}
-	tokens.byKey[key] = t
-	return t, nil
+	tokens.byKey[key] = c
+	return &Token{conn: c}, nil
 }
 
-// Close releases the token; the last user closes its sessions, which logs
-// it out.
+// Close releases the handle; the last handle of a connection closes its
+// sessions, which logs it out unless another connection to the token keeps
+// a session open. Closing twice is harmless.
 func (t *Token) Close() {
-	tokens.Lock()
-	defer tokens.Unlock()
-	t.refs--
-	if t.refs > 0 {
+	if !t.closed.CompareAndSwap(false, true) {
 		return
 	}
-	delete(tokens.byKey, t.key)
-	t.mu.Lock()
-	t.dropLocked(true)
-	t.mu.Unlock()
-	t.mod.release()
+	c := t.conn
+	tokens.Lock()
+	defer tokens.Unlock()
+	c.refs--
+	if c.refs > 0 {
+		return
+	}
+	delete(tokens.byKey, c.key)
+	if ctx, gen, ok := c.mod.enterIfReady(); ok {
+		c.mu.Lock()
+		c.dropLocked(ctx, gen)
+		c.closed = true
+		c.mu.Unlock()
+		c.mod.leave()
+	} else {
+		c.mu.Lock()
+		c.gen, c.idle, c.handles = 0, nil, nil
+		c.closed = true
+		c.mu.Unlock()
+	}
+	c.mod.release()
 }
 
 // Describe names the token for messages and status; it holds no secret.
-func (t *Token) Describe() string { return t.cfg.tokenName() }
+func (t *Token) Describe() string { return t.conn.cfg.tokenName() }
 
-// dropLocked forgets the connection; closing the sessions (and so logging
-// out) when close is set and they may still be valid.
-func (t *Token) dropLocked(close bool) {
-	if t.gen != 0 && close {
-		ctx, gen, err := t.mod.ensure()
-		if err == nil && gen == t.gen {
-			for _, s := range t.idle {
-				_ = ctx.CloseSession(s)
-			}
-			_ = ctx.CloseSession(t.loginSession)
+// dropLocked forgets the connection, closing its sessions when they belong
+// to gen, the current generation (the caller is between enter and leave).
+// Sessions handed out now are closed when they come back.
+func (c *connection) dropLocked(ctx *pkcs11.Ctx, gen uint64) {
+	if c.gen == gen && gen != 0 {
+		for _, s := range c.idle {
+			c.mod.closeSession(ctx, c.slot, s)
 		}
-		loggedIn.Lock()
-		delete(loggedIn.bySlot[t.mod], t.slot)
-		loggedIn.Unlock()
+		c.mod.closeSession(ctx, c.slot, c.loginSession)
 	}
-	t.gen = 0
-	t.idle = nil
-	t.handles = nil
+	c.gen = 0
+	c.idle = nil
+	c.handles = nil
 }
 
-// connectLocked makes sure the token is found and logged in for the
-// module's current generation.
-func (t *Token) connectLocked() (*pkcs11.Ctx, uint64, error) {
-	if t.credErr != nil {
-		return nil, 0, t.credErr
+// connectLocked makes sure the token is found and logged in for generation
+// gen. rescan says the module should list its slots anew.
+func (c *connection) connectLocked(ctx *pkcs11.Ctx, gen uint64) (rescan bool, err error) {
+	if c.closed {
+		return false, newError(Unavailable, "open token", errors.New("the token was closed"))
 	}
-	ctx, gen, err := t.mod.ensure()
-	if err != nil {
-		return nil, 0, err
+	if c.credErr != nil {
+		return false, c.credErr
 	}
-	if t.gen == gen {
-		return ctx, gen, nil
+	if c.gen == gen {
+		return false, nil
 	}
 	// A new generation voids every session and handle of the old one.
-	t.dropLocked(false)
+	c.dropLocked(ctx, gen)
 
-	slot, err := t.findSlot(ctx)
+	slot, limit, err := c.findSlot(ctx)
 	if err != nil {
-		if KindOf(err) == Unavailable {
-			// The token may come back: have the module list slots anew.
-			t.mod.reset(gen)
-		}
-		return nil, 0, err
+		// The token may come back: have the module list slots anew.
+		return KindOf(err) == Unavailable, err
 	}
-	s, err := ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	s, err := c.mod.openSession(ctx, slot)
 	if err != nil {
-		if needsRescan(err) {
-			t.mod.reset(gen)
-		}
-		return nil, 0, classify("open session", err)
+		return needsRescan(err), classify("open session", err)
 	}
-	if err := t.login(ctx, slot, s); err != nil {
-		_ = ctx.CloseSession(s)
-		if KindOf(err) == Credentials {
-			t.credErr = err
-		} else if needsRescan(err) {
-			t.mod.reset(gen)
-		}
-		return nil, 0, err
+	if err := c.login(ctx, slot, limit, s); err != nil {
+		c.mod.closeSession(ctx, slot, s)
+		return needsRescan(err), err
 	}
-	t.gen, t.slot, t.loginSession = gen, slot, s
-	t.handles = map[string]pkcs11.ObjectHandle{}
-	return ctx, gen, nil
+	c.gen, c.slot, c.limit, c.loginSession = gen, slot, limit, s
+	c.handles = map[string]pkcs11.ObjectHandle{}
+	return false, nil
 }
 
 // findSlot returns the slot of the configured token.
-func (t *Token) findSlot(ctx *pkcs11.Ctx) (uint, error) {
-	if t.cfg.Slot != nil {
-		if _, err := ctx.GetTokenInfo(*t.cfg.Slot); err != nil {
-			return 0, newError(Unavailable, "find token", fmt.Errorf("no token in slot %d: %w", *t.cfg.Slot, err))
+func (c *connection) findSlot(ctx *pkcs11.Ctx) (uint, loginKey, error) {
+	if c.cfg.Slot != nil {
+		slot := *c.cfg.Slot
+		info, err := ctx.GetTokenInfo(slot)
+		if err != nil {
+			var rv pkcs11.Error
+			if errors.As(err, &rv) && (rv == pkcs11.CKR_SLOT_ID_INVALID || rv == pkcs11.CKR_TOKEN_NOT_PRESENT ||
+				rv == pkcs11.CKR_TOKEN_NOT_RECOGNIZED) {
+				return 0, loginKey{}, newError(Unavailable, "find token", absent(fmt.Errorf("no token in slot %d: %w", slot, err)))
+			}
+			return 0, loginKey{}, newError(Unavailable, "find token", fmt.Errorf("reading the token in slot %d: %w", slot, err))
 		}
-		return *t.cfg.Slot, nil
+		return slot, loginKey{file: c.mod.id, slot: slot, serial: info.SerialNumber}, nil
 	}
 	slots, err := ctx.GetSlotList(true)
 	if err != nil {
-		return 0, classify("list slots", err)
+		return 0, loginKey{}, classify("list slots", err)
 	}
 	for _, slot := range slots {
 		info, err := ctx.GetTokenInfo(slot)
 		if err != nil {
 			continue
 		}
-		if strings.TrimRight(info.Label, " \x00") == t.cfg.TokenLabel {
-			return slot, nil
+		if strings.TrimRight(info.Label, " \x00") == c.cfg.TokenLabel {
+			return slot, loginKey{file: c.mod.id, slot: slot, serial: info.SerialNumber}, nil
 		}
 	}
-	return 0, newError(Unavailable, "find token", fmt.Errorf("no token labelled %q (is it plugged in, and SOFTHSM2_CONF set for SoftHSM2?)", t.cfg.TokenLabel))
+	return 0, loginKey{}, newError(Unavailable, "find token", absent(fmt.Errorf(
+		"no token labelled %q (is it plugged in, and SOFTHSM2_CONF set for SoftHSM2?)", c.cfg.TokenLabel)))
 }
 
-// login logs the user in, or accepts an existing login made with the same
-// PIN by this process.
-func (t *Token) login(ctx *pkcs11.Ctx, slot uint, s pkcs11.SessionHandle) error {
-	t.logins++
-	err := ctx.Login(s, pkcs11.CKU_USER, t.cfg.PIN)
+// login logs the user in on session s, or joins the process's login to the
+// token when it was made with the same PIN. c.mu is held.
+func (c *connection) login(ctx *pkcs11.Ctx, slot uint, limit loginKey, s pkcs11.SessionHandle) error {
+	m := c.mod
+	// Serialised with every session opened and closed in the module, so
+	// that the slot's state is the library's, and with other logins, so
+	// that the bound is checked and counted as one step.
+	m.slotMu.Lock()
+	defer m.slotMu.Unlock()
+	if !c.verified {
+		if err := checkLogin(limit, c.cfg.tokenName()); err != nil {
+			return err
+		}
+	}
+	st := m.slotLocked(slot)
+	if st.loggedIn && st.pin != c.key.pin {
+		// The token would answer "already logged in" to any PIN.
+		failedLogin(limit)
+		c.credErr = newError(Credentials, "login", fmt.Errorf(
+			"token %s is logged in by this process with another PIN; this PIN is not tried", c.cfg.tokenName()))
+		return c.credErr
+	}
+	c.logins++
+	loginCalls.Add(1)
+	err := ctx.Login(s, pkcs11.CKU_USER, c.cfg.PIN)
 	var rv pkcs11.Error
 	switch {
 	case err == nil:
-		loggedIn.Lock()
-		defer loggedIn.Unlock()
-		if loggedIn.bySlot[t.mod] == nil {
-			loggedIn.bySlot[t.mod] = map[uint][32]byte{}
-		}
-		loggedIn.bySlot[t.mod][slot] = t.key.pin
+		st.loggedIn, st.pin = true, c.key.pin
+		c.verified = true
 		return nil
 	case errors.As(err, &rv) && rv == pkcs11.CKR_USER_ALREADY_LOGGED_IN:
-		loggedIn.Lock()
-		defer loggedIn.Unlock()
-		if digest, ok := loggedIn.bySlot[t.mod][slot]; ok && digest != t.key.pin {
-			return newError(Credentials, "login", errors.New("the token is in use by this process with another PIN"))
+		if st.loggedIn {
+			c.verified = true
+			return nil // with this PIN: checked above
 		}
-		return nil
+		// Logged in by code of this process that does not go through
+		// this package: no PIN can be checked against that login. Not
+		// sticky: the login may end, and this costs the token nothing.
+		return newError(Credentials, "login", fmt.Errorf(
+			"token %s is logged in by this process with a PIN it cannot verify; refused", c.cfg.tokenName()))
 	case KindOf(classify("login", err)) == Credentials:
-		return newError(Credentials, "login", fmt.Errorf("PIN refused by token %s (%v); it is not retried", t.Describe(), err))
+		failedLogin(limit)
+		c.verified = false
+		c.credErr = newError(Credentials, "login", fmt.Errorf("PIN refused by token %s (%v); it is not retried", c.cfg.tokenName(), err))
+		return c.credErr
 	}
 	return classify("login", err)
 }
 
 // loginAttempts returns how many times C_Login was called.
-func (t *Token) loginAttempts() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.logins
+func (c *connection) loginAttempts() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.logins
 }
 
-// session hands out a logged-in session of the current generation.
-func (t *Token) session() (*pkcs11.Ctx, pkcs11.SessionHandle, uint64, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	ctx, gen, err := t.connectLocked()
+// lease is a session handed out for one operation.
+type lease struct {
+	s     pkcs11.SessionHandle
+	slot  uint
+	limit loginKey
+}
+
+// session hands out a logged-in session of generation gen; the caller is
+// between enter and leave.
+func (c *connection) session(ctx *pkcs11.Ctx, gen uint64) (lease, bool, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if rescan, err := c.connectLocked(ctx, gen); err != nil {
+		return lease{}, rescan, err
+	}
+	l := lease{slot: c.slot, limit: c.limit}
+	if n := len(c.idle); n > 0 {
+		l.s = c.idle[n-1]
+		c.idle = c.idle[:n-1]
+		return l, false, nil
+	}
+	s, err := c.mod.openSession(ctx, c.slot)
 	if err != nil {
-		return nil, 0, 0, err
+		c.dropLocked(ctx, gen)
+		return lease{}, needsRescan(err), classify("open session", err)
 	}
-	if n := len(t.idle); n > 0 {
-		s := t.idle[n-1]
-		t.idle = t.idle[:n-1]
-		return ctx, s, gen, nil
-	}
-	s, err := ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-	if err != nil {
-		t.dropLocked(false)
-		if needsRescan(err) {
-			t.mod.reset(gen)
-		}
-		return nil, 0, 0, classify("open session", err)
-	}
-	return ctx, s, gen, nil
+	l.s = s
+	return l, false, nil
 }
 
-// putSession returns a healthy session to the pool.
-func (t *Token) putSession(ctx *pkcs11.Ctx, gen uint64, s pkcs11.SessionHandle) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.gen != gen {
-		return // void: the token reconnected meanwhile
+// putSession returns a healthy session to the pool, or closes it when the
+// connection was dropped meanwhile. The caller is between the enter and
+// leave that gave gen.
+func (c *connection) putSession(ctx *pkcs11.Ctx, gen uint64, l lease) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gen == gen && !c.closed {
+		c.idle = append(c.idle, l.s)
+		return
 	}
-	t.idle = append(t.idle, s)
+	c.mod.closeSession(ctx, l.slot, l.s)
 }
 
-// broken forgets a connection after a failure that voids it.
-func (t *Token) broken(gen uint64, err error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.gen == gen {
-		t.dropLocked(false)
+// broken closes a session after a failure that voids the connection, and
+// drops the connection.
+func (c *connection) broken(ctx *pkcs11.Ctx, gen uint64, l lease) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.mod.closeSession(ctx, l.slot, l.s)
+	if c.gen == gen {
+		c.dropLocked(ctx, gen)
 	}
-	if needsRescan(err) {
-		t.mod.reset(gen)
+}
+
+// admit lets the handle's first operation through unless the token is over
+// its bound of failed logins.
+func (t *Token) admit(limit loginKey) error {
+	if t.admitted.Load() {
+		return nil
 	}
+	if err := checkLogin(limit, t.Describe()); err != nil {
+		return err
+	}
+	t.admitted.Store(true)
+	return nil
 }
 
 // do runs f on a pooled session. A failure that voids the connection drops
-// it; when retry is set, f runs once more on a fresh connection.
+// it; when retry is set, f runs once more on a fresh connection. A token not
+// found is looked for once more after the module listed its slots anew: f
+// has not run.
 func (t *Token) do(op string, retry bool, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) error {
-	t.inUse <- struct{}{}
-	defer func() { <-t.inUse }()
+	c := t.conn
+	c.inUse <- struct{}{}
+	defer func() { <-c.inUse }()
 	for attempt := 0; ; attempt++ {
-		ctx, s, gen, err := t.session()
-		if err != nil {
+		next, err := t.attempt(op, f)
+		if attempt > 0 || next == stop || (next == rerun && !retry) {
 			return err
 		}
-		err = f(ctx, s, gen)
-		if err == nil || !needsReconnect(err) {
-			t.putSession(ctx, gen, s)
-			return classify(op, err)
-		}
-		t.broken(gen, err)
-		if !retry || attempt > 0 {
-			return classify(op, err)
-		}
 	}
+}
+
+// outcome says whether an attempt may be made again.
+type outcome int
+
+const (
+	stop outcome = iota
+	// reconnect: f did not run; the module listed its slots anew.
+	reconnect
+	// rerun: f failed in a way that voids the connection.
+	rerun
+)
+
+// attempt runs f once, with the module held initialised throughout, and
+// finalises it afterwards when a failure asks for a rescan.
+func (t *Token) attempt(op string, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) (next outcome, err error) {
+	c := t.conn
+	ctx, gen, err := c.mod.enter()
+	if err != nil {
+		return stop, err
+	}
+	rescan, connected := false, false
+	defer func() {
+		c.mod.leave()
+		if rescan && c.mod.reset(gen) && !connected {
+			next = reconnect
+		}
+	}()
+	l, rescan, err := c.session(ctx, gen)
+	if err != nil {
+		return stop, err
+	}
+	connected = true
+	if err := t.admit(l.limit); err != nil {
+		c.putSession(ctx, gen, l)
+		return stop, err
+	}
+	err = f(ctx, l.s, gen)
+	if err == nil || !needsReconnect(err) {
+		c.putSession(ctx, gen, l)
+		return stop, classify(op, err)
+	}
+	c.broken(ctx, gen, l)
+	rescan = needsRescan(err)
+	return rerun, classify(op, err)
 }
 
 // objectHandle finds the secret key labelled label, caching the handle for
 // the connection's lifetime.
-func (t *Token) objectHandle(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64, label string) (pkcs11.ObjectHandle, error) {
-	t.mu.Lock()
-	if t.gen == gen {
-		if h, ok := t.handles[label]; ok {
-			t.mu.Unlock()
+func (c *connection) objectHandle(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64, label string) (pkcs11.ObjectHandle, error) {
+	c.mu.Lock()
+	if c.gen == gen {
+		if h, ok := c.handles[label]; ok {
+			c.mu.Unlock()
 			return h, nil
 		}
 	}
-	t.mu.Unlock()
+	c.mu.Unlock()
 
 	found, err := findSecretKeys(ctx, s, label)
 	if err != nil {
@@ -351,24 +469,29 @@ func (t *Token) objectHandle(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64
 	}
 	switch len(found) {
 	case 0:
-		return 0, newError(NotFound, "find key", fmt.Errorf("no AES key labelled %q in token %s", label, t.Describe()))
+		return 0, newError(NotFound, "find key", fmt.Errorf("no AES key labelled %q in token %s", label, c.cfg.tokenName()))
 	case 1:
 	default:
-		return 0, newError(Configuration, "find key", fmt.Errorf("%d keys labelled %q in token %s; labels must be unique", len(found), label, t.Describe()))
+		return 0, newError(Configuration, "find key", fmt.Errorf("%d keys labelled %q in token %s; labels must be unique", len(found), label, c.cfg.tokenName()))
 	}
-	t.mu.Lock()
-	if t.gen == gen {
-		t.handles[label] = found[0]
-	}
-	t.mu.Unlock()
+	c.remember(gen, label, found[0])
 	return found[0], nil
 }
 
+// remember caches a key handle for generation gen.
+func (c *connection) remember(gen uint64, label string, h pkcs11.ObjectHandle) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gen == gen && c.handles != nil {
+		c.handles[label] = h
+	}
+}
+
 // forget drops a cached handle (after the key is destroyed).
-func (t *Token) forget(label string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	delete(t.handles, label)
+func (c *connection) forget(label string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.handles, label)
 }
 
 // findSecretKeys returns the token's secret keys with the label, or every
@@ -381,6 +504,11 @@ func findSecretKeys(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, label string) ([]pk
 	if label != "" {
 		tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_LABEL, label))
 	}
+	return findObjects(ctx, s, tmpl)
+}
+
+// findObjects returns the objects matching tmpl.
+func findObjects(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
 	if err := ctx.FindObjectsInit(s, tmpl); err != nil {
 		return nil, err
 	}
