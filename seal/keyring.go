@@ -23,6 +23,10 @@ const RootKeySize = 32
 type Keyring struct {
 	active   uint32
 	versions map[uint32]*rootKey
+	// manifest records that this mount's storage has a manifest (see
+	// manifest.go): it rides in the HSM-sealed serialisation, so that a
+	// storage writer cannot make the manifest's absence look legitimate.
+	manifest bool
 }
 
 type rootKey struct {
@@ -54,6 +58,20 @@ func NewKeyring(key []byte) (*Keyring, error) {
 	return &Keyring{active: 1, versions: map[uint32]*rootKey{1: rk}}, nil
 }
 
+// Manifested reports whether the mount's storage has a manifest that must be
+// loaded before the keyring serves.
+func (k *Keyring) Manifested() bool { return k.manifest }
+
+// WithManifest returns a copy of the keyring with the manifest flag set.
+// Rotated and ActiveOnly keep the flag.
+func (k *Keyring) WithManifest() *Keyring {
+	next := &Keyring{active: k.active, versions: make(map[uint32]*rootKey, len(k.versions)), manifest: true}
+	for v, r := range k.versions {
+		next.versions[v] = r
+	}
+	return next
+}
+
 // Active returns the version new writes use.
 func (k *Keyring) Active() uint32 { return k.active }
 
@@ -74,7 +92,7 @@ func (k *Keyring) Rotated(key []byte) (*Keyring, error) {
 	if err != nil {
 		return nil, err
 	}
-	next := &Keyring{versions: make(map[uint32]*rootKey, len(k.versions)+1)}
+	next := &Keyring{versions: make(map[uint32]*rootKey, len(k.versions)+1), manifest: k.manifest}
 	for v, r := range k.versions {
 		next.versions[v] = r
 		if v > next.active {
@@ -89,7 +107,7 @@ func (k *Keyring) Rotated(key []byte) (*Keyring, error) {
 // ActiveOnly returns a keyring with the active version alone, once no entry
 // needs the others.
 func (k *Keyring) ActiveOnly() *Keyring {
-	return &Keyring{active: k.active, versions: map[uint32]*rootKey{k.active: k.versions[k.active]}}
+	return &Keyring{active: k.active, versions: map[uint32]*rootKey{k.active: k.versions[k.active]}, manifest: k.manifest}
 }
 
 // storedKeyring is the keyring's serialised form, which only ever leaves
@@ -97,11 +115,13 @@ func (k *Keyring) ActiveOnly() *Keyring {
 type storedKeyring struct {
 	Active uint32            `json:"active"`
 	Keys   map[string][]byte `json:"keys"`
+	// Manifest is absent in serialisations made before manifests existed.
+	Manifest bool `json:"manifest,omitempty"`
 }
 
 // Marshal serialises the keyring. The result holds key bytes: seal it.
 func (k *Keyring) Marshal() ([]byte, error) {
-	s := storedKeyring{Active: k.active, Keys: make(map[string][]byte, len(k.versions))}
+	s := storedKeyring{Active: k.active, Keys: make(map[string][]byte, len(k.versions)), Manifest: k.manifest}
 	for v, r := range k.versions {
 		s.Keys[strconv.FormatUint(uint64(v), 10)] = r.raw
 	}
@@ -114,7 +134,7 @@ func UnmarshalKeyring(b []byte) (*Keyring, error) {
 	if err := json.Unmarshal(b, &s); err != nil {
 		return nil, fmt.Errorf("decoding root keyring: %w", err)
 	}
-	k := &Keyring{active: s.Active, versions: make(map[uint32]*rootKey, len(s.Keys))}
+	k := &Keyring{active: s.Active, versions: make(map[uint32]*rootKey, len(s.Keys)), manifest: s.Manifest}
 	for vs, raw := range s.Keys {
 		v, err := strconv.ParseUint(vs, 10, 32)
 		if err != nil {
@@ -132,30 +152,64 @@ func UnmarshalKeyring(b []byte) (*Keyring, error) {
 	return k, nil
 }
 
-// Entry format: magic, root key version, nonce, ciphertext and tag. The
-// magic tells sealed entries from ones written before the mount was sealed.
-var entryMagic = []byte("hst\x01")
-
-const (
-	headerSize = 4 + 4 // magic, version
-	nonceSize  = 12
+// Entry formats. Both start with a magic, which tells sealed entries from
+// ones written before the mount was sealed, and the root key version:
+//
+//	hst\x01: magic(4) | version(4) | nonce(12) | ciphertext and tag
+//	hst\x02: magic(4) | version(4) | generation(8) | nonce(12) | ciphertext and tag
+//
+// The generation (big endian) is what the manifest compares to refuse an
+// older copy of an entry (manifest.go); hst\x01 entries are generation 0.
+var (
+	entryMagicV1 = []byte("hst\x01")
+	entryMagicV2 = []byte("hst\x02")
 )
 
-// IsSealed reports whether an entry value is in the sealed format.
+const (
+	headerSize   = 4 + 4     // hst\x01: magic, version
+	headerSizeV2 = 4 + 4 + 8 // hst\x02: magic, version, generation
+	nonceSize    = 12
+)
+
+// header is what a sealed value's clear prefix says.
+type header struct {
+	format  byte // 1 or 2
+	version uint32
+	gen     uint64
+	body    int // offset of the nonce
+}
+
+func parseHeader(value []byte) (header, bool) {
+	switch {
+	case len(value) >= headerSize+nonceSize && string(value[:4]) == string(entryMagicV1):
+		return header{format: 1, version: binary.BigEndian.Uint32(value[4:8]), body: headerSize}, true
+	case len(value) >= headerSizeV2+nonceSize && string(value[:4]) == string(entryMagicV2):
+		return header{format: 2, version: binary.BigEndian.Uint32(value[4:8]), gen: binary.BigEndian.Uint64(value[8:16]), body: headerSizeV2}, true
+	}
+	return header{}, false
+}
+
+// IsSealed reports whether an entry value is in a sealed format.
 func IsSealed(value []byte) bool {
-	return len(value) >= headerSize+nonceSize && string(value[:4]) == string(entryMagic)
+	_, ok := parseHeader(value)
+	return ok
 }
 
 // SealedVersion returns the root key version of a sealed entry value.
 func SealedVersion(value []byte) (uint32, bool) {
-	if !IsSealed(value) {
-		return 0, false
-	}
-	return binary.BigEndian.Uint32(value[4:8]), true
+	h, ok := parseHeader(value)
+	return h.version, ok
 }
 
-// entryAAD binds a sealed value to its storage path, so that entries cannot
-// be swapped for one another.
+// SealedGeneration returns the generation a sealed entry value claims (0
+// for the hst\x01 format). It is authenticated only once the value opens.
+func SealedGeneration(value []byte) (uint64, bool) {
+	h, ok := parseHeader(value)
+	return h.gen, ok
+}
+
+// entryAAD binds an hst\x01 value to its storage path, so that entries
+// cannot be swapped for one another.
 func entryAAD(path string, version uint32) []byte {
 	aad := make([]byte, 0, len("hsm-transit/entry\x00")+len(path)+5)
 	aad = append(aad, "hsm-transit/entry\x00"...)
@@ -164,11 +218,32 @@ func entryAAD(path string, version uint32) []byte {
 	return binary.BigEndian.AppendUint32(aad, version)
 }
 
-// Seal encrypts value for path under the active version.
+// Purposes of hst\x02 values: an entry the view wrote, or a piece of the
+// manifest. A value sealed for one never opens as the other. Neither tag is
+// a prefix of the hst\x01 tag nor the other way round, and the path is
+// length-prefixed, so no two (purpose, path, version, generation) share an
+// AAD.
+const (
+	purposeEntry    = "hsm-transit/entry/v2\x00"
+	purposeManifest = "hsm-transit/manifest/v2\x00"
+)
+
+func entryAADv2(purpose, path string, version uint32, gen uint64) []byte {
+	aad := make([]byte, 0, len(purpose)+4+len(path)+4+8)
+	aad = append(aad, purpose...)
+	aad = binary.BigEndian.AppendUint32(aad, uint32(len(path)))
+	aad = append(aad, path...)
+	aad = binary.BigEndian.AppendUint32(aad, version)
+	return binary.BigEndian.AppendUint64(aad, gen)
+}
+
+// Seal encrypts value for path under the active version, in the hst\x01
+// format (no generation). The Sealer writes hst\x02 once the mount has a
+// manifest.
 func (k *Keyring) Seal(path string, value []byte) ([]byte, error) {
 	rk := k.versions[k.active]
 	out := make([]byte, headerSize+nonceSize, headerSize+nonceSize+len(value)+rk.aead.Overhead())
-	copy(out, entryMagic)
+	copy(out, entryMagicV1)
 	binary.BigEndian.PutUint32(out[4:8], k.active)
 	if _, err := rand.Read(out[headerSize:]); err != nil {
 		return nil, fmt.Errorf("generating nonce: %w", err)
@@ -176,19 +251,66 @@ func (k *Keyring) Seal(path string, value []byte) ([]byte, error) {
 	return rk.aead.Seal(out, out[headerSize:], value, entryAAD(path, k.active)), nil
 }
 
-// Open decrypts a value Seal made for path.
+// sealV2 encrypts value for (purpose, path) at generation gen under the
+// active version, in the hst\x02 format.
+func (k *Keyring) sealV2(purpose, path string, gen uint64, value []byte) ([]byte, error) {
+	rk := k.versions[k.active]
+	out := make([]byte, headerSizeV2+nonceSize, headerSizeV2+nonceSize+len(value)+rk.aead.Overhead())
+	copy(out, entryMagicV2)
+	binary.BigEndian.PutUint32(out[4:8], k.active)
+	binary.BigEndian.PutUint64(out[8:16], gen)
+	if _, err := rand.Read(out[headerSizeV2:]); err != nil {
+		return nil, fmt.Errorf("generating nonce: %w", err)
+	}
+	return rk.aead.Seal(out, out[headerSizeV2:], value, entryAADv2(purpose, path, k.active, gen)), nil
+}
+
+// ErrEntryRefused is what every refusal of a stored entry matches
+// (errors.Is): one the plugin did not seal, one that does not authenticate,
+// an older copy the manifest refuses. Such an entry stays refused whatever
+// the caller does; only storage that was edited outside the plugin holds
+// one.
+var ErrEntryRefused = errors.New("storage entry refused")
+
+// refusedError is a refusal with its own message that matches
+// ErrEntryRefused.
+type refusedError struct{ msg string }
+
+func (e *refusedError) Error() string        { return e.msg }
+func (e *refusedError) Is(target error) bool { return target == ErrEntryRefused }
+
+func refusedf(format string, args ...any) error {
+	return &refusedError{msg: fmt.Sprintf(format, args...)}
+}
+
+// Open decrypts a value Seal (or the Sealer) made for path. It checks no
+// generation: that is the manifest's job.
 func (k *Keyring) Open(path string, sealed []byte) ([]byte, error) {
-	v, ok := SealedVersion(sealed)
+	h, ok := parseHeader(sealed)
 	if !ok {
-		return nil, fmt.Errorf("storage entry %q is not sealed by this mount's root key", path)
+		return nil, refusedf("storage entry %q is not sealed by this mount's root key", path)
 	}
-	rk, ok := k.versions[v]
+	return k.open(purposeEntry, path, h, sealed)
+}
+
+// open decrypts sealed, whose header is h.
+func (k *Keyring) open(purpose, path string, h header, sealed []byte) ([]byte, error) {
+	rk, ok := k.versions[h.version]
 	if !ok {
-		return nil, fmt.Errorf("storage entry %q is sealed by root key version %d, which this keyring does not hold", path, v)
+		return nil, refusedf("storage entry %q is sealed by root key version %d, which this keyring does not hold", path, h.version)
 	}
-	pt, err := rk.aead.Open(nil, sealed[headerSize:headerSize+nonceSize], sealed[headerSize+nonceSize:], entryAAD(path, v))
+	var aad []byte
+	if h.format == 1 {
+		if purpose != purposeEntry {
+			return nil, fmt.Errorf("storage entry %q is in the hst\x01 format, which only entries use", path)
+		}
+		aad = entryAAD(path, h.version)
+	} else {
+		aad = entryAADv2(purpose, path, h.version, h.gen)
+	}
+	pt, err := rk.aead.Open(nil, sealed[h.body:h.body+nonceSize], sealed[h.body+nonceSize:], aad)
 	if err != nil {
-		return nil, fmt.Errorf("storage entry %q does not authenticate under root key version %d (modified, or moved from another path)", path, v)
+		return nil, refusedf("storage entry %q does not authenticate under root key version %d (modified, or moved from another path)", path, h.version)
 	}
 	return pt, nil
 }

@@ -1,9 +1,14 @@
 package seal
 
 import (
+	"bytes"
+	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/hpke"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"fmt"
 
@@ -24,6 +29,12 @@ func recoveryKEM() hpke.KEM { return hpke.MLKEM768X25519() }
 // which threshold open the copy. It returns the public key and the shares,
 // base64-encoded; the seed is forgotten.
 func NewRecovery(shares, threshold int) (public []byte, parts []string, err error) {
+	return newRecovery(shares, threshold, nil)
+}
+
+// newRecovery is NewRecovery; withSeed, when set, sees the seed before it is
+// forgotten.
+func newRecovery(shares, threshold int, withSeed func(seed []byte) error) (public []byte, parts []string, err error) {
 	switch {
 	case threshold < 2:
 		return nil, nil, errors.New("threshold must be at least 2: one share alone would be the whole key")
@@ -41,6 +52,11 @@ func NewRecovery(shares, threshold int) (public []byte, parts []string, err erro
 	if err != nil {
 		return nil, nil, fmt.Errorf("deriving the recovery key: %w", err)
 	}
+	if withSeed != nil {
+		if err := withSeed(seed); err != nil {
+			return nil, nil, err
+		}
+	}
 	split, err := shamir.Split(seed, shares, threshold)
 	if err != nil {
 		return nil, nil, fmt.Errorf("splitting the recovery key: %w", err)
@@ -52,9 +68,52 @@ func NewRecovery(shares, threshold int) (public []byte, parts []string, err erro
 	return priv.PublicKey().Bytes(), parts, nil
 }
 
+// The recovery copy is public-key encrypted, so anyone who can read the
+// public key can make a copy of a keyring of their own, and a storage writer
+// could plant it for the custodians to "recover". An authenticated copy
+// carries an HMAC under a key derived from the recovery seed, kept sealed
+// under the root key for the plugin's later copies: only the plugin (or the
+// shares) can make one. Format: magic, tag, HPKE ciphertext. A copy without
+// the magic is one made before copies were authenticated.
+var recoveryCopyMagic = []byte("hsr\x02")
+
+const recoveryTagSize = sha256.Size
+
+// recoveryMACKey derives the key that authenticates recovery copies.
+func recoveryMACKey(seed []byte) ([]byte, error) {
+	return hkdf.Key(sha256.New, seed, nil, "hsm-transit/recovery-copy-mac", 32)
+}
+
+func recoveryTag(macKey, info, ct []byte) []byte {
+	mac := hmac.New(sha256.New, macKey)
+	mac.Write([]byte("hsm-transit/recovery-copy\x00"))
+	mac.Write(binary.BigEndian.AppendUint32(nil, uint32(len(info))))
+	mac.Write(info)
+	mac.Write(ct)
+	return mac.Sum(nil)
+}
+
+// NewAuthenticatedRecovery is NewRecovery that also returns the key which
+// authenticates recovery copies (SealForRecoveryWithMAC); keep it sealed.
+func NewAuthenticatedRecovery(shares, threshold int) (public, macKey []byte, parts []string, err error) {
+	public, parts, err = newRecovery(shares, threshold, func(seed []byte) error {
+		var derr error
+		macKey, derr = recoveryMACKey(seed)
+		return derr
+	})
+	return public, macKey, parts, err
+}
+
 // SealForRecovery encrypts the keyring to the recovery public key; info
-// binds the copy to its mount.
+// binds the copy to its mount. The copy is not authenticated: see
+// SealForRecoveryWithMAC.
 func SealForRecovery(public, info []byte, ring *Keyring) ([]byte, error) {
+	return SealForRecoveryWithMAC(public, nil, info, ring)
+}
+
+// SealForRecoveryWithMAC encrypts the keyring to the recovery public key and,
+// with macKey, authenticates the copy.
+func SealForRecoveryWithMAC(public, macKey, info []byte, ring *Keyring) ([]byte, error) {
 	pk, err := recoveryKEM().NewPublicKey(public)
 	if err != nil {
 		return nil, fmt.Errorf("reading the recovery public key: %w", err)
@@ -64,15 +123,35 @@ func SealForRecovery(public, info []byte, ring *Keyring) ([]byte, error) {
 		return nil, err
 	}
 	defer clear(raw)
-	return hpke.Seal(pk, hpke.HKDFSHA256(), hpke.AES256GCM(), info, raw)
+	ct, err := hpke.Seal(pk, hpke.HKDFSHA256(), hpke.AES256GCM(), info, raw)
+	if err != nil || macKey == nil {
+		return ct, err
+	}
+	out := make([]byte, 0, len(recoveryCopyMagic)+recoveryTagSize+len(ct))
+	out = append(out, recoveryCopyMagic...)
+	out = append(out, recoveryTag(macKey, info, ct)...)
+	return append(out, ct...), nil
 }
 
 // ErrSharesDoNotOpen means the shares given do not rebuild the recovery key:
 // too few, a wrong one, or shares of another recovery set.
 var ErrSharesDoNotOpen = errors.New("the shares do not open the recovery copy (too few, a wrong share, or shares of another recovery set)")
 
+// ErrRecoveryCopyForged means the shares are right but the copy's tag is
+// not: the copy was not made by this mount.
+var ErrRecoveryCopyForged = errors.New("the recovery copy is not authenticated by this recovery set: it was not made by this mount (replaced in storage?)")
+
 // OpenWithShares rebuilds the recovery key from shares and opens the copy.
 func OpenWithShares(parts []string, info, sealed []byte) (*Keyring, error) {
+	ring, _, err := OpenRecovery(parts, info, sealed)
+	return ring, err
+}
+
+// OpenRecovery rebuilds the recovery key from shares and opens the copy. An
+// authenticated copy whose tag does not verify is refused; authenticated
+// reports whether the copy carried a tag (copies made before they were
+// authenticated do not, and need another check).
+func OpenRecovery(parts []string, info, sealed []byte) (ring *Keyring, authenticated bool, err error) {
 	decoded := make([][]byte, 0, len(parts))
 	defer func() {
 		for _, d := range decoded {
@@ -82,26 +161,43 @@ func OpenWithShares(parts []string, info, sealed []byte) (*Keyring, error) {
 	for i, p := range parts {
 		d, err := base64.StdEncoding.DecodeString(p)
 		if err != nil || len(d) != recoverySeedSize+1 {
-			return nil, fmt.Errorf("share %d is not a recovery share", i+1)
+			return nil, false, fmt.Errorf("share %d is not a recovery share", i+1)
 		}
 		decoded = append(decoded, d)
 	}
 	if len(decoded) < 2 {
-		return nil, ErrSharesDoNotOpen
+		return nil, false, ErrSharesDoNotOpen
 	}
 	seed, err := shamir.Combine(decoded)
 	if err != nil {
-		return nil, fmt.Errorf("combining the shares: %w", err)
+		return nil, false, fmt.Errorf("combining the shares: %w", err)
 	}
 	defer clear(seed)
 	priv, err := recoveryKEM().NewPrivateKey(seed)
 	if err != nil {
-		return nil, ErrSharesDoNotOpen
+		return nil, false, ErrSharesDoNotOpen
 	}
-	raw, err := hpke.Open(priv, hpke.HKDFSHA256(), hpke.AES256GCM(), info, sealed)
+	ct := sealed
+	if rest, ok := bytes.CutPrefix(sealed, recoveryCopyMagic); ok && len(rest) > recoveryTagSize {
+		authenticated, ct = true, rest[recoveryTagSize:]
+		macKey, err := recoveryMACKey(seed)
+		if err != nil {
+			return nil, false, err
+		}
+		defer clear(macKey)
+		if !hmac.Equal(rest[:recoveryTagSize], recoveryTag(macKey, info, ct)) {
+			// The shares may simply be the wrong ones: HPKE tells.
+			if _, err := hpke.Open(priv, hpke.HKDFSHA256(), hpke.AES256GCM(), info, ct); err != nil {
+				return nil, false, ErrSharesDoNotOpen
+			}
+			return nil, false, ErrRecoveryCopyForged
+		}
+	}
+	raw, err := hpke.Open(priv, hpke.HKDFSHA256(), hpke.AES256GCM(), info, ct)
 	if err != nil {
-		return nil, ErrSharesDoNotOpen
+		return nil, false, ErrSharesDoNotOpen
 	}
 	defer clear(raw)
-	return UnmarshalKeyring(raw)
+	ring, err = UnmarshalKeyring(raw)
+	return ring, authenticated, err
 }

@@ -134,7 +134,7 @@ func TestViewSealsEverythingButPlainPaths(t *testing.T) {
 	require.Nil(t, e)
 }
 
-func TestResealAllMigratesAndRotates(t *testing.T) {
+func TestMigrateAllThenResealAllRotates(t *testing.T) {
 	ctx := context.Background()
 	under := &logical.InmemStorage{}
 	// Entries written before the mount was sealed, as built-in transit
@@ -148,7 +148,7 @@ func TestResealAllMigratesAndRotates(t *testing.T) {
 	k1, err := NewKeyring(randomKey(t))
 	require.NoError(t, err)
 	s := NewSealer(k1, plainSeal)
-	n, err := s.ResealAll(ctx, under)
+	n, err := s.MigrateAll(ctx, under)
 	require.NoError(t, err)
 	require.Equal(t, 6, n)
 	n, err = s.ResealAll(ctx, under)
@@ -289,4 +289,48 @@ func TestRecoveryShares(t *testing.T) {
 		_, _, err := NewRecovery(bad[0], bad[1])
 		require.Error(t, err, "shares %d threshold %d", bad[0], bad[1])
 	}
+}
+
+// A storage writer knows the recovery public key and can encrypt a keyring
+// of theirs to it. An authenticated copy tells the mount's own from theirs.
+func TestRecoveryCopyAuthenticated(t *testing.T) {
+	info := []byte("mount-a")
+	ring, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	pub, macKey, shares, err := NewAuthenticatedRecovery(3, 2)
+	require.NoError(t, err)
+	copyOf, err := SealForRecoveryWithMAC(pub, macKey, info, ring)
+	require.NoError(t, err)
+
+	back, authenticated, err := OpenRecovery(shares[:2], info, copyOf)
+	require.NoError(t, err)
+	require.True(t, authenticated)
+	require.Equal(t, ring.Versions(), back.Versions())
+
+	// The attacker's own keyring, to the same public key: untagged...
+	theirs, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	planted, err := SealForRecovery(pub, info, theirs)
+	require.NoError(t, err)
+	_, authenticated, err = OpenRecovery(shares[:2], info, planted)
+	require.NoError(t, err)
+	require.False(t, authenticated, "an untagged copy is reported as such, for the caller's stronger check")
+	// ...or tagged with a tag they made up, or the mount's tag moved over.
+	for name, tag := range map[string][]byte{
+		"made-up tag":   randomKey(t),
+		"the mount's":   copyOf[len(recoveryCopyMagic) : len(recoveryCopyMagic)+recoveryTagSize],
+		"under another": recoveryTag(randomKey(t), info, planted),
+	} {
+		forged := append(append(append([]byte(nil), recoveryCopyMagic...), tag...), planted...)
+		_, _, err = OpenRecovery(shares[:2], info, forged)
+		require.ErrorIs(t, err, ErrRecoveryCopyForged, name)
+	}
+	// Wrong shares are still told as such on a tagged copy.
+	_, _, other, err := NewAuthenticatedRecovery(3, 2)
+	require.NoError(t, err)
+	_, _, err = OpenRecovery(other[:2], info, copyOf)
+	require.ErrorIs(t, err, ErrSharesDoNotOpen)
+	// The tag binds the mount: the copy does not pass for another's.
+	_, _, err = OpenRecovery(shares[:2], []byte("mount-b"), copyOf)
+	require.Error(t, err)
 }
