@@ -58,6 +58,9 @@ func runTests(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	// Tests write wrong PINs on purpose, many more than the per-token
+	// bound on failed logins that protects a real HSM (tested in hsm/).
+	defer hsm.SetFailedLoginLimit(1000, time.Minute)()
 	tok, err := hsm.Open(hsm.Config{Library: lib, TokenLabel: testToken, PIN: testPIN})
 	if err == nil {
 		err = tok.GenerateKey(testKEK)

@@ -1,8 +1,10 @@
 package hsmtransit
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -26,7 +28,9 @@ const hsmKeyPrefix = "hsm/keys/"
 // hsmKeyType is the one key type kept in the HSM so far.
 const hsmKeyType = "aes256-gcm96"
 
-// hsmKeyVersion is one version: the label of its object in the token.
+// hsmKeyVersion is one version. Label records its object's label for
+// older readers; operations compute the label from mount, name and version
+// (hsmKeyStore.label) and never trust one read from storage.
 type hsmKeyVersion struct {
 	Label   string    `json:"label"`
 	Created time.Time `json:"created"`
@@ -181,11 +185,11 @@ func (s *hsmKeyStore) destroyBelow(ctx context.Context, storage logical.Storage,
 	if err != nil {
 		return err
 	}
-	for v, ver := range k.Versions {
+	for v := range k.Versions {
 		if v >= min {
 			continue
 		}
-		if err := tok.DestroyKey(ver.Label); err != nil && hsm.KindOf(err) != hsm.NotFound {
+		if err := tok.DestroyKey(s.label(k.Name, v)); err != nil && hsm.KindOf(err) != hsm.NotFound {
 			// Record what is already gone; a retry destroys the rest.
 			_ = k.persist(ctx, storage)
 			return err
@@ -202,8 +206,8 @@ func (s *hsmKeyStore) delete(ctx context.Context, storage logical.Storage, k *hs
 	if err != nil {
 		return err
 	}
-	for _, ver := range k.Versions {
-		if err := tok.DestroyKey(ver.Label); err != nil && hsm.KindOf(err) != hsm.NotFound {
+	for v := range k.Versions {
+		if err := tok.DestroyKey(s.label(k.Name, v)); err != nil && hsm.KindOf(err) != hsm.NotFound {
 			return err
 		}
 	}
@@ -253,19 +257,19 @@ func (s *hsmKeyStore) encrypt(k *hsmKey, it *batchItem) (string, int, error) {
 	if err != nil {
 		return "", 0, err
 	}
-	v, ok := k.Versions[ver]
-	if !ok {
+	if _, ok := k.Versions[ver]; !ok {
 		return "", 0, errutil.UserError{Err: "no such key version"}
 	}
 	tok, err := s.token()
 	if err != nil {
 		return "", 0, err
 	}
-	sealed, err := tok.EncryptGCM(v.Label, pt, it.aad)
+	sealed, err := tok.EncryptGCM(s.label(k.Name, ver), pt, s.keyAAD(k.Name, ver, it.aad))
 	if err != nil {
 		return "", 0, hsmCryptoError(err)
 	}
-	return formatCiphertext(ver, sealed), ver, nil
+	out := make([]byte, 0, len(hsmCiphertextMarker)+len(sealed))
+	return formatCiphertext(ver, append(append(out, hsmCiphertextMarker...), sealed...)), ver, nil
 }
 
 // decrypt decrypts a decoded item inside the HSM; mu is read-locked. The
@@ -281,19 +285,64 @@ func (s *hsmKeyStore) decrypt(k *hsmKey, it *batchItem, paddingScheme string) (s
 	if len(sealed) < hsm.GCMNonceSize+hsm.GCMTagSize {
 		return "", errutil.UserError{Err: "invalid ciphertext length"}
 	}
-	v, ok := k.Versions[ver]
-	if !ok {
+	if _, ok := k.Versions[ver]; !ok {
 		return "", errutil.UserError{Err: "no such key version"}
 	}
 	tok, err := s.token()
 	if err != nil {
 		return "", err
 	}
-	pt, err := tok.DecryptGCM(v.Label, sealed, it.aad)
+	label := s.label(k.Name, ver)
+	var pt []byte
+	if body, ok := bytes.CutPrefix(sealed, hsmCiphertextMarker); ok && len(body) >= hsm.GCMNonceSize+hsm.GCMTagSize {
+		pt, err = tok.DecryptGCM(label, body, s.keyAAD(k.Name, ver, it.aad))
+		if hsm.KindOf(err) != hsm.Failed {
+			return hsmPlaintext(pt, err)
+		}
+		// A ciphertext of the first format whose random nonce happens
+		// to start with the marker: try it as such below.
+	}
+	// The first format bound the caller's associated data alone. It stays
+	// readable, but never with associated data in the plugin's own
+	// namespace, which its own HSM operations (the sealed root keyring)
+	// use.
+	if bytes.HasPrefix(it.aad, []byte(hsmNamespace)) {
+		return "", errutil.UserError{Err: "cipher: message authentication failed"}
+	}
+	return hsmPlaintext(tok.DecryptGCM(label, sealed, it.aad))
+}
+
+func hsmPlaintext(pt []byte, err error) (string, error) {
 	if err != nil {
 		return "", hsmCryptoError(err)
 	}
 	return base64.StdEncoding.EncodeToString(pt), nil
+}
+
+// hsmNamespace starts every label and associated-data tag the plugin uses
+// in the token. No configured KEK label may start with it, so that no
+// HSM-resident key operation can reach the KEK, nor the reverse.
+const hsmNamespace = "hsm-transit/"
+
+// hsmCiphertextMarker starts the payload of ciphertexts made with the
+// domain-separated associated data (keyAAD). Ciphertexts of the first
+// format start with a random nonce instead.
+var hsmCiphertextMarker = []byte("hsk\x02")
+
+// keyAAD is the associated data of an HSM-resident key operation: a purpose
+// tag, the mount, key name and version, then the caller's associated data.
+// Nothing else the plugin seals in the token (the root keyring, under
+// "hsm-transit/root-keyring") can be opened or forged with it, and a
+// ciphertext of one key or version cannot pass for another's.
+func (s *hsmKeyStore) keyAAD(name string, version int, callerAAD []byte) []byte {
+	aad := make([]byte, 0, 64+len(name)+len(callerAAD))
+	aad = append(aad, hsmNamespace+"hsm-key\x00"...)
+	for _, f := range []string{s.b.seal.mountID, name} {
+		aad = binary.BigEndian.AppendUint32(aad, uint32(len(f)))
+		aad = append(aad, f...)
+	}
+	aad = binary.BigEndian.AppendUint64(aad, uint64(version))
+	return append(aad, callerAAD...)
 }
 
 // checkHSMItem refuses what an HSM-resident key does not do.
@@ -311,12 +360,12 @@ func checkHSMItem(it *batchItem, paddingScheme string) error {
 
 // describe is keys/:name's read of an HSM-resident key: built-in transit's
 // fields, plus hsm and the labels of the versions.
-func (k *hsmKey) describe() *logical.Response {
+func (k *hsmKey) describe(label func(name string, version int) string) *logical.Response {
 	versions := make(map[string]int64, len(k.Versions))
 	labels := make(map[string]string, len(k.Versions))
 	for v, ver := range k.Versions {
 		versions[strconv.Itoa(v)] = ver.Created.Unix()
-		labels[strconv.Itoa(v)] = ver.Label
+		labels[strconv.Itoa(v)] = label(k.Name, v)
 	}
 	return &logical.Response{Data: map[string]interface{}{
 		"name":                   k.Name,

@@ -337,7 +337,7 @@ func (b *backend) describeKey(ctx context.Context, s logical.Storage, p *keysuti
 // describeHSMKey describes an HSM-resident key with its lifecycle; the
 // caller holds its lock.
 func (b *backend) describeHSMKey(ctx context.Context, s logical.Storage, k *hsmKey) (*logical.Response, error) {
-	resp := k.describe()
+	resp := k.describe(b.hsmKeys.label)
 	return resp, b.addLifecycle(ctx, s, k.Name, gcmRandomNonceLimit, resp)
 }
 

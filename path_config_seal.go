@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -77,8 +79,8 @@ func mergeSealConfig(cur *sealConfig, d *framework.FieldData) (*sealConfig, erro
 	}
 	if slotGiven {
 		n := d.Get("slot").(int)
-		if n < 0 {
-			return nil, errors.New("slot cannot be negative")
+		if n < 0 || n > math.MaxUint32 {
+			return nil, fmt.Errorf("slot %d is out of range: a slot number is from 0 to %d", n, uint64(math.MaxUint32))
 		}
 		slot := uint(n)
 		next.Slot, next.TokenLabel = &slot, ""
@@ -105,13 +107,39 @@ func mergeSealConfig(cur *sealConfig, d *framework.FieldData) (*sealConfig, erro
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("missing %v", missing)
 	}
-	if err := hsm.CheckLibrary(next.Library); err != nil {
+	lib, err := hsm.ResolveLibrary(next.Library)
+	if err != nil {
 		return nil, errors.Unwrap(err)
+	}
+	// Stored as resolved, so that every spelling of one library is one
+	// configuration and one module.
+	next.Library = lib
+	if next.TokenLabel != "" {
+		if err := hsm.CheckTokenLabel(next.TokenLabel); err != nil {
+			return nil, errors.Unwrap(err)
+		}
+	}
+	if err := checkKEKLabel(next.KeyLabel); err != nil {
+		return nil, err
 	}
 	if _, err := resolvePIN(next.PIN); err != nil {
 		return nil, err
 	}
 	return next, nil
+}
+
+// checkKEKLabel refuses a KEK label the token cannot hold, or one inside the
+// plugin's own label namespace: there live HSM-resident keys, which crypto
+// users may use with associated data of their choice, and a KEK among them
+// would let them open or forge the sealed root keyring.
+func checkKEKLabel(label string) error {
+	if err := hsm.CheckKeyLabel(label); err != nil {
+		return errors.Unwrap(err)
+	}
+	if strings.HasPrefix(label, hsmNamespace) {
+		return fmt.Errorf("key_label %q is in the labels the plugin keeps for HSM-resident keys (%s...): choose a label outside it", label, hsmNamespace)
+	}
+	return nil
 }
 
 // pathConfigSealWrite seals the mount (first write) or changes how it is
@@ -138,6 +166,11 @@ func (b *backend) pathConfigSealWrite(ctx context.Context, req *logical.Request,
 		resp, err = m.reconfigureLocked(ctx, req.Storage, cur, next, generate)
 	}
 	if err != nil {
+		if hsm.IsTokenNotFound(err) && (cur == nil || !sameTokenAs(cur, next)) {
+			// Settings that name no token or library here are the caller's
+			// to fix; 503 is for a configured token that went away.
+			return logical.ErrorResponse("nothing was configured: %v; check library, token_label or slot", err), logical.ErrInvalidRequest
+		}
 		return hsmErrorResponse(err)
 	}
 	if next.pinSource() == "value" {
@@ -172,7 +205,22 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 	if err != nil {
 		return nil, err
 	}
-	if err := m.setKeyring(cfg, tok, cfg.KeyLabel, ring); err != nil {
+	ring = ring.WithManifest()
+	// The manifest and the sealed state come first. Until the configuration
+	// is stored they are sealed under a key nobody keeps, and a failed
+	// attempt's are replaced by the next one's.
+	if err := s.Delete(ctx, sealMetaPath); err != nil {
+		return nil, err
+	}
+	sealer := seal.NewSealer(ring, isPlainPath)
+	if err := sealer.InitManifest(ctx, s); err != nil {
+		return nil, fmt.Errorf("writing the manifest of the mount's entries: %w", err)
+	}
+	meta := &sealMeta{MigrationPending: true}
+	if err := writeSealMeta(ctx, sealer.Wrap(s), meta); err != nil {
+		return nil, err
+	}
+	if err := m.setKeyring(cfg, tok, cfg.KeyLabel, ring, meta); err != nil {
 		return nil, err
 	}
 	if err := writeSealConfig(ctx, s, cfg); err != nil {
@@ -181,17 +229,16 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 	m.adoptToken(tok)
 	adopted = true
 
-	snap := &sealSnapshot{phase: phaseUnsealed, cfg: cfg, sealer: seal.NewSealer(ring, isPlainPath)}
-	migrated, err := snap.sealer.ResealAll(ctx, s)
-	if err != nil {
-		return nil, fmt.Errorf("encrypting the entries stored before the seal: %w", err)
-	}
+	snap := &sealSnapshot{phase: phaseUnsealed, cfg: cfg, meta: meta, sealer: sealer}
 	m.state.Store(snap)
-	m.b.Logger().Info("mount sealed by the HSM", "token", tok.Describe(), "key_label", cfg.KeyLabel, "entries_encrypted", migrated)
-	m.afterUnseal(ctx, s, snap)
+	snap = m.afterUnseal(ctx, s, snap)
+	m.b.Logger().Info("mount sealed by the HSM", "token", tok.Describe(), "key_label", cfg.KeyLabel, "entries_encrypted", snap.migrated)
 	resp := describeSealConfig(cfg)
-	if migrated > 0 {
-		resp.Data["entries_encrypted"] = migrated
+	if snap.migrated > 0 {
+		resp.Data["entries_encrypted"] = snap.migrated
+	}
+	if snap.meta.MigrationPending {
+		resp.AddWarning("the mount is sealed, but some entries stored before it could not be encrypted yet; this is retried at every unseal (see the plugin's log)")
 	}
 	return resp, nil
 }
@@ -199,14 +246,26 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 // reconfigureLocked applies a new configuration to a sealed mount. The
 // keyring is re-sealed under the new KEK (or token) when they change; a
 // mount that could not unseal is unsealed with the new settings first.
+// Whatever fails, the mount keeps the token it had.
 func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, cur, next *sealConfig, generate bool) (*logical.Response, error) {
-	if cur.EmergencySealed {
+	snap := m.state.Load()
+	if cur.EmergencySealed || errors.Is(snap.lastErr, errEmergencySealed) {
 		return nil, &hsm.Error{Kind: hsm.Configuration, Op: "configure seal", Err: errors.New("the mount is emergency-sealed: write seal/unseal first")}
 	}
-	if next.PIN != cur.PIN && next.Library == cur.Library && next.TokenLabel == cur.TokenLabel && sameSlot(next.Slot, cur.Slot) {
+	sameToken := sameTokenAs(cur, next)
+	if next.PIN != cur.PIN && sameToken && m.token != nil {
 		// PKCS#11 login is per process: a new PIN can only be checked once
-		// the old login is gone.
+		// the old login is gone. If the new PIN is refused, the old one
+		// logs in again, so that a mistake here does not take the
+		// mount's HSM-resident keys down.
 		m.adoptToken(nil)
+		defer func() {
+			if m.token == nil {
+				if tok, err := m.openToken(cur); err == nil {
+					m.adoptToken(tok)
+				}
+			}
+		}()
 	}
 	tok, err := m.openToken(next)
 	if err != nil {
@@ -218,37 +277,29 @@ func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, 
 			tok.Close()
 		}
 	}()
-	snap := m.state.Load()
-	var ring *seal.Keyring
-	if snap.phase == phaseUnsealed {
-		ring = snap.sealer.Keyring()
-	} else if ring, err = m.unsealWith(tok, cur); err != nil {
-		return nil, fmt.Errorf("the new settings do not unseal the root keyring (sealed by KEK %q): %w", cur.SealedWith, err)
+	unsealed := snap
+	if snap.phase != phaseUnsealed {
+		if unsealed, err = m.openWith(ctx, s, tok, cur); err != nil {
+			return nil, err
+		}
+		// Unsealing may have upgraded the stored configuration.
+		next.SealedKeyring, next.SealedWith = unsealed.cfg.SealedKeyring, unsealed.cfg.SealedWith
+		next.RecoveryKeyring, next.RecoveryThreshold = unsealed.cfg.RecoveryKeyring, unsealed.cfg.RecoveryThreshold
+		next.LegacyRecoveryPublicKey, next.LegacyRecoveryShares = nil, 0
 	}
-	if next.KeyLabel != cur.SealedWith || next.Library != cur.Library || next.TokenLabel != cur.TokenLabel || !sameSlot(next.Slot, cur.Slot) {
+	ring := unsealed.sealer.Keyring()
+	if next.KeyLabel != cur.SealedWith || !sameToken {
 		if err := ensureKEK(tok, next.KeyLabel, generate); err != nil {
 			return nil, err
 		}
-		if err := m.setKeyring(next, tok, next.KeyLabel, ring); err != nil {
+		if err := m.setKeyring(next, tok, next.KeyLabel, ring, unsealed.meta); err != nil {
 			return nil, err
 		}
-		// Prove the new KEK opens what it sealed before storing it.
-		check, err := tok.DecryptGCM(next.KeyLabel, next.SealedKeyring, m.aad)
-		if err != nil {
+		if err := m.checkSealed(tok, next, ring); err != nil {
 			return nil, err
-		}
-		want, err := ring.Marshal()
-		if err != nil {
-			return nil, err
-		}
-		same := bytes.Equal(check, want)
-		clear(check)
-		clear(want)
-		if !same {
-			return nil, errors.New("the re-sealed root keyring does not open to itself")
 		}
 	} else {
-		// Only the PIN changed: a successful login above proves it.
+		// Only the PIN changed: a successful login proves it.
 		if _, err := tok.HasKey(next.SealedWith); err != nil {
 			return nil, err
 		}
@@ -259,15 +310,55 @@ func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, 
 	}
 	m.adoptToken(tok)
 	adopted = true
-	if snap.phase == phaseUnsealed {
-		m.state.Store(&sealSnapshot{phase: phaseUnsealed, cfg: next, sealer: snap.sealer})
-	} else {
-		unsealed := &sealSnapshot{phase: phaseUnsealed, cfg: next, sealer: seal.NewSealer(ring, isPlainPath)}
-		m.state.Store(unsealed)
-		m.afterUnseal(ctx, s, unsealed)
+	done := &sealSnapshot{phase: phaseUnsealed, cfg: next, meta: unsealed.meta, sealer: unsealed.sealer, problem: unsealed.problem}
+	m.state.Store(done)
+	if snap.phase != phaseUnsealed {
+		m.afterUnseal(ctx, s, done)
 	}
 	m.b.Logger().Info("seal configuration changed", "token", tok.Describe(), "key_label", next.KeyLabel)
 	return describeSealConfig(next), nil
+}
+
+// openWith unseals cfg's keyring with tok and checks storage against it,
+// for a mount that is sealed now. m.mu is held.
+func (m *sealManager) openWith(ctx context.Context, s logical.Storage, tok *hsm.Token, cfg *sealConfig) (*sealSnapshot, error) {
+	ring, err := m.unsealWith(tok, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("the new settings do not unseal the root keyring (sealed by KEK %q): %w", cfg.SealedWith, err)
+	}
+	o, err := m.checkStorage(ctx, s, tok, cfg, ring)
+	if err == nil && o.meta.EmergencySealed {
+		err = &hsm.Error{Kind: hsm.Configuration, Op: "configure seal", Err: errors.New("the mount is emergency-sealed: write seal/unseal first")}
+	}
+	if err != nil {
+		ring.Wipe()
+		return nil, err
+	}
+	return o.snapshot(), nil
+}
+
+// checkSealed proves that cfg's sealed keyring opens to ring before it is
+// stored.
+func (m *sealManager) checkSealed(tok *hsm.Token, cfg *sealConfig, ring *seal.Keyring) error {
+	check, err := tok.DecryptGCM(cfg.SealedWith, cfg.SealedKeyring, m.aad)
+	if err != nil {
+		return err
+	}
+	defer clear(check)
+	want, err := ring.Marshal()
+	if err != nil {
+		return err
+	}
+	defer clear(want)
+	if !bytes.Equal(check, want) {
+		return errors.New("the re-sealed root keyring does not open to itself")
+	}
+	return nil
+}
+
+// sameTokenAs reports whether two configurations name the same token.
+func sameTokenAs(a, b *sealConfig) bool {
+	return a.Library == b.Library && a.TokenLabel == b.TokenLabel && sameSlot(a.Slot, b.Slot)
 }
 
 func sameSlot(a, b *uint) bool {
@@ -281,7 +372,9 @@ func ensureKEK(tok *hsm.Token, label string, generate bool) error {
 		return err
 	}
 	if has {
-		return nil
+		// A KEK the plugin adopts rather than generates must be one that
+		// never leaves the token and serves for nothing else.
+		return tok.CheckKEK(label)
 	}
 	if !generate {
 		return &hsm.Error{Kind: hsm.NotFound, Op: "find KEK", Err: fmt.Errorf(

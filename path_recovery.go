@@ -110,24 +110,35 @@ func (b *backend) pathRecoveryInitWrite(ctx context.Context, req *logical.Reques
 	if snap.phase != phaseUnsealed {
 		return nil, sealUnavailable(snap)
 	}
-	public, shares, err := seal.NewRecovery(d.Get("shares").(int), d.Get("threshold").(int))
+	public, macKey, shares, err := seal.NewAuthenticatedRecovery(d.Get("shares").(int), d.Get("threshold").(int))
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
+	meta := *snap.meta
+	meta.RecoveryPublicKey, meta.RecoveryMACKey = public, macKey
+	meta.RecoveryShares, meta.RecoveryThreshold = len(shares), d.Get("threshold").(int)
 	cfg := *snap.cfg
-	cfg.RecoveryPublicKey, cfg.RecoveryShares, cfg.RecoveryThreshold = public, len(shares), d.Get("threshold").(int)
-	if cfg.RecoveryKeyring, err = seal.SealForRecovery(public, m.recoveryInfo(), snap.sealer.Keyring()); err != nil {
+	if cfg.RecoveryKeyring, err = seal.SealForRecoveryWithMAC(public, macKey, m.recoveryInfo(), snap.sealer.Keyring()); err != nil {
+		return nil, err
+	}
+	cfg.RecoveryThreshold = meta.RecoveryThreshold
+	// The public key is sealed first: a crash before the copy is stored
+	// leaves shares nobody received, and the next keyring write makes the
+	// copy for the public key that is sealed, never for one in plaintext.
+	if err := writeSealMeta(ctx, snap.sealer.Wrap(req.Storage), &meta); err != nil {
 		return nil, err
 	}
 	if err := writeSealConfig(ctx, req.Storage, &cfg); err != nil {
 		return nil, err
 	}
-	m.state.Store(&sealSnapshot{phase: phaseUnsealed, cfg: &cfg, sealer: snap.sealer})
-	m.b.Logger().Warn("recovery shares made; earlier shares, if any, no longer work", "shares", len(shares), "threshold", cfg.RecoveryThreshold)
+	next := *snap
+	next.cfg, next.meta = &cfg, &meta
+	m.state.Store(&next)
+	m.b.Logger().Warn("recovery shares made; earlier shares, if any, no longer work", "shares", len(shares), "threshold", meta.RecoveryThreshold)
 
 	resp := &logical.Response{Data: map[string]interface{}{
 		"shares":    shares,
-		"threshold": cfg.RecoveryThreshold,
+		"threshold": meta.RecoveryThreshold,
 	}}
 	resp.AddWarning("the shares are shown this once: give each to a different custodian; any earlier shares no longer work")
 	if lost, err := m.b.hsmKeyNames(ctx, req.Storage); err == nil && len(lost) > 0 {
@@ -136,9 +147,10 @@ func (b *backend) pathRecoveryInitWrite(ctx context.Context, req *logical.Reques
 	return resp, nil
 }
 
-// pathRecoveryRestoreWrite opens the recovery copy with the shares, seals the
-// keyring with the new HSM settings and unseals. Nothing changes unless the
-// shares open the copy and the new HSM seals it.
+// pathRecoveryRestoreWrite opens the recovery copy with the shares, checks
+// that the keyring it holds is this mount's, seals it with the new HSM
+// settings and unseals. Nothing changes unless all of that works, and
+// nothing is done for a mount whose HSM still opens its keyring.
 func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	m := b.seal
 	m.mu.Lock()
@@ -147,15 +159,30 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	if err != nil {
 		return nil, err
 	}
-	if cur == nil || cur.RecoveryPublicKey == nil {
+	if cur == nil || cur.RecoveryKeyring == nil {
 		return logical.ErrorResponse("recovery is not set up for this mount: seal/recovery/init makes the shares"), logical.ErrInvalidRequest
+	}
+	if err := m.checkCannotUnseal(cur); err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	shares := d.Get("shares").([]string)
 	if len(shares) < cur.RecoveryThreshold {
 		return logical.ErrorResponse("%d shares given; %d are needed", len(shares), cur.RecoveryThreshold), logical.ErrInvalidRequest
 	}
-	ring, err := seal.OpenWithShares(shares, m.recoveryInfo(), cur.RecoveryKeyring)
+	ring, authenticated, err := seal.OpenRecovery(shares, m.recoveryInfo(), cur.RecoveryKeyring)
 	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	adopted := false
+	defer func() {
+		if !adopted {
+			ring.Wipe()
+		}
+	}()
+	// The canary: a copy that a storage writer planted (encrypted to the
+	// recovery public key, which is no secret) holds a keyring of theirs,
+	// which does not open what this mount sealed.
+	if err := checkRecoveredKeyring(ctx, req.Storage, ring, authenticated); err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	next, err := mergeSealConfig(cur, d)
@@ -163,30 +190,45 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	next.EmergencySealed = false
+	// An older mount is upgraded under the new KEK.
+	next.SealedWith = next.KeyLabel
 	tok, err := m.openToken(next)
 	if err != nil {
 		return hsmErrorResponse(err)
 	}
+	defer func() {
+		if !adopted {
+			tok.Close()
+		}
+	}()
 	if err := ensureKEK(tok, next.KeyLabel, d.Get("generate_key").(bool)); err != nil {
-		tok.Close()
 		return hsmErrorResponse(err)
 	}
-	if err := m.setKeyring(next, tok, next.KeyLabel, ring); err != nil {
-		tok.Close()
+	o, err := m.checkStorage(ctx, req.Storage, tok, next, ring)
+	if err != nil {
 		return hsmErrorResponse(err)
 	}
-	if err := writeSealConfig(ctx, req.Storage, next); err != nil {
-		tok.Close()
+	meta := *o.meta
+	meta.EmergencySealed = false
+	if err := writeSealMeta(ctx, o.sealer.Wrap(req.Storage), &meta); err != nil {
+		return nil, err
+	}
+	final := *o.cfg
+	if err := m.setKeyring(&final, tok, next.KeyLabel, o.sealer.Keyring(), &meta); err != nil {
+		return hsmErrorResponse(err)
+	}
+	if err := writeSealConfig(ctx, req.Storage, &final); err != nil {
 		return nil, err
 	}
 	m.adoptToken(tok)
-	unsealed := &sealSnapshot{phase: phaseUnsealed, cfg: next, sealer: seal.NewSealer(ring, isPlainPath)}
+	adopted = true
+	unsealed := &sealSnapshot{phase: phaseUnsealed, cfg: &final, meta: &meta, sealer: o.sealer}
 	m.state.Store(unsealed)
 	m.b.dropCachedKeys()
-	m.afterUnseal(ctx, req.Storage, unsealed)
+	unsealed = m.afterUnseal(ctx, req.Storage, unsealed)
 	m.b.Logger().Warn("root keyring recovered from shares and sealed by a new KEK", "token", tok.Describe(), "key_label", next.KeyLabel)
 
-	resp := describeSealConfig(next)
+	resp := describeSealConfig(&final)
 	lost, err := m.b.hsmKeyNames(ctx, unsealed.sealer.Wrap(req.Storage))
 	if err != nil {
 		return nil, err
@@ -196,6 +238,85 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 		resp.AddWarning(fmt.Sprintf("HSM-resident keys cannot be recovered from shares: %s lived only in the lost HSM; delete them", strings.Join(lost, ", ")))
 	}
 	return resp, nil
+}
+
+// checkCannotUnseal refuses recovery for a mount that is unsealed, or whose
+// configured HSM still opens its keyring: recovery is for a lost HSM, and
+// would otherwise list working HSM-resident keys as lost. m.mu is held.
+func (m *sealManager) checkCannotUnseal(cur *sealConfig) error {
+	if m.state.Load().phase == phaseUnsealed {
+		return errors.New("the mount is unsealed: its HSM works, and recovery is only for a mount whose HSM is lost")
+	}
+	tok, err := m.openToken(cur)
+	if err != nil {
+		return nil
+	}
+	defer tok.Close()
+	ring, err := m.unsealWith(tok, cur)
+	if err != nil {
+		return nil
+	}
+	ring.Wipe()
+	return errors.New("the mount's HSM still opens its root keyring: recovery is only for a lost HSM (seal/unseal ends an emergency seal; config/seal changes the HSM settings)")
+}
+
+// checkRecoveredKeyring checks that ring is this mount's. An authenticated
+// copy was made by the mount (or the shares' holders); the keyring must
+// still open the sealed manifest. An older, unauthenticated copy could be a
+// storage writer's, along with a manifest of theirs: then every sealed
+// entry of the mount must open under it, and one at least.
+func checkRecoveredKeyring(ctx context.Context, s logical.Storage, ring *seal.Keyring, authenticated bool) error {
+	refused := errors.New("the recovered keyring does not open this mount's sealed storage: the recovery copy in storage is not this mount's (replaced?); nothing was changed")
+	if ring.Manifested() {
+		if err := seal.NewSealer(ring, isPlainPath).LoadManifest(ctx, s); err != nil {
+			return refused
+		}
+		if authenticated {
+			return nil
+		}
+	}
+	opened, refusedOne := 0, false
+	err := walkEntries(ctx, s, "", func(key string, value []byte) {
+		if isPlainPath(key) || !seal.IsSealed(value) || strings.HasPrefix(key, "manifest/") {
+			return
+		}
+		if _, oerr := ring.Open(key, value); oerr != nil {
+			refusedOne = true
+		} else {
+			opened++
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if opened == 0 || refusedOne {
+		return refused
+	}
+	return nil
+}
+
+// walkEntries calls f for each entry below prefix.
+func walkEntries(ctx context.Context, s logical.Storage, prefix string, f func(key string, value []byte)) error {
+	keys, err := s.List(ctx, prefix)
+	if err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if strings.HasSuffix(k, "/") {
+			if err := walkEntries(ctx, s, prefix+k, f); err != nil {
+				return err
+			}
+			continue
+		}
+		e, err := s.Get(ctx, prefix+k)
+		if err != nil {
+			return err
+		}
+		if e != nil {
+			f(prefix+k, e.Value)
+		}
+	}
+	return nil
 }
 
 // hsmKeyNames lists the HSM-resident keys.
@@ -220,9 +341,9 @@ func (b *backend) dropCachedKeys() {
 	b.aeads.c.purge()
 }
 
-// pathEmergencySealWrite seals the mount at once: the root key and every
-// cached key leave memory, and the mount stays sealed, across restarts,
-// until seal/unseal.
+// pathEmergencySealWrite seals the mount at once: the root key, every
+// cached key and the mount's HSM session leave memory, and the mount stays
+// sealed, across restarts, until seal/unseal.
 func (b *backend) pathEmergencySealWrite(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	m := b.seal
 	m.mu.Lock()
@@ -234,22 +355,39 @@ func (b *backend) pathEmergencySealWrite(ctx context.Context, req *logical.Reque
 	if cfg == nil {
 		return logical.ErrorResponse(errNotConfigured.Error()), logical.ErrInvalidRequest
 	}
+	// Recorded twice: in the sealed state, which a storage writer cannot
+	// undo, and in the plaintext configuration, so that a restart stays
+	// sealed without asking the HSM. Memory goes even if a write failed:
+	// the seal is the point.
+	var errs []error
+	if snap := m.state.Load(); snap.phase == phaseUnsealed {
+		meta := *snap.meta
+		meta.EmergencySealed = true
+		if err := writeSealMeta(ctx, snap.sealer.Wrap(req.Storage), &meta); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	cfg.EmergencySealed = true
 	if err := writeSealConfig(ctx, req.Storage, cfg); err != nil {
-		return nil, fmt.Errorf("recording the emergency seal: %w", err)
+		errs = append(errs, err)
 	}
-	// Memory goes even if storing the flag failed: the seal is the point.
 	m.sealLocked(cfg)
-	m.b.Logger().Warn("emergency seal: root key and cached keys dropped from memory")
+	m.b.Logger().Warn("emergency seal: root key, cached keys and the HSM session dropped from memory")
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("the mount is sealed in memory, but recording the emergency seal failed (a restart would unseal it): %w", err)
+	}
 	return &logical.Response{Data: map[string]interface{}{"sealed": true}}, nil
 }
 
-// sealLocked drops the root key and every cached key; m.mu is held.
+// sealLocked drops the root key, every cached key and the mount's token (its
+// sessions close and the token logs out unless another mount of the process
+// uses the same token and PIN); m.mu is held.
 func (m *sealManager) sealLocked(cfg *sealConfig) {
 	if snap := m.state.Load(); snap.sealer != nil {
 		snap.sealer.Keyring().Wipe()
 	}
 	m.state.Store(&sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true})
+	m.adoptToken(nil)
 	m.b.dropCachedKeys()
 }
 
@@ -268,23 +406,56 @@ func (b *backend) pathUnsealWrite(ctx context.Context, req *logical.Request, _ *
 	if m.state.Load().phase == phaseUnsealed && !cfg.EmergencySealed {
 		return &logical.Response{Data: map[string]interface{}{"sealed": false}}, nil
 	}
-	ring, err := m.openKeyring(cfg)
+	tok, err := m.openToken(cfg)
 	if err != nil {
-		if hsm.IsUnavailable(err) {
-			return nil, logical.CodedError(http.StatusServiceUnavailable, err.Error())
-		}
-		return hsmErrorResponse(err)
+		return unsealErrorResponse(err)
 	}
-	cfg.EmergencySealed = false
-	if err := writeSealConfig(ctx, req.Storage, cfg); err != nil {
+	adopted := false
+	defer func() {
+		if !adopted {
+			tok.Close()
+		}
+	}()
+	ring, err := m.unsealWith(tok, cfg)
+	if err != nil {
+		return unsealErrorResponse(err)
+	}
+	o, err := m.checkStorage(ctx, req.Storage, tok, cfg, ring)
+	if err != nil {
+		ring.Wipe()
+		return unsealErrorResponse(err)
+	}
+	meta := *o.meta
+	meta.EmergencySealed = false
+	if err := writeSealMeta(ctx, o.sealer.Wrap(req.Storage), &meta); err != nil {
 		ring.Wipe()
 		return nil, err
 	}
-	snap := &sealSnapshot{phase: phaseUnsealed, cfg: cfg, sealer: seal.NewSealer(ring, isPlainPath)}
+	next := *o.cfg
+	next.EmergencySealed = false
+	if err := writeSealConfig(ctx, req.Storage, &next); err != nil {
+		ring.Wipe()
+		return nil, err
+	}
+	m.adoptToken(tok)
+	adopted = true
+	snap := &sealSnapshot{phase: phaseUnsealed, cfg: &next, meta: &meta, sealer: o.sealer}
 	m.state.Store(snap)
 	m.afterUnseal(ctx, req.Storage, snap)
 	m.b.Logger().Warn("unsealed after an emergency seal")
 	return &logical.Response{Data: map[string]interface{}{"sealed": false}}, nil
+}
+
+// unsealErrorResponse answers a failed seal/unseal: 503 while the HSM cannot
+// be reached, otherwise as config/seal does.
+func unsealErrorResponse(err error) (*logical.Response, error) {
+	if hsm.IsUnavailable(err) {
+		return nil, logical.CodedError(http.StatusServiceUnavailable, err.Error())
+	}
+	if errors.Is(err, errStorageNotSealed) {
+		return nil, err
+	}
+	return hsmErrorResponse(err)
 }
 
 const pathRecoveryInitHelpSyn = `Set up M-of-N recovery of the mount's root key`

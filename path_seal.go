@@ -2,6 +2,7 @@ package hsmtransit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 
@@ -75,11 +76,22 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 		data["root_key_version"] = ring.Active()
 		data["rotation_pending"] = len(ring.Versions()) > 1
 	}
-	if cfg := snap.cfg; cfg != nil {
-		data["recovery_initialized"] = cfg.RecoveryPublicKey != nil
-		data["recovery_shares"] = cfg.RecoveryShares
+	if snap.problem != nil {
+		data["last_error"] = snap.problem.Error()
+	}
+	if meta := snap.meta; meta != nil {
+		data["recovery_initialized"] = meta.RecoveryPublicKey != nil
+		// Recovery set up by a version before copies were authenticated:
+		// seal/recovery/init again makes shares whose copies are.
+		data["recovery_authenticated"] = meta.RecoveryMACKey != nil
+		data["recovery_shares"] = meta.RecoveryShares
+		data["recovery_threshold"] = meta.RecoveryThreshold
+		data["emergency_sealed"] = meta.EmergencySealed
+	} else if cfg := snap.cfg; cfg != nil {
+		// Sealed: what the plaintext configuration says, unverified.
+		data["recovery_initialized"] = cfg.RecoveryKeyring != nil
 		data["recovery_threshold"] = cfg.RecoveryThreshold
-		data["emergency_sealed"] = cfg.EmergencySealed
+		data["emergency_sealed"] = cfg.EmergencySealed || errors.Is(snap.lastErr, errEmergencySealed)
 	}
 	return &logical.Response{Data: data}, nil
 }
@@ -96,6 +108,9 @@ func (b *backend) pathSealRotateWrite(ctx context.Context, req *logical.Request,
 	snap := m.state.Load()
 	if snap.phase != phaseUnsealed {
 		return nil, sealUnavailable(snap)
+	}
+	if m.token == nil {
+		return nil, logical.CodedError(http.StatusServiceUnavailable, "no HSM token is open for this mount; check seal/status")
 	}
 	newKey, err := m.token.Random(seal.RootKeySize)
 	if err != nil {
@@ -130,13 +145,15 @@ func (m *sealManager) storeKeyringLocked(ctx context.Context, s logical.Storage,
 		return logical.CodedError(http.StatusServiceUnavailable, "no HSM token is open for this mount; check config/seal")
 	}
 	cfg := *snap.cfg
-	if err := m.setKeyring(&cfg, m.token, cfg.SealedWith, ring); err != nil {
+	if err := m.setKeyring(&cfg, m.token, cfg.SealedWith, ring, snap.meta); err != nil {
 		return err
 	}
 	if err := writeSealConfig(ctx, s, &cfg); err != nil {
 		return err
 	}
-	m.state.Store(&sealSnapshot{phase: phaseUnsealed, cfg: &cfg, sealer: snap.sealer})
+	next := *snap
+	next.cfg = &cfg
+	m.state.Store(&next)
 	return nil
 }
 
@@ -161,6 +178,23 @@ func (m *sealManager) resumeRotation(ctx context.Context, s logical.Storage) {
 // interrupted rotation completes after a restart. m.mu is held.
 func (m *sealManager) finishRotationLocked(ctx context.Context, s logical.Storage, snap *sealSnapshot) (int, error) {
 	n, err := snap.sealer.ResealAll(ctx, s)
+	var planted *seal.PlaintextEntriesError
+	var unreadable *seal.UnreadableEntriesError
+	var problem error
+	if errors.As(err, &planted) || errors.As(err, &unreadable) {
+		// Entries that the plugin did not write (planted in plaintext,
+		// edited, or older copies put back): never adopted, and
+		// reported until a rotation finds them gone. They do not hold
+		// the rotation up: nothing of the mount can be read from them,
+		// before or after the old root key versions go.
+		m.b.Logger().Error("storage holds entries this mount did not seal, or older copies of its entries; they are refused", "error", err)
+		problem, err = err, nil
+	}
+	if cur := m.state.Load(); cur.problem != problem {
+		next := *cur
+		next.problem = problem
+		m.state.Store(&next)
+	}
 	if err != nil {
 		return n, fmt.Errorf("re-encrypting entries under the new root key (the rotation completes at the next rotation or restart): %w", err)
 	}
@@ -169,6 +203,9 @@ func (m *sealManager) finishRotationLocked(ctx context.Context, s logical.Storag
 		return n, err
 	}
 	snap.sealer.SetKeyring(pruned)
+	if err := snap.sealer.CompactManifest(ctx, s); err != nil {
+		m.b.Logger().Warn("compacting the manifest after the rotation", "error", err)
+	}
 	m.b.Logger().Info("root key rotated", "root_key_version", pruned.Active(), "entries_resealed", n)
 	return n, nil
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,9 +34,13 @@ const (
 // isPlainPath reports the storage paths the root key does not encrypt.
 func isPlainPath(path string) bool { return strings.HasPrefix(path, sealPrefix) }
 
-// sealConfig is the stored seal configuration. Everything in it is
-// non-secret except a literal PIN (env:// and file:// references keep the
-// PIN out of storage); the keyring is sealed by the KEK.
+// sealConfig is the stored seal configuration, kept in plaintext: it is
+// what unsealing needs before the root key is known. A storage writer can
+// edit it, so nothing in it is trusted beyond that: the sealed keyring is
+// authenticated by the KEK (the mount bound in its AAD), a changed library,
+// token, PIN or label at worst fails to unseal, and everything that the
+// unsealed mount acts on (the recovery public key, the emergency seal) lives
+// in sealMeta, sealed under the root key.
 type sealConfig struct {
 	Library    string `json:"library"`
 	TokenLabel string `json:"token_label,omitempty"`
@@ -49,20 +52,74 @@ type sealConfig struct {
 	// AAD.
 	SealedKeyring []byte `json:"sealed_keyring"`
 	SealedWith    string `json:"sealed_with"`
-	// RootKeyVersion is the active root key version, for status.
+	// RootKeyVersion is the active root key version, for status while
+	// sealed.
 	RootKeyVersion uint32 `json:"root_key_version"`
 
-	// The recovery copy: the same keyring encrypted to a public key whose
-	// private half only M of N shares rebuild. Kept in this entry so that
-	// it changes with the keyring in one write.
-	RecoveryPublicKey []byte `json:"recovery_public_key,omitempty"`
+	// RecoveryKeyring is the recovery copy: the keyring encrypted to the
+	// recovery public key, opened only by M of N shares. It stays here,
+	// not in sealMeta, because it is what recovers a mount whose HSM is
+	// lost, when nothing sealed can be read; it changes with the keyring in
+	// one write. RecoveryThreshold is a hint for restore's message; the
+	// shares themselves decide.
 	RecoveryKeyring   []byte `json:"recovery_keyring,omitempty"`
-	RecoveryShares    int    `json:"recovery_shares,omitempty"`
 	RecoveryThreshold int    `json:"recovery_threshold,omitempty"`
 
-	// EmergencySealed holds the mount sealed, across restarts, until
-	// seal/unseal.
+	// EmergencySealed keeps the mount sealed across restarts without
+	// touching the HSM. Clearing it here changes nothing: sealMeta holds
+	// the flag too, checked at every unseal.
 	EmergencySealed bool `json:"emergency_sealed,omitempty"`
+
+	// Written by versions that kept the recovery public key in plaintext;
+	// moved into sealMeta once, when such a mount is first unsealed.
+	LegacyRecoveryPublicKey []byte `json:"recovery_public_key,omitempty"`
+	LegacyRecoveryShares    int    `json:"recovery_shares,omitempty"`
+}
+
+// sealMetaPath holds sealMeta, sealed under the root key (and so in the
+// manifest, which refuses an older copy).
+const sealMetaPath = "config/seal-state"
+
+// sealMeta is the seal's state that only the unsealed mount reads.
+type sealMeta struct {
+	// RecoveryPublicKey receives every new recovery copy; a storage writer
+	// who could change it would get the next root keyring.
+	RecoveryPublicKey []byte `json:"recovery_public_key,omitempty"`
+	RecoveryShares    int    `json:"recovery_shares,omitempty"`
+	RecoveryThreshold int    `json:"recovery_threshold,omitempty"`
+	// RecoveryMACKey authenticates every recovery copy, so that restore
+	// can tell the mount's copy from one a storage writer made for the
+	// public key. Copies of a recovery set made before it existed are not
+	// authenticated (restore then checks them against every sealed entry).
+	RecoveryMACKey  []byte `json:"recovery_mac_key,omitempty"`
+	EmergencySealed bool   `json:"emergency_sealed,omitempty"`
+	// MigrationPending is set at the first seal until every entry written
+	// before it (a mount taken over from built-in transit) is encrypted:
+	// the one time plaintext entries are adopted.
+	MigrationPending bool `json:"migration_pending,omitempty"`
+}
+
+func readSealMeta(ctx context.Context, s logical.Storage) (*sealMeta, error) {
+	e, err := s.Get(ctx, sealMetaPath)
+	if err != nil {
+		return nil, fmt.Errorf("reading the seal state: %w", err)
+	}
+	if e == nil {
+		return nil, nil
+	}
+	var meta sealMeta
+	if err := json.Unmarshal(e.Value, &meta); err != nil {
+		return nil, fmt.Errorf("decoding the seal state: %w", err)
+	}
+	return &meta, nil
+}
+
+func writeSealMeta(ctx context.Context, s logical.Storage, meta *sealMeta) error {
+	b, err := json.Marshal(meta)
+	if err != nil {
+		return err
+	}
+	return s.Put(ctx, &logical.StorageEntry{Key: sealMetaPath, Value: b, SealWrap: true})
 }
 
 // pinSource tells how the PIN is given, for status without the PIN.
@@ -74,31 +131,6 @@ func (c *sealConfig) pinSource() string {
 		return "file"
 	}
 	return "value"
-}
-
-// resolvePIN returns the PIN a configuration names.
-func resolvePIN(ref string) (string, error) {
-	switch {
-	case strings.HasPrefix(ref, "env://"):
-		name := strings.TrimPrefix(ref, "env://")
-		pin := os.Getenv(name)
-		if pin == "" {
-			return "", fmt.Errorf("the PIN's environment variable %s is not set in the plugin's environment (vault plugin register -env %s=...)", name, name)
-		}
-		return pin, nil
-	case strings.HasPrefix(ref, "file://"):
-		path := strings.TrimPrefix(ref, "file://")
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return "", fmt.Errorf("reading the PIN file %s: %w", path, err)
-		}
-		pin := strings.TrimRight(string(b), "\r\n")
-		if pin == "" {
-			return "", fmt.Errorf("the PIN file %s is empty", path)
-		}
-		return pin, nil
-	}
-	return ref, nil
 }
 
 // hsmConfig is the token configuration of a seal configuration.
@@ -123,9 +155,16 @@ const (
 // sealSnapshot is an immutable view of the seal's state, read without locks
 // on every request.
 type sealSnapshot struct {
-	phase  sealPhase
-	cfg    *sealConfig
+	phase sealPhase
+	cfg   *sealConfig
+	// meta and sealer are set when unsealed.
+	meta   *sealMeta
 	sealer *seal.Sealer
+	// problem is a fault found in storage while unsealed that does not
+	// seal the mount (entries planted in plaintext), for seal/status.
+	problem error
+	// migrated counts the entries the first seal encrypted.
+	migrated int
 	// lastErr is why the mount is sealed; permanent errors (a refused PIN,
 	// a KEK that does not open the keyring) stop the retries.
 	lastErr   error
@@ -258,13 +297,18 @@ func (m *sealManager) tryUnseal(ctx context.Context, under logical.Storage, forc
 // or records why it cannot. m.mu is held.
 func (m *sealManager) unsealLocked(ctx context.Context, under logical.Storage, cfg *sealConfig) *sealSnapshot {
 	prev := m.state.Load()
-	ring, err := m.openKeyring(cfg)
+	snap, err := m.openMount(ctx, under, cfg)
 	if err != nil {
-		snap := &sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: err}
-		switch hsm.KindOf(err) {
-		case hsm.Credentials, hsm.Failed, hsm.Configuration:
+		snap = &sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: err}
+		switch kind := hsm.KindOf(err); {
+		case (kind == hsm.Credentials && !hsm.IsLoginLimited(err)) || kind == hsm.Failed || kind == hsm.Configuration:
 			snap.permanent = true
 		default:
+			// Also the bound on failed logins, which a neighbouring
+			// mount may have reached: it passes by itself.
+			// Storage that does not check out (edited, or not readable
+			// now) is retried like an unreachable HSM: nothing of it is
+			// adopted meanwhile.
 			snap.backoff = min(max(2*prev.backoff, unsealRetryFirst), unsealRetryMax)
 			snap.nextTry = time.Now().Add(snap.backoff)
 			m.wake()
@@ -273,16 +317,19 @@ func (m *sealManager) unsealLocked(ctx context.Context, under logical.Storage, c
 		m.state.Store(snap)
 		return snap
 	}
-	snap := &sealSnapshot{phase: phaseUnsealed, cfg: cfg, sealer: seal.NewSealer(ring, isPlainPath)}
 	m.state.Store(snap)
-	m.b.Logger().Info("unsealed the mount's root key", "token", m.token.Describe(), "key_label", cfg.SealedWith, "root_key_version", ring.Active())
-	m.afterUnseal(ctx, under, snap)
-	return snap
+	if snap.phase != phaseUnsealed {
+		m.b.Logger().Warn("the mount stays sealed", "reason", snap.lastErr)
+		return snap
+	}
+	m.b.Logger().Info("unsealed the mount's root key", "token", m.token.Describe(), "key_label", cfg.SealedWith, "root_key_version", snap.sealer.Keyring().Active())
+	return m.afterUnseal(ctx, under, snap)
 }
 
-// openKeyring unseals the stored keyring with the configured token, which
-// becomes the mount's token on success. m.mu is held.
-func (m *sealManager) openKeyring(cfg *sealConfig) (*seal.Keyring, error) {
+// openMount unseals the stored keyring with the configured token and checks
+// storage against it. On success the token becomes the mount's. m.mu is
+// held.
+func (m *sealManager) openMount(ctx context.Context, under logical.Storage, cfg *sealConfig) (*sealSnapshot, error) {
 	tok, err := m.openToken(cfg)
 	if err != nil {
 		return nil, err
@@ -292,12 +339,27 @@ func (m *sealManager) openKeyring(cfg *sealConfig) (*seal.Keyring, error) {
 		tok.Close()
 		return nil, err
 	}
+	o, err := m.checkStorage(ctx, under, tok, cfg, ring)
+	if err != nil || o.meta.EmergencySealed {
+		ring.Wipe()
+		tok.Close()
+		if err != nil {
+			return nil, err
+		}
+		return &sealSnapshot{phase: phaseSealed, cfg: o.cfg, lastErr: errEmergencySealed, permanent: true}, nil
+	}
 	m.adoptToken(tok)
-	return ring, nil
+	return o.snapshot(), nil
 }
 
 // unsealWith opens cfg's sealed keyring with tok.
 func (m *sealManager) unsealWith(tok *hsm.Token, cfg *sealConfig) (*seal.Keyring, error) {
+	if strings.HasPrefix(cfg.SealedWith, hsmNamespace) {
+		// Only a storage writer or an older version's officer puts an
+		// HSM-resident key's label here.
+		return nil, &hsm.Error{Kind: hsm.Configuration, Op: "unseal root key", Err: fmt.Errorf(
+			"the keyring is recorded as sealed by %q, a label of the plugin's HSM-resident keys; refusing to use it", cfg.SealedWith)}
+	}
 	raw, err := tok.DecryptGCM(cfg.SealedWith, cfg.SealedKeyring, m.aad)
 	if err != nil {
 		if hsm.KindOf(err) == hsm.Failed {
@@ -310,9 +372,144 @@ func (m *sealManager) unsealWith(tok *hsm.Token, cfg *sealConfig) (*seal.Keyring
 	return seal.UnmarshalKeyring(raw)
 }
 
+// errStorageNotSealed is what storage that the keyring does not vouch for
+// is: edited, replayed or planted outside the plugin.
+var errStorageNotSealed = errors.New("the mount's storage does not check out against its root keyring")
+
+// openedMount is a keyring checked against storage, with what storage holds
+// sealed for the seal.
+type openedMount struct {
+	cfg    *sealConfig
+	meta   *sealMeta
+	sealer *seal.Sealer
+}
+
+func (o *openedMount) snapshot() *sealSnapshot {
+	return &sealSnapshot{phase: phaseUnsealed, cfg: o.cfg, meta: o.meta, sealer: o.sealer}
+}
+
+// checkStorage builds the sealer over ring and checks the mount's storage
+// against it: the manifest of entries must open under the keyring, and the
+// sealed seal state with it. A mount sealed by an older version, which had
+// no manifest, is upgraded here (cfg.SealedWith names the KEK in tok that
+// seals the upgraded keyring). m.mu is held.
+func (m *sealManager) checkStorage(ctx context.Context, under logical.Storage, tok *hsm.Token, cfg *sealConfig, ring *seal.Keyring) (*openedMount, error) {
+	sealer := seal.NewSealer(ring, isPlainPath)
+	if !ring.Manifested() {
+		return m.upgradeLocked(ctx, under, tok, cfg, sealer)
+	}
+	if err := sealer.LoadManifest(ctx, under); err != nil {
+		return nil, fmt.Errorf("%w: %w", errStorageNotSealed, err)
+	}
+	meta, err := readSealMeta(ctx, sealer.Wrap(under))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errStorageNotSealed, err)
+	}
+	if meta == nil {
+		return nil, fmt.Errorf("%w: the sealed seal state (%s) is missing", errStorageNotSealed, sealMetaPath)
+	}
+	return &openedMount{cfg: cfg, meta: meta, sealer: sealer}, nil
+}
+
+// upgradeLocked brings a mount sealed by a version without a manifest up to
+// date: the manifest is built from the entries present (sealed ones only),
+// the seal state moves from the plaintext configuration into its sealed
+// entry (trusted this once: nothing authenticated it before), and the
+// keyring is sealed again with the flag that makes the manifest required
+// from now on. A crash before the last write leaves the mount as it was,
+// and the upgrade runs again. m.mu is held.
+func (m *sealManager) upgradeLocked(ctx context.Context, under logical.Storage, tok *hsm.Token, cfg *sealConfig, sealer *seal.Sealer) (*openedMount, error) {
+	meta, err := m.upgradeManifestLocked(ctx, under, cfg, sealer)
+	if err != nil {
+		return nil, err
+	}
+	ring := sealer.Keyring().WithManifest()
+	sealer.SetKeyring(ring)
+	next := *cfg
+	next.LegacyRecoveryPublicKey, next.LegacyRecoveryShares = nil, 0
+	if err := m.setKeyring(&next, tok, cfg.SealedWith, ring, meta); err != nil {
+		return nil, err
+	}
+	if err := writeSealConfig(ctx, under, &next); err != nil {
+		return nil, err
+	}
+	// Entries of the older format all have generation 0, so that a replay
+	// among their copies would pass: give each a generation now. One that
+	// fails stays readable, and the next root key rotation does it.
+	n, err := sealer.ResealAll(ctx, under)
+	m.b.Logger().Info("upgraded the mount's seal: its entries are now bound to a sealed manifest", "entries_resealed", n, "error", err)
+	return &openedMount{cfg: &next, meta: meta, sealer: sealer}, nil
+}
+
+// upgradeManifestLocked gives an upgrading mount its manifest and sealed
+// state. When both already open under the keyring, an earlier upgrade got
+// that far (and crashed before storing the configuration), or the stored
+// configuration is an older one replayed: either way they are kept as they
+// are, and nothing of the plaintext configuration is taken over. m.mu is
+// held.
+func (m *sealManager) upgradeManifestLocked(ctx context.Context, under logical.Storage, cfg *sealConfig, sealer *seal.Sealer) (*sealMeta, error) {
+	if err := sealer.LoadManifest(ctx, under); err == nil {
+		meta, err := readSealMeta(ctx, sealer.Wrap(under))
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", errStorageNotSealed, err)
+		}
+		if meta != nil {
+			return meta, nil
+		}
+	} else if !errors.Is(err, seal.ErrNoManifest) {
+		return nil, fmt.Errorf("%w: %w", errStorageNotSealed, err)
+	}
+	if err := checkNeverManifested(ctx, under, sealer.Keyring()); err != nil {
+		return nil, err
+	}
+	if err := sealer.InitManifest(ctx, under); err != nil {
+		return nil, fmt.Errorf("building the manifest of the mount's entries: %w", err)
+	}
+	meta := &sealMeta{
+		RecoveryPublicKey: cfg.LegacyRecoveryPublicKey,
+		RecoveryShares:    cfg.LegacyRecoveryShares,
+		RecoveryThreshold: cfg.RecoveryThreshold,
+		EmergencySealed:   cfg.EmergencySealed,
+	}
+	if err := writeSealMeta(ctx, sealer.Wrap(under), meta); err != nil {
+		return nil, err
+	}
+	return meta, nil
+}
+
+// checkNeverManifested refuses to upgrade storage that was under a manifest
+// already: a piece of a manifest, or an entry that opens under ring with a
+// generation (only a manifest hands them out). Then the configuration is an
+// older one put back, with the manifest removed, to make the upgrade trust
+// its plaintext fields again.
+func checkNeverManifested(ctx context.Context, under logical.Storage, ring *seal.Keyring) error {
+	var found string
+	err := walkEntries(ctx, under, "", func(key string, value []byte) {
+		switch {
+		case found != "" || isPlainPath(key):
+		case strings.HasPrefix(key, "manifest/"):
+			found = key
+		default:
+			if gen, ok := seal.SealedGeneration(value); ok && gen > 0 {
+				if _, err := ring.Open(key, value); err == nil {
+					found = key
+				}
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if found != "" {
+		return fmt.Errorf("%w: the stored configuration predates the manifest, but %s was written under one: an older configuration was put back and the manifest removed; refusing to upgrade again", errStorageNotSealed, found)
+	}
+	return nil
+}
+
 // setKeyring puts ring in cfg: sealed under tok's KEK label, and in the
-// recovery copy when recovery is set up.
-func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, label string, ring *seal.Keyring) error {
+// recovery copy when meta has a recovery public key (otherwise any copy in
+// cfg is dropped).
+func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, label string, ring *seal.Keyring, meta *sealMeta) error {
 	raw, err := ring.Marshal()
 	if err != nil {
 		return err
@@ -322,10 +519,15 @@ func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, label string, 
 	if err != nil {
 		return err
 	}
-	if cfg.RecoveryPublicKey != nil {
-		if cfg.RecoveryKeyring, err = seal.SealForRecovery(cfg.RecoveryPublicKey, m.recoveryInfo(), ring); err != nil {
+	// meta is the authority now: whatever an older version (or a storage
+	// writer) left in the plaintext fields goes.
+	cfg.LegacyRecoveryPublicKey, cfg.LegacyRecoveryShares = nil, 0
+	cfg.RecoveryKeyring, cfg.RecoveryThreshold = nil, 0
+	if meta != nil && meta.RecoveryPublicKey != nil {
+		if cfg.RecoveryKeyring, err = seal.SealForRecoveryWithMAC(meta.RecoveryPublicKey, meta.RecoveryMACKey, m.recoveryInfo(), ring); err != nil {
 			return fmt.Errorf("updating the recovery copy: %w", err)
 		}
+		cfg.RecoveryThreshold = meta.RecoveryThreshold
 	}
 	cfg.SealedKeyring, cfg.SealedWith, cfg.RootKeyVersion = sealed, label, ring.Active()
 	return nil
@@ -359,17 +561,47 @@ func (m *sealManager) adoptToken(tok *hsm.Token) {
 // nil before the mount was unsealed.
 func (m *sealManager) currentToken() *hsm.Token { return m.current.Load() }
 
-// afterUnseal finishes what a crash may have interrupted (a root key
-// rotation) and loads what lives in sealed storage.
-func (m *sealManager) afterUnseal(ctx context.Context, under logical.Storage, snap *sealSnapshot) {
+// afterUnseal finishes what a crash may have interrupted (the first seal's
+// migration, a root key rotation) and loads what lives in sealed storage.
+// It returns the snapshot now current. m.mu is held.
+func (m *sealManager) afterUnseal(ctx context.Context, under logical.Storage, snap *sealSnapshot) *sealSnapshot {
+	if snap.meta.MigrationPending {
+		snap = m.migrateLocked(ctx, under, snap)
+	}
 	if len(snap.sealer.Keyring().Versions()) > 1 {
 		if _, err := m.finishRotationLocked(ctx, under, snap); err != nil {
 			m.b.Logger().Error("finishing an interrupted root key rotation", "error", err)
 		}
+		snap = m.state.Load()
 	}
 	if err := m.b.loadCacheSize(ctx, snap.sealer.Wrap(under)); err != nil {
 		m.b.Logger().Warn("reading cache-config", "error", err)
 	}
+	return snap
+}
+
+// migrateLocked encrypts the entries written before the first seal, the
+// one time plaintext entries are adopted, then records that it is done.
+// m.mu is held.
+func (m *sealManager) migrateLocked(ctx context.Context, under logical.Storage, snap *sealSnapshot) *sealSnapshot {
+	n, err := snap.sealer.MigrateAll(ctx, under)
+	if err != nil {
+		m.b.Logger().Error("encrypting the entries stored before the seal (retried at the next unseal)", "error", err)
+		return snap
+	}
+	meta := *snap.meta
+	meta.MigrationPending = false
+	if err := writeSealMeta(ctx, snap.sealer.Wrap(under), &meta); err != nil {
+		m.b.Logger().Error("recording the end of the first seal's migration", "error", err)
+		return snap
+	}
+	next := *snap
+	next.meta, next.migrated = &meta, n
+	m.state.Store(&next)
+	if n > 0 {
+		m.b.Logger().Info("encrypted the entries stored before the seal", "entries", n)
+	}
+	return &next
 }
 
 // wake asks the background loop to look again.
@@ -488,7 +720,16 @@ func (b *backend) gateExistence(f framework.ExistenceFunc) framework.ExistenceFu
 		}
 		sealed := *req
 		sealed.Storage = s
-		return f(ctx, &sealed, d)
+		exists, err := f(ctx, &sealed, d)
+		if errors.Is(err, seal.ErrEntryRefused) {
+			// Vault hides an existence check's error behind "internal
+			// error"; the handler meets the same refused entry and says
+			// what it is. Only a refusal, which no retry changes, is
+			// passed on: a transient error here must not turn a create
+			// into an update for ACL purposes.
+			return true, nil
+		}
+		return exists, err
 	}
 }
 

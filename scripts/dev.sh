@@ -122,7 +122,9 @@ EOF
 		done
 	fi
 
-	"$vault" plugin register -sha256="$sum" -version="$version" -command="$plugin_name" secret "$plugin_name" >/dev/null
+	# The PIN file is the one PIN source this registration allows.
+	"$vault" plugin register -sha256="$sum" -version="$version" -command="$plugin_name" \
+		-env="HSM_TRANSIT_PIN_FILES=$dev/softhsm/pin" secret "$plugin_name" >/dev/null
 	if "$vault" read sys/mounts/transit >/dev/null 2>&1; then
 		"$vault" secrets tune -plugin-version="$version" transit/ >/dev/null
 		"$vault" write sys/plugins/reload/backend mounts=transit/ >/dev/null
