@@ -34,7 +34,7 @@ const (
 func errPINSourceRefused(ref string) error {
 	switch {
 	case strings.HasPrefix(ref, "env://"):
-		return fmt.Errorf("the PIN source %s is not allowed or not set: the operator allows environment variables with vault plugin register -env %s=NAME (default %s) and sets them with -env NAME=...",
+		return fmt.Errorf("the PIN source %s is not allowed or not set: the operator allows environment variables with vault plugin register -env %s=NAME (default %s) and sets them with -env NAME=<pin>",
 			ref, pinEnvAllowEnv, defaultPINEnv)
 	default:
 		return fmt.Errorf("the PIN source %s is not allowed or cannot be read: the operator allows PIN files with vault plugin register -env %s=/path/to/pin (a regular file of at most %d bytes)",
