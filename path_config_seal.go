@@ -42,6 +42,10 @@ func (b *backend) pathConfigSeal() *framework.Path {
 				Type:        framework.TypeBool,
 				Description: "Create the KEK in the token when there is no key with key_label.",
 			},
+			"anti_rollback": {
+				Type:        framework.TypeBool,
+				Description: "Keep the storage manifest's anchor in the token and refuse, at unseal, storage rolled back to an older snapshot. One token write per storage write of the mount.",
+			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{
@@ -173,6 +177,10 @@ func (b *backend) pathConfigSealWrite(ctx context.Context, req *logical.Request,
 		}
 		return hsmErrorResponse(err)
 	}
+	if err := m.applyAntiRollbackLocked(ctx, req.Storage, d); err != nil {
+		return hsmErrorResponse(err)
+	}
+	resp.Data["anti_rollback"] = m.state.Load().meta.AntiRollback
 	if next.pinSource() == "value" {
 		resp.AddWarning("the PIN is kept in Vault's storage (encrypted by Vault's barrier); pin=env://NAME or pin=file:///path keeps it out of storage")
 	}
@@ -212,6 +220,9 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 	if err := s.Delete(ctx, sealMetaPath); err != nil {
 		return nil, err
 	}
+	if err := checkNothingSealed(ctx, s); err != nil {
+		return nil, err
+	}
 	sealer := seal.NewSealer(ring, isPlainPath)
 	if err := sealer.InitManifest(ctx, s); err != nil {
 		return nil, fmt.Errorf("writing the manifest of the mount's entries: %w", err)
@@ -241,6 +252,28 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 		resp.AddWarning("the mount is sealed, but some entries stored before it could not be encrypted yet; this is retried at every unseal (see the plugin's log)")
 	}
 	return resp, nil
+}
+
+// checkNothingSealed refuses a first seal over storage that a seal wrote
+// before: its configuration is gone (removed outside the plugin), and
+// sealing again would adopt whatever plaintext entries were planted beside
+// the mount's sealed ones. A failed first seal leaves only the manifest,
+// which is written anew.
+func checkNothingSealed(ctx context.Context, s logical.Storage) error {
+	var found string
+	err := walkEntries(ctx, s, "", func(key string, value []byte) {
+		if found == "" && !isPlainPath(key) && !strings.HasPrefix(key, "manifest/") && seal.IsSealed(value) {
+			found = key
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if found != "" {
+		return &hsm.Error{Kind: hsm.Configuration, Op: "seal mount", Err: fmt.Errorf(
+			"the mount's storage holds sealed entries (%s) but no seal configuration: it was removed outside the plugin; put seal/config back, or use seal/recovery/restore", found)}
+	}
+	return nil
 }
 
 // reconfigureLocked applies a new configuration to a sealed mount. The
@@ -352,6 +385,19 @@ func (m *sealManager) checkSealed(tok *hsm.Token, cfg *sealConfig, ring *seal.Ke
 	defer clear(want)
 	if !bytes.Equal(check, want) {
 		return errors.New("the re-sealed root keyring does not open to itself")
+	}
+	return nil
+}
+
+// applyAntiRollbackLocked applies anti_rollback when given, and otherwise
+// keeps an anchor that is on current in the token the mount uses now (after
+// a change of token). m.mu is held.
+func (m *sealManager) applyAntiRollbackLocked(ctx context.Context, s logical.Storage, d *framework.FieldData) error {
+	if v, ok := d.GetOk("anti_rollback"); ok {
+		return m.setAntiRollbackLocked(ctx, s, v.(bool))
+	}
+	if snap := m.state.Load(); snap.meta != nil && snap.meta.AntiRollback {
+		return m.setAntiRollbackLocked(ctx, s, true)
 	}
 	return nil
 }

@@ -47,6 +47,10 @@ func (b *backend) pathRecoveryRestore() *framework.Path {
 		Type:        framework.TypeCommaStringSlice,
 		Description: "At least threshold recovery shares, as seal/recovery/init returned them.",
 	}
+	fields["legacy_copy"] = &framework.FieldSchema{
+		Type:        framework.TypeBool,
+		Description: "Accept a recovery copy that is not authenticated (made before copies were); only when storage is known to be intact.",
+	}
 	return &framework.Path{
 		Pattern: "seal/recovery/restore",
 		DisplayAttrs: &framework.DisplayAttributes{
@@ -173,6 +177,13 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
+	if !authenticated && !d.Get("legacy_copy").(bool) {
+		// Anyone who knows the public key can make such a copy, and a
+		// storage writer who also moves the mount's entries aside leaves
+		// no canary to tell theirs from the mount's.
+		ring.Wipe()
+		return logical.ErrorResponse("the recovery copy is not authenticated (made by an older version, or planted by whoever can write storage): nothing was changed; if the shares are from a recovery set made before copies were authenticated and storage is known to be intact, restore with legacy_copy=true"), logical.ErrInvalidRequest
+	}
 	adopted := false
 	defer func() {
 		if !adopted {
@@ -227,6 +238,10 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	m.b.dropCachedKeys()
 	unsealed = m.afterUnseal(ctx, req.Storage, unsealed)
 	m.b.Logger().Warn("root keyring recovered from shares and sealed by a new KEK", "token", tok.Describe(), "key_label", next.KeyLabel)
+	// The anchor lived in the lost HSM: the new one keeps it from now on.
+	if err := m.applyAntiRollbackLocked(ctx, req.Storage, d); err != nil {
+		return hsmErrorResponse(err)
+	}
 
 	resp := describeSealConfig(&final)
 	lost, err := m.b.hsmKeyNames(ctx, unsealed.sealer.Wrap(req.Storage))
@@ -360,12 +375,28 @@ func (b *backend) pathEmergencySealWrite(ctx context.Context, req *logical.Reque
 	// sealed without asking the HSM. Memory goes even if a write failed:
 	// the seal is the point.
 	var errs []error
-	if snap := m.state.Load(); snap.phase == phaseUnsealed {
+	snap := m.state.Load()
+	if snap.phase != phaseUnsealed {
+		// Sealed (the HSM away, or sealed already by a seal/seal that
+		// could only be recorded in plaintext): open the sealed state if
+		// the HSM allows, so that the flag is recorded where a storage
+		// writer cannot clear it.
+		if opened, err := m.openMount(ctx, req.Storage, cfg); err == nil {
+			snap = opened
+		}
+	}
+	// openMount stays sealed only when the sealed state records an
+	// emergency seal already.
+	recorded := snap.phase == phaseSealed && snap != m.state.Load() && errors.Is(snap.lastErr, errEmergencySealed)
+	if snap.phase == phaseUnsealed {
 		meta := *snap.meta
 		meta.EmergencySealed = true
 		if err := writeSealMeta(ctx, snap.sealer.Wrap(req.Storage), &meta); err != nil {
 			errs = append(errs, err)
+		} else {
+			recorded = true
 		}
+		snap.sealer.Keyring().Wipe()
 	}
 	cfg.EmergencySealed = true
 	if err := writeSealConfig(ctx, req.Storage, cfg); err != nil {
@@ -376,7 +407,11 @@ func (b *backend) pathEmergencySealWrite(ctx context.Context, req *logical.Reque
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("the mount is sealed in memory, but recording the emergency seal failed (a restart would unseal it): %w", err)
 	}
-	return &logical.Response{Data: map[string]interface{}{"sealed": true}}, nil
+	resp := &logical.Response{Data: map[string]interface{}{"sealed": true}}
+	if !recorded {
+		resp.AddWarning("the HSM could not be reached to record the emergency seal in the mount's sealed state: it is recorded in the plaintext configuration only, which whoever can write Vault's storage could undo; write seal/seal again once the HSM is back")
+	}
+	return resp, nil
 }
 
 // sealLocked drops the root key, every cached key and the mount's token (its

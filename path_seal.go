@@ -87,6 +87,7 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 		data["recovery_shares"] = meta.RecoveryShares
 		data["recovery_threshold"] = meta.RecoveryThreshold
 		data["emergency_sealed"] = meta.EmergencySealed
+		data["anti_rollback"] = meta.AntiRollback
 	} else if cfg := snap.cfg; cfg != nil {
 		// Sealed: what the plaintext configuration says, unverified.
 		data["recovery_initialized"] = cfg.RecoveryKeyring != nil
@@ -202,10 +203,10 @@ func (m *sealManager) finishRotationLocked(ctx context.Context, s logical.Storag
 	if err := m.storeKeyringLocked(ctx, s, m.state.Load(), pruned); err != nil {
 		return n, err
 	}
+	// The manifest keeps its tombstones: a copy of seal/config from before
+	// this rotation still opens the old versions (the KEK opens any copy),
+	// and a deleted entry's old copy put back with it must stay refused.
 	snap.sealer.SetKeyring(pruned)
-	if err := snap.sealer.CompactManifest(ctx, s); err != nil {
-		m.b.Logger().Warn("compacting the manifest after the rotation", "error", err)
-	}
 	m.b.Logger().Info("root key rotated", "root_key_version", pruned.Active(), "entries_resealed", n)
 	return n, nil
 }

@@ -326,16 +326,24 @@ func TestAttack1dRecoveryCanary(t *testing.T) {
 				m["recovery_keyring"] = base64.StdEncoding.EncodeToString(planted)
 			})
 			before := rawGet(t, e, sealConfigPath)
-			newKEK := uniq(t, "kek-1d")
-			r := e.write(t, "seal/recovery/restore", map[string]interface{}{
-				"shares": shares[:2], "key_label": newKEK, "generate_key": true,
-			})
-			requireStatus(t, r, 400, "the recovered keyring does not open this mount's sealed storage")
-			require.Equal(t, before, rawGet(t, e, sealConfigPath), "nothing changed")
-			has, err := tok.HasKey(newKEK)
-			require.NoError(t, err)
-			require.False(t, has, "no KEK was generated for the refused restore")
-			require.NotEqual(t, phaseUnsealed, e.b.seal.state.Load().phase)
+			// The planted copy carries no tag: refused as such, and,
+			// when the custodians vouch for storage (legacy_copy), by
+			// the canary.
+			for legacy, msg := range map[bool]string{
+				false: "the recovery copy is not authenticated",
+				true:  "the recovered keyring does not open this mount's sealed storage",
+			} {
+				newKEK := uniq(t, "kek-1d")
+				r := e.write(t, "seal/recovery/restore", map[string]interface{}{
+					"shares": shares[:2], "key_label": newKEK, "generate_key": true, "legacy_copy": legacy,
+				})
+				requireStatus(t, r, 400, msg)
+				require.Equal(t, before, rawGet(t, e, sealConfigPath), "nothing changed")
+				has, err := tok.HasKey(newKEK)
+				require.NoError(t, err)
+				require.False(t, has, "no KEK was generated for the refused restore")
+				require.NotEqual(t, phaseUnsealed, e.b.seal.state.Load().phase)
+			}
 		})
 	}
 
@@ -512,8 +520,13 @@ func TestAttack1fRecoveryCanaryWithPlantedManifest(t *testing.T) {
 	before := rawGet(t, e, sealConfigPath)
 	policyBefore := rawGet(t, e, "policy/k")
 
-	r := e.write(t, "seal/recovery/restore", map[string]interface{}{
+	requireStatus(t, e.write(t, "seal/recovery/restore", map[string]interface{}{
 		"shares": shares[:2], "key_label": uniq(t, "kek-1f"), "generate_key": true,
+	}), 400, "the recovery copy is not authenticated")
+	// With legacy_copy the canary still tells: the attacker's manifest
+	// opens, but the mount's own entries do not.
+	r := e.write(t, "seal/recovery/restore", map[string]interface{}{
+		"shares": shares[:2], "key_label": uniq(t, "kek-1f"), "generate_key": true, "legacy_copy": true,
 	})
 	if r.status == 200 {
 		// Show what it gives: a key created now is under the attacker's

@@ -93,6 +93,10 @@ type sealMeta struct {
 	// authenticated (restore then checks them against every sealed entry).
 	RecoveryMACKey  []byte `json:"recovery_mac_key,omitempty"`
 	EmergencySealed bool   `json:"emergency_sealed,omitempty"`
+	// AntiRollback records that the manifest's anchor is kept in the
+	// token (for status and for a new HSM after recovery; the object in
+	// the token is what turns the check on).
+	AntiRollback bool `json:"anti_rollback,omitempty"`
 	// MigrationPending is set at the first seal until every entry written
 	// before it (a mount taken over from built-in transit) is encrypted:
 	// the one time plaintext entries are adopted.
@@ -401,6 +405,9 @@ func (m *sealManager) checkStorage(ctx context.Context, under logical.Storage, t
 	if err := sealer.LoadManifest(ctx, under); err != nil {
 		return nil, fmt.Errorf("%w: %w", errStorageNotSealed, err)
 	}
+	if err := m.checkAnchor(tok, sealer); err != nil {
+		return nil, err
+	}
 	meta, err := readSealMeta(ctx, sealer.Wrap(under))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errStorageNotSealed, err)
@@ -465,12 +472,15 @@ func (m *sealManager) upgradeManifestLocked(ctx context.Context, under logical.S
 	if err := sealer.InitManifest(ctx, under); err != nil {
 		return nil, fmt.Errorf("building the manifest of the mount's entries: %w", err)
 	}
-	meta := &sealMeta{
-		RecoveryPublicKey: cfg.LegacyRecoveryPublicKey,
-		RecoveryShares:    cfg.LegacyRecoveryShares,
-		RecoveryThreshold: cfg.RecoveryThreshold,
-		EmergencySealed:   cfg.EmergencySealed,
+	// The recovery public key of an older version lay in plaintext: a
+	// storage writer could have put their own there, or put back a
+	// configuration from before the upgrade with theirs, to receive every
+	// later copy of the keyring. It is not carried over; recovery is set up
+	// again with seal/recovery/init, whose copies are authenticated.
+	if cfg.LegacyRecoveryPublicKey != nil {
+		m.b.Logger().Warn("recovery was set up by an older version that kept its public key in plaintext; it is not carried over: run seal/recovery/init again")
 	}
+	meta := &sealMeta{EmergencySealed: cfg.EmergencySealed}
 	if err := writeSealMeta(ctx, sealer.Wrap(under), meta); err != nil {
 		return nil, err
 	}

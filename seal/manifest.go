@@ -131,6 +131,21 @@ func (m *manifest) checkAbsent(ctx context.Context, s *Sealer, under logical.Sto
 	return nil
 }
 
+// checkEntry applies the manifest's rule to an entry whose header is h:
+// against its record, and, without one, an entry of the older format is
+// refused. The manifest records every such entry present when it is built
+// (InitManifest) and the plugin writes none after, so one without a record
+// is a copy of an entry deleted before, put back.
+func checkEntry(path string, h header, rec uint64, has bool) error {
+	if has {
+		return checkRecord(path, h.gen, rec)
+	}
+	if h.format == 1 {
+		return refusedf("storage entry %q is in the format from before the manifest, which does not record it: a copy of an entry deleted before, put back; refused", path)
+	}
+	return nil
+}
+
 // checkRecord applies the manifest's rule to an entry of generation gen
 // whose path the bucket records as rec.
 func checkRecord(path string, gen, rec uint64) error {
@@ -286,6 +301,17 @@ type manifestRoot struct {
 	buckets       [bucketCount]uint64
 }
 
+// anchor is the highest bucket generation the root records. Every change
+// of an entry writes its bucket under a newly issued generation, so the
+// anchor grows with every change, and an older root has a smaller one.
+func (r *manifestRoot) anchor() uint64 {
+	var a uint64
+	for _, g := range r.buckets {
+		a = max(a, g)
+	}
+	return a
+}
+
 func (r *manifestRoot) encode() []byte {
 	out := make([]byte, 0, 1+3*binary.MaxVarintLen64+bucketCount*5)
 	out = append(out, 1)
@@ -339,6 +365,8 @@ type manifest struct {
 	persistedSeq     uint64
 	persistedVersion uint32
 	persistedCeiling atomic.Uint64
+	// anchored is the last anchor given to the Sealer's AnchorFunc.
+	anchored uint64
 }
 
 // bucketSlot holds one bucket's lock and cached copy. The lock covers the
@@ -420,8 +448,16 @@ func (m *manifest) flush(ctx context.Context, s *Sealer, under logical.Storage, 
 	if err := under.Put(ctx, &logical.StorageEntry{Key: manifestRootPath, Value: sealed}); err != nil {
 		return fmt.Errorf("writing the storage manifest root: %w", err)
 	}
-	m.persistedSeq, m.persistedVersion = seq, ring.Active()
 	m.persistedCeiling.Store(root.counter)
+	if f := s.anchor.Load(); f != nil && root.anchor() > m.anchored {
+		// After the root is stored: a crash in between leaves storage
+		// ahead of the anchor, which unsealing accepts, never behind.
+		if err := (*f)(ctx, root.anchor()); err != nil {
+			return fmt.Errorf("anchoring the storage manifest: %w", err)
+		}
+		m.anchored = root.anchor()
+	}
+	m.persistedSeq, m.persistedVersion = seq, ring.Active()
 	return nil
 }
 
@@ -706,10 +742,7 @@ func (m *manifest) resealBatch(ctx context.Context, s *Sealer, under logical.Sto
 				if h.version == ring.Active() && h.format == 2 {
 					continue
 				}
-				var oerr error
-				if has {
-					oerr = checkRecord(key, h.gen, rec)
-				}
+				oerr := checkEntry(key, h, rec, has)
 				if oerr == nil {
 					value, oerr = ring.open(purposeEntry, key, h, e.Value)
 				}

@@ -762,3 +762,48 @@ func TestDeleteRacingReadsIsNotARefusal(t *testing.T) {
 		}
 	}
 }
+
+// The anchor that anti-rollback keeps in the HSM: it grows with every
+// change, the AnchorFunc sees each stored root's, and a root put back from
+// before a change loads with a smaller one.
+func TestAnchorGrowsAndExposesAnOlderRoot(t *testing.T) {
+	m := newMount(t)
+	var anchored []uint64
+	m.s.SetAnchor(func(_ context.Context, a uint64) error {
+		anchored = append(anchored, a)
+		return nil
+	})
+	m.put("policy/k", "v1")
+	oldRoot := m.raw("manifest/root")
+	oldBucket := m.raw(bucketPathOf("policy/k"))
+	oldEntry := m.raw("policy/k")
+	a1, ok := m.s.Anchor()
+	require.True(t, ok)
+	m.put("policy/k", "v2")
+	require.NoError(t, m.v.Delete(m.ctx, "policy/other"))
+	m.put("lifecycle/keys/k", "x")
+	a2, _ := m.s.Anchor()
+	require.Greater(t, a2, a1)
+	require.NotEmpty(t, anchored)
+	require.Equal(t, a2, anchored[len(anchored)-1], "the last root stored was anchored")
+	require.IsIncreasing(t, anchored)
+
+	// Failing to anchor fails the write, and the next write anchors.
+	m.s.SetAnchor(func(context.Context, uint64) error { return errors.New("HSM down") })
+	err := m.v.Put(m.ctx, &logical.StorageEntry{Key: "policy/k", Value: []byte("v3")})
+	require.ErrorContains(t, err, "HSM down")
+	m.s.SetAnchor(func(_ context.Context, a uint64) error { anchored = append(anchored, a); return nil })
+	m.put("policy/j", "y")
+	a3, _ := m.s.Anchor()
+	require.Equal(t, a3, anchored[len(anchored)-1])
+
+	// The attacker puts root, bucket and entry back and restarts: the
+	// manifest loads (the documented limit without an anchor), and its
+	// anchor is below the one kept outside storage.
+	m.plant("manifest/root", oldRoot)
+	m.plant(bucketPathOf("policy/k"), oldBucket)
+	m.plant("policy/k", oldEntry)
+	m.restart()
+	back, _ := m.s.Anchor()
+	require.Less(t, back, a3, "an older root shows as older against the anchor")
+}

@@ -40,6 +40,37 @@ type Sealer struct {
 	// man is the loaded manifest, nil before LoadManifest or InitManifest.
 	man        atomic.Pointer[manifest]
 	cacheLimit int64
+	// anchor, when set, is told the manifest's anchor after every root
+	// write that raised it (SetAnchor).
+	anchor atomic.Pointer[AnchorFunc]
+}
+
+// AnchorFunc keeps a manifest's anchor outside storage (in the HSM), where
+// a storage writer cannot roll it back.
+type AnchorFunc func(ctx context.Context, anchor uint64) error
+
+// SetAnchor registers f (nil: none). After it, every write of the manifest
+// root that raises the anchor calls f once the root is stored; a root write
+// whose f fails returns f's error and is written again by the next one.
+func (s *Sealer) SetAnchor(f AnchorFunc) {
+	if f == nil {
+		s.anchor.Store(nil)
+		return
+	}
+	s.anchor.Store(&f)
+}
+
+// Anchor returns the anchor of the manifest in memory: a number that grows
+// with every change the manifest records, so that a stored root older than
+// the last one anchored has a smaller one. false without a manifest.
+func (s *Sealer) Anchor() (uint64, bool) {
+	m := s.man.Load()
+	if m == nil {
+		return 0, false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.root.anchor(), true
 }
 
 // NewSealer returns a Sealer over ring; plain names the paths it leaves
@@ -139,8 +170,8 @@ func (s *Sealer) get(ctx context.Context, under logical.Storage, key string, ret
 	if !ok {
 		return nil, refusedf("storage entry %q is not sealed: it was not written by this mount (planted in storage?) and is refused", key)
 	}
-	if has {
-		if err := checkRecord(key, h.gen, rec); err != nil {
+	if m != nil {
+		if err := checkEntry(key, h, rec, has); err != nil {
 			return nil, err
 		}
 	}
