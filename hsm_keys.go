@@ -137,6 +137,12 @@ func (s *hsmKeyStore) labelPrefix(name string) string {
 
 // create makes an HSM-resident key with its first version.
 func (s *hsmKeyStore) create(ctx context.Context, storage logical.Storage, name string, autoRotate time.Duration) (*hsmKey, error) {
+	// The label of a far later version must fit the token too.
+	if l := s.label(name, 1_000_000); hsm.CheckKeyLabel(l) != nil {
+		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf(
+			"key name %q is too long for an HSM-resident key: its object labels (%s...) must fit in 128 bytes; use a name of at most %d bytes",
+			name, s.labelPrefix(name), max(0, 128-len(s.label("", 1_000_000)))))
+	}
 	k := &hsmKey{Name: name, Type: hsmKeyType, Versions: map[int]hsmKeyVersion{}, MinDecryptionVersion: 1, AutoRotatePeriod: autoRotate}
 	if err := s.rotate(ctx, storage, k); err != nil {
 		return nil, err

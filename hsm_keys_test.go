@@ -389,3 +389,21 @@ func TestHSMKeyAutoRotate(t *testing.T) {
 	require.Equal(t, float64(2), e.read(t, "keys/hk").data["latest_version"])
 	require.Len(t, tokenLabels(t, e, testToken, "hk"), 2)
 }
+
+// A name whose labels would not fit a token label is a 400 that says how
+// long a name may be, and leaves nothing in the token.
+func TestHSMKeyNameTooLong(t *testing.T) {
+	e := getTestBackend(t)
+	name := strings.Repeat("n", 100)
+	r := e.write(t, "keys/"+name, map[string]interface{}{"hsm": true})
+	requireStatus(t, r, 400, "too long for an HSM-resident key")
+	requireStatus(t, r, 400, "use a name of at most")
+	requireStatus(t, e.read(t, "keys/"+name), 404, "")
+	labels, err := openTestToken(t).KeyLabels(e.b.hsmKeys.labelPrefix(name))
+	require.NoError(t, err)
+	require.Empty(t, labels)
+	// The longest name allowed works.
+	short := strings.Repeat("n", 128-len(e.b.hsmKeys.label("", 1_000_000)))
+	e.mustWrite(t, "keys/"+short, map[string]interface{}{"hsm": true})
+	require.Equal(t, "fits", e.decrypt(t, short, e.encrypt(t, short, "fits", nil), nil))
+}
