@@ -2,6 +2,7 @@ package hsmtransit
 
 import (
 	"context"
+	"encoding/binary"
 	"strings"
 	"testing"
 
@@ -71,4 +72,23 @@ func TestAntiRollbackOff(t *testing.T) {
 	require.False(t, found)
 	e = e.restart(t)
 	e.encrypt(t, "k", "x", nil)
+}
+
+// The anchor is written off the request path, at most once a second, and
+// a clean stop writes the last one: after it, the token holds exactly the
+// anchor of the manifest in storage.
+func TestAntiRollbackAnchorCaughtUpAtCleanStop(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "config/seal", map[string]interface{}{"anti_rollback": true})
+	for i := 0; i < 20; i++ {
+		e.encrypt(t, "k", "x", nil)
+		e.mustWrite(t, "keys/k/rotate", nil)
+	}
+	want, ok := e.b.seal.state.Load().sealer.Anchor()
+	require.True(t, ok)
+	e.b.Cleanup(context.Background())
+	value, found, err := openTestToken(t).ReadData(e.b.seal.antiRollbackLabel())
+	require.NoError(t, err)
+	require.True(t, found)
+	require.Equal(t, want, binary.BigEndian.Uint64(value))
 }

@@ -422,6 +422,7 @@ func (m *sealManager) sealLocked(cfg *sealConfig) {
 		snap.sealer.Keyring().Wipe()
 	}
 	m.state.Store(&sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true})
+	m.stopAnchorLocked()
 	m.adoptToken(nil)
 	m.b.dropCachedKeys()
 }

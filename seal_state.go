@@ -193,6 +193,8 @@ type sealManager struct {
 	token *hsm.Token
 	// current mirrors token for readers that must not wait on mu.
 	current atomic.Pointer[hsm.Token]
+	// anchor keeps the anti-rollback anchor in the token; nil when off.
+	anchor *anchorWriter
 	// storage is the mount's storage from Initialize, for background
 	// unsealing.
 	storage logical.Storage
@@ -673,6 +675,7 @@ func (m *sealManager) close() {
 	m.done.Wait()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.stopAnchorLocked()
 	m.adoptToken(nil)
 	m.state.Store(&sealSnapshot{phase: phaseUnknown})
 }
