@@ -16,6 +16,8 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 )
 
 const (
@@ -188,7 +190,21 @@ func (b *backend) loadCacheSize(ctx context.Context, s logical.Storage) error {
 	b.hsmKeys.cache.resize(size)
 	b.lifecycle.cache.resize(size)
 	b.aeads.c.resize(size)
+	if sealer := b.seal.state.Load().sealer; sealer != nil {
+		sealer.SetManifestCacheBytes(manifestCacheBytes(size))
+	}
 	return nil
+}
+
+// manifestCacheBytes bounds the decoded manifest buckets kept in memory:
+// with a bounded key cache, a few MiB, so that memory stays flat however
+// many keys the mount holds (a key read from storage then also reads its
+// bucket); unbounded, the seal package's default.
+func manifestCacheBytes(cacheSize int) int64 {
+	if cacheSize == 0 {
+		return seal.DefaultManifestCacheBytes
+	}
+	return 4 << 20
 }
 
 // cacheSize returns the policy cache's size (0: unbounded).

@@ -3,6 +3,7 @@ package hsmtransit
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
@@ -340,6 +341,14 @@ func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, 
 	next.RootKeyVersion = ring.Active()
 	if err := writeSealConfig(ctx, s, next); err != nil {
 		return nil, err
+	}
+	if !sameToken && unsealed.meta.AntiRollback && m.token != nil {
+		// The old token's anchor stops here, while the old KEK there may
+		// still open a configuration put back from before the move: retire
+		// it, so that no storage unseals through that token again.
+		if err := m.token.WriteData(m.antiRollbackLabel(), binary.BigEndian.AppendUint64(nil, math.MaxUint64)); err != nil {
+			m.b.Logger().Warn("retiring the anti-rollback anchor in the previous token", "error", err)
+		}
 	}
 	m.adoptToken(tok)
 	adopted = true

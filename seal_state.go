@@ -229,9 +229,12 @@ func sealUnavailable(snap *sealSnapshot) error {
 	if snap.lastErr != nil {
 		msg += ": " + snap.lastErr.Error()
 	}
-	if snap.permanent {
+	switch {
+	case errors.Is(snap.lastErr, errStorageNotSealed):
+		msg += "; the mount's storage was changed outside the plugin (see seal/status), and the mount stays sealed while it does not check out"
+	case snap.permanent:
 		msg += "; fix config/seal to unseal"
-	} else {
+	default:
 		msg += "; the mount unseals by itself when the HSM is back"
 	}
 	return logical.CodedError(http.StatusServiceUnavailable, msg)
@@ -402,6 +405,14 @@ func (o *openedMount) snapshot() *sealSnapshot {
 func (m *sealManager) checkStorage(ctx context.Context, under logical.Storage, tok *hsm.Token, cfg *sealConfig, ring *seal.Keyring) (*openedMount, error) {
 	sealer := seal.NewSealer(ring, isPlainPath)
 	if !ring.Manifested() {
+		// An anchor in the token means this mount had a manifest: the
+		// configuration is one from before the upgrade, put back to go
+		// round the anchor's check.
+		if _, found, err := tok.ReadData(m.antiRollbackLabel()); err != nil {
+			return nil, err
+		} else if found {
+			return nil, fmt.Errorf("%w: the stored configuration predates the manifest, but the token holds this mount's anti-rollback anchor: an older configuration was put back; refused", errStorageNotSealed)
+		}
 		return m.upgradeLocked(ctx, under, tok, cfg, sealer)
 	}
 	if err := sealer.LoadManifest(ctx, under); err != nil {
@@ -589,6 +600,7 @@ func (m *sealManager) afterUnseal(ctx context.Context, under logical.Storage, sn
 	if err := m.b.loadCacheSize(ctx, snap.sealer.Wrap(under)); err != nil {
 		m.b.Logger().Warn("reading cache-config", "error", err)
 	}
+	snap.sealer.SetManifestCacheBytes(manifestCacheBytes(m.b.cacheSize()))
 	return snap
 }
 

@@ -110,11 +110,14 @@ func liveRec(gen uint64) uint64   { return gen << 1 }
 func tombstone(gen uint64) uint64 { return gen<<1 | 1 }
 
 // checkAbsent decides about an entry that is absent though the record read
-// before it is live. A delete that raced the read shows in the record read
-// again under the bucket's lock; a record still live means the entry was removed outside the plugin, and
+// before it, seen, is live. A delete that raced the read shows in the record
+// read again under the bucket's lock; so does a delete followed by a new
+// write of the path, whose record differs from seen (errReadAgain: the
+// caller reads the entry again). Only the very record seen, still live,
+// with no entry, means the entry was removed outside the plugin, and
 // reading it as absent would bring back what it held before it existed (a
 // key without its disabled flag, a usage count from zero).
-func (m *manifest) checkAbsent(ctx context.Context, s *Sealer, under logical.Storage, key string) error {
+func (m *manifest) checkAbsent(ctx context.Context, s *Sealer, under logical.Storage, key string, seen uint64) error {
 	// A Delete holds the bucket's lock from its tombstone to publishing
 	// it: once the lock is ours, any delete of this entry is visible.
 	idx := bucketIndex(key)
@@ -125,11 +128,18 @@ func (m *manifest) checkAbsent(ctx context.Context, s *Sealer, under logical.Sto
 	if err != nil {
 		return err
 	}
-	if rec, has := b.lookup(key); has && !recDeleted(rec) {
-		return refusedf("storage entry %q is missing, though the manifest records it at generation %d: removed outside the plugin, refused", key, recGen(rec))
+	rec, has := b.lookup(key)
+	switch {
+	case !has || recDeleted(rec):
+		return nil
+	case rec != seen:
+		return errReadAgain
 	}
-	return nil
+	return refusedf("storage entry %q is missing, though the manifest records it at generation %d: removed outside the plugin, refused", key, recGen(rec))
 }
+
+// errReadAgain asks get to read an entry again: it changed during the read.
+var errReadAgain = errors.New("the entry changed during the read")
 
 // checkEntry applies the manifest's rule to an entry whose header is h:
 // against its record, and, without one, an entry of the older format is
@@ -350,7 +360,7 @@ func decodeRoot(in []byte) (manifestRoot, error) {
 // manifest is a loaded manifest.
 type manifest struct {
 	slots      [bucketCount]bucketSlot
-	cacheLimit int64
+	cacheLimit atomic.Int64
 	cacheBytes atomic.Int64
 
 	// mu guards the root in memory and the counter.
@@ -367,6 +377,8 @@ type manifest struct {
 	persistedCeiling atomic.Uint64
 	// anchored is the last anchor given to the Sealer's AnchorFunc.
 	anchored uint64
+	// storedAnchor is the anchor of the root last stored or loaded.
+	storedAnchor atomic.Uint64
 }
 
 // bucketSlot holds one bucket's lock and cached copy. The lock covers the
@@ -378,7 +390,9 @@ type bucketSlot struct {
 }
 
 func newManifest(root manifestRoot, cacheLimit int64, storedVersion uint32) *manifest {
-	m := &manifest{cacheLimit: cacheLimit, root: root, next: root.counter, persistedVersion: storedVersion}
+	m := &manifest{root: root, next: root.counter, persistedVersion: storedVersion}
+	m.cacheLimit.Store(cacheLimit)
+	m.storedAnchor.Store(root.anchor())
 	m.persistedCeiling.Store(root.counter)
 	return m
 }
@@ -449,6 +463,7 @@ func (m *manifest) flush(ctx context.Context, s *Sealer, under logical.Storage, 
 		return fmt.Errorf("writing the storage manifest root: %w", err)
 	}
 	m.persistedCeiling.Store(root.counter)
+	m.storedAnchor.Store(root.anchor())
 	if f := s.anchor.Load(); f != nil && root.anchor() > m.anchored {
 		// After the root is stored: a crash in between leaves storage
 		// ahead of the anchor, which unsealing accepts, never behind.
@@ -554,7 +569,7 @@ func (m *manifest) publishLocked(idx int, nb *bucket) uint64 {
 // drops any older copy. slots[idx].mu is held.
 func (m *manifest) cache(idx int, b *bucket) {
 	slot := &m.slots[idx]
-	if b.size > m.cacheLimit {
+	if b.size > m.cacheLimit.Load() {
 		m.uncache(idx)
 		return
 	}
@@ -563,7 +578,7 @@ func (m *manifest) cache(idx int, b *bucket) {
 		old = prev.size
 	}
 	slot.used.Store(true)
-	if m.cacheBytes.Add(b.size-old) > m.cacheLimit {
+	if m.cacheBytes.Add(b.size-old) > m.cacheLimit.Load() {
 		m.evict(idx)
 	}
 }
@@ -578,10 +593,10 @@ func (m *manifest) uncache(idx int) {
 // the cache fits its bound. It takes no lock it would wait for.
 func (m *manifest) evict(keep int) {
 	start := rand.IntN(bucketCount)
-	for pass := 0; pass < 2 && m.cacheBytes.Load() > m.cacheLimit; pass++ {
+	for pass := 0; pass < 2 && m.cacheBytes.Load() > m.cacheLimit.Load(); pass++ {
 		for i := range bucketCount {
 			idx := (start + i) % bucketCount
-			if idx == keep || m.cacheBytes.Load() <= m.cacheLimit {
+			if idx == keep || m.cacheBytes.Load() <= m.cacheLimit.Load() {
 				continue
 			}
 			slot := &m.slots[idx]
@@ -842,7 +857,7 @@ func (s *Sealer) LoadManifest(ctx context.Context, under logical.Storage) error 
 		// from which generation on it seals, so compaction waits.
 		root.activeVersion, root.activeSince = ring.Active(), 0
 	}
-	s.man.Store(newManifest(root, s.cacheLimit, h.version))
+	s.man.Store(newManifest(root, s.cacheLimit.Load(), h.version))
 	return nil
 }
 
@@ -939,7 +954,7 @@ func (s *Sealer) InitManifest(ctx context.Context, under logical.Storage) error 
 	if err := under.Put(ctx, &logical.StorageEntry{Key: manifestRootPath, Value: sealed}); err != nil {
 		return fmt.Errorf("writing the storage manifest root: %w", err)
 	}
-	m := newManifest(root, s.cacheLimit, ring.Active())
+	m := newManifest(root, s.cacheLimit.Load(), ring.Active())
 	m.next = next
 	s.man.Store(m)
 	return nil

@@ -53,7 +53,7 @@ func benchMount(b *testing.B, mode string) (*countingStorage, logical.Storage) {
 	}
 	if mode != "no manifest" {
 		if mode == "manifest, no cache" {
-			s.cacheLimit = 0
+			s.cacheLimit.Store(0)
 		}
 		if err := s.InitManifest(ctx, under); err != nil {
 			b.Fatal(err)

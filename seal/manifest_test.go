@@ -161,7 +161,7 @@ func TestReplayOfBucketAndEntryWhileUnsealedIsRefused(t *testing.T) {
 			m := newMount(t)
 			if !cached {
 				m.s = NewSealer(m.s.Keyring(), plainSeal)
-				m.s.cacheLimit = 0
+				m.s.cacheLimit.Store(0)
 				require.NoError(t, m.s.LoadManifest(m.ctx, m.under))
 				m.v = m.s.Wrap(m.under)
 			}
@@ -587,7 +587,7 @@ func TestLimitReplayOfRootBucketAndEntryAcrossRestart(t *testing.T) {
 // acknowledged write reads back and generations never collide.
 func TestManifestConcurrency(t *testing.T) {
 	m := newMount(t)
-	m.s.cacheLimit = 64 << 10 // small: eviction runs too
+	m.s.cacheLimit.Store(64 << 10) // small: eviction runs too
 	var wg sync.WaitGroup
 	const workers, each = 8, 150
 	for w := 0; w < workers; w++ {

@@ -39,7 +39,7 @@ type Sealer struct {
 	plain func(path string) bool
 	// man is the loaded manifest, nil before LoadManifest or InitManifest.
 	man        atomic.Pointer[manifest]
-	cacheLimit int64
+	cacheLimit atomic.Int64
 	// anchor, when set, is told the manifest's anchor after every root
 	// write that raised it (SetAnchor).
 	anchor atomic.Pointer[AnchorFunc]
@@ -60,25 +60,39 @@ func (s *Sealer) SetAnchor(f AnchorFunc) {
 	s.anchor.Store(&f)
 }
 
-// Anchor returns the anchor of the manifest in memory: a number that grows
-// with every change the manifest records, so that a stored root older than
-// the last one anchored has a smaller one. false without a manifest.
+// Anchor returns the anchor of the manifest root last stored (or loaded):
+// a number that grows with every change the manifest records, so that a
+// stored root older than the last one anchored has a smaller one. It is
+// never ahead of storage (a root in memory may be, while its write is
+// under way or failed). false without a manifest.
 func (s *Sealer) Anchor() (uint64, bool) {
 	m := s.man.Load()
 	if m == nil {
 		return 0, false
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.root.anchor(), true
+	return m.storedAnchor.Load(), true
 }
 
 // NewSealer returns a Sealer over ring; plain names the paths it leaves
 // unencrypted.
 func NewSealer(ring *Keyring, plain func(path string) bool) *Sealer {
-	s := &Sealer{locks: locksutil.CreateLocks(), plain: plain, cacheLimit: DefaultManifestCacheBytes}
+	s := &Sealer{locks: locksutil.CreateLocks(), plain: plain}
+	s.cacheLimit.Store(DefaultManifestCacheBytes)
 	s.ring.Store(ring)
 	return s
+}
+
+// SetManifestCacheBytes bounds the memory that decoded manifest buckets
+// may take (DefaultManifestCacheBytes until set); a bucket not cached is
+// read from storage when an entry of it is.
+func (s *Sealer) SetManifestCacheBytes(n int64) {
+	s.cacheLimit.Store(n)
+	if m := s.man.Load(); m != nil {
+		m.cacheLimit.Store(n)
+		if m.cacheBytes.Load() > n {
+			m.evict(-1)
+		}
+	}
 }
 
 // Keyring returns the current keyring.
@@ -162,7 +176,11 @@ func (s *Sealer) get(ctx context.Context, under logical.Storage, key string, ret
 	}
 	if e == nil {
 		if has && !recDeleted(rec) {
-			return nil, m.checkAbsent(ctx, s, under, key)
+			err := m.checkAbsent(ctx, s, under, key, rec)
+			if errors.Is(err, errReadAgain) && retry {
+				return s.get(ctx, under, key, false)
+			}
+			return nil, err
 		}
 		return nil, nil
 	}
