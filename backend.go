@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -276,6 +277,12 @@ func (b *backend) withLM(ctx context.Context, s logical.Storage, f func(lm *keys
 // keysutil hands out policies unlocked when caching is on and already
 // write-locked when it is off; this hides the difference.
 func (b *backend) lockedPolicy(ctx context.Context, polReq keysutil.PolicyRequest, exclusive bool) (p *keysutil.Policy, upserted bool, unlock func(), err error) {
+	if strings.Contains(polReq.Name, "..") {
+		// Storage refuses the path; answer as built-in transit does,
+		// rather than with the storage error (a 500 across the plugin
+		// boundary).
+		return nil, false, func() {}, errRelativeKeyName
+	}
 	err = b.withLM(ctx, polReq.Storage, func(lm *keysutil.LockManager) error {
 		var gerr error
 		p, upserted, gerr = lm.GetPolicy(ctx, polReq, b.GetRandomReader())
@@ -297,6 +304,10 @@ func (b *backend) lockedPolicy(ctx context.Context, polReq keysutil.PolicyReques
 	var once sync.Once
 	return p, upserted, func() { once.Do(p.Unlock) }, nil
 }
+
+// errRelativeKeyName refuses a key name with "..", which storage cannot
+// hold.
+var errRelativeKeyName = logical.CodedError(http.StatusBadRequest, `key names cannot contain "..": relative paths not supported`)
 
 // readPolicy returns an existing key, locked shared or exclusive; p is nil
 // when the key does not exist.

@@ -286,6 +286,15 @@ func isInternal(err error) bool {
 // anywhere is 400, else an internal error 500; partial_failure_response_code
 // replaces either when at least one item succeeded.
 func (o batchOutcome) respond(d *framework.FieldData, req *logical.Request, resp *logical.Response) (*logical.Response, error) {
+	override, given := d.GetOk("partial_failure_response_code")
+	if given {
+		// Built-in transit passes 1 to 99 on, and Vault then closes the
+		// connection without an answer; a final status is what a caller
+		// means (200 and 207 for a partial success).
+		if n := override.(int); n < 200 || n > 599 {
+			return logical.ErrorResponse("partial_failure_response_code %d is not a final HTTP status: give one from 200 to 599 (200 or 207 for a partial success)", n), logical.ErrInvalidRequest
+		}
+	}
 	if !o.userErr && !o.internalErr {
 		return resp, nil
 	}
@@ -293,12 +302,8 @@ func (o batchOutcome) respond(d *framework.FieldData, req *logical.Request, resp
 	if !o.userErr {
 		code = http.StatusInternalServerError
 	}
-	if raw, ok := d.GetOk("partial_failure_response_code"); ok && o.success {
-		if n := raw.(int); n < 1 || n > 599 {
-			resp.AddWarning(fmt.Sprintf("invalid HTTP response code override from partial_failure_response_code, reverting to %d", code))
-		} else {
-			code = n
-		}
+	if given && o.success {
+		code = override.(int)
 	}
 	return logical.RespondWithStatusCode(resp, req, code)
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -137,6 +138,9 @@ func (s *hsmKeyStore) labelPrefix(name string) string {
 
 // create makes an HSM-resident key with its first version.
 func (s *hsmKeyStore) create(ctx context.Context, storage logical.Storage, name string, autoRotate time.Duration) (*hsmKey, error) {
+	if strings.Contains(name, "..") {
+		return nil, errRelativeKeyName
+	}
 	// The label of a far later version must fit the token too.
 	if l := s.label(name, 1_000_000); hsm.CheckKeyLabel(l) != nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf(

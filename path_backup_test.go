@@ -11,7 +11,7 @@ import (
 )
 
 // backupOf backs up a key, requiring success.
-func backupOf(t *testing.T, e *testEnv, name string) string {
+func backupOf(t testing.TB, e *testEnv, name string) string {
 	t.Helper()
 	r := e.read(t, "backup/"+name)
 	requireStatus(t, r, 200, "")
@@ -24,7 +24,7 @@ func backupOf(t *testing.T, e *testEnv, name string) string {
 // backupVersionedKey makes a backup-able key with five versions, one
 // ciphertext per version, v1 trimmed and min_decryption_version 3 (so v2
 // is archived only).
-func backupVersionedKey(t *testing.T, e *testEnv, name string) map[int]string {
+func backupVersionedKey(t testing.TB, e *testEnv, name string) map[int]string {
 	t.Helper()
 	e.mustWrite(t, "keys/"+name, map[string]interface{}{"exportable": true, "allow_plaintext_backup": true})
 	cts := map[int]string{1: e.encrypt(t, name, "plaintext 1", nil)}
@@ -232,7 +232,10 @@ func TestRestoreErrors(t *testing.T) {
 		{"garbage backup, named", "restore/x", map[string]interface{}{"backup": "!!! not a backup !!!"}, ""},
 		{"base64 of garbage", "restore/x", map[string]interface{}{"backup": b64("not json")}, ""},
 		{"name with a slash", "restore/a/b", map[string]interface{}{"backup": backup}, "key names cannot be paths"},
-		{"backed-up name with a slash", "restore", map[string]interface{}{"backup": base64.StdEncoding.EncodeToString(slashed)}, "key names cannot be paths"},
+		{"backed-up name with a slash", "restore", map[string]interface{}{"backup": editBackup(t, backup, func(kd map[string]interface{}) {
+			kd["policy"].(map[string]interface{})["name"] = "a/b"
+		})}, "key names cannot be paths"},
+		{"a backup that is only a name", "restore", map[string]interface{}{"backup": base64.StdEncoding.EncodeToString(slashed)}, "policy.latest_version 0 is out of range"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -2,9 +2,11 @@ package hsmtransit
 
 import (
 	"context"
+	"crypto/rsa"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/errutil"
@@ -257,6 +259,11 @@ func encryptItem(p *keysutil.Policy, it *batchItem, index int) (string, int, err
 		Nonce:      it.nonce,
 		IV:         it.iv,
 	}, it.Plaintext, factories...)
+	if err != nil && strings.Contains(err.Error(), rsa.ErrMessageTooLong.Error()) {
+		// keysutil reports it as an internal error; the plaintext is the
+		// caller's to shorten.
+		return "", 0, errutil.UserError{Err: fmt.Sprintf("the plaintext is too long for the %s key: RSA-OAEP encrypts at most the key size less 66 bytes (SHA-256); use envelope encryption (datakey) for longer data", p.Type)}
+	}
 	if err != nil {
 		return "", 0, err
 	}

@@ -227,8 +227,14 @@ func TestEncryptBatchPartialFailure(t *testing.T) {
 	requireStatus(t, r, 207, "")
 	require.Len(t, r.data["batch_results"], 2)
 
-	r = e.write(t, "encrypt/k", map[string]interface{}{"batch_input": items, "partial_failure_response_code": 999})
-	requireStatus(t, r, 400, "")
+	// Not a final HTTP status: a 400 that says so (built-in transit passes
+	// 1 to 99 on, and Vault then answers nothing at all).
+	for _, bad := range []interface{}{999, 1, 99, 199, "7", true, 600} {
+		r = e.write(t, "encrypt/k", map[string]interface{}{"batch_input": items, "partial_failure_response_code": bad})
+		requireStatus(t, r, 400, "is not a final HTTP status")
+		r = e.write(t, "encrypt/k", map[string]interface{}{"plaintext": b64("ok"), "partial_failure_response_code": bad})
+		requireStatus(t, r, 400, "is not a final HTTP status")
+	}
 
 	// When every item fails, the override does not apply.
 	allBad := []interface{}{map[string]interface{}{"plaintext": "%%"}}
@@ -380,4 +386,26 @@ func TestLargeBatchesKeepOrder(t *testing.T) {
 			}
 		})
 	}
+}
+
+// RSA-OAEP encrypts at most the key size less 2 hash lengths and 2 bytes:
+// a longer plaintext is the caller's mistake (built-in transit: 500).
+func TestRSAPlaintextTooLongIs400(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/rsa", map[string]interface{}{"type": "rsa-2048"})
+	long := strings.Repeat("x", 256-2*32-2+1)
+	r := e.write(t, "encrypt/rsa", map[string]interface{}{"plaintext": b64(long)})
+	requireStatus(t, r, 400, "the plaintext is too long for the rsa-2048 key")
+	// The longest that fits still encrypts.
+	fits := long[1:]
+	require.Equal(t, fits, e.decrypt(t, "rsa", e.encrypt(t, "rsa", fits, nil), nil))
+	// In a batch, the item fails as a user error (400), the others succeed.
+	r = e.write(t, "encrypt/rsa", map[string]interface{}{"batch_input": []interface{}{
+		map[string]interface{}{"plaintext": b64(long)}, map[string]interface{}{"plaintext": b64("short")},
+	}})
+	requireStatus(t, r, 400, "")
+	results := r.data["batch_results"].([]interface{})
+	require.Len(t, results, 2)
+	require.Contains(t, results[0].(map[string]interface{})["error"], "too long")
+	require.NotEmpty(t, results[1].(map[string]interface{})["ciphertext"])
 }

@@ -269,6 +269,9 @@ func (b *backend) pathKeysWrite(ctx context.Context, req *logical.Request, d *fr
 	}
 	p, upserted, unlock, err := b.lockedPolicy(ctx, polReq, true)
 	defer unlock()
+	if errors.Is(err, errRelativeKeyName) {
+		return nil, err
+	}
 	if err != nil {
 		return nil, fmt.Errorf("creating key: %w", err)
 	}

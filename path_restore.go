@@ -2,10 +2,6 @@ package hsmtransit
 
 import (
 	"context"
-	"encoding/base64"
-	"encoding/json"
-	"errors"
-	"fmt"
 	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -45,21 +41,23 @@ func (b *backend) pathRestoreWrite(ctx context.Context, req *logical.Request, d 
 	if backup == "" {
 		return logical.ErrorResponse("'backup' must be supplied"), logical.ErrInvalidRequest
 	}
-	backedUp, err := backedUpName(backup)
+	// The name given is checked first: restoring over an HSM-resident key
+	// is refused whatever the backup holds.
+	name := d.Get("name").(string)
+	if name != "" {
+		if resp, err := b.checkRestoreName(ctx, req.Storage, name); resp != nil || err != nil {
+			return resp, err
+		}
+	}
+	backedUp, err := checkBackup(backup)
 	if err != nil {
 		return logical.ErrorResponse("invalid backup: %s", err), logical.ErrInvalidRequest
 	}
-	name := d.Get("name").(string)
 	if name == "" {
 		name = backedUp
-	}
-	if strings.Contains(name, "/") {
-		return logical.ErrorResponse(errKeyNameIsPath.Error()), logical.ErrInvalidRequest
-	}
-	if k, err := b.hsmKeys.get(ctx, req.Storage, name); err != nil {
-		return nil, err
-	} else if k != nil {
-		return logical.ErrorResponse("key %q is HSM-resident; restore the backup under another name", name), logical.ErrInvalidRequest
+		if resp, err := b.checkRestoreName(ctx, req.Storage, name); resp != nil || err != nil {
+			return resp, err
+		}
 	}
 	err = b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
 		return lm.RestorePolicy(ctx, req.Storage, name, backup, d.Get("force").(bool))
@@ -71,25 +69,20 @@ func (b *backend) pathRestoreWrite(ctx context.Context, req *logical.Request, d 
 	return nil, nil
 }
 
-// backedUpName checks that a backup holds a key and returns its name.
-// keysutil assumes both and would panic on a backup without a policy.
-func backedUpName(backup string) (string, error) {
-	raw, err := base64.StdEncoding.DecodeString(backup)
-	if err != nil {
-		return "", fmt.Errorf("not base64: %w", err)
+// checkRestoreName refuses a name a restored key cannot take.
+func (b *backend) checkRestoreName(ctx context.Context, s logical.Storage, name string) (*logical.Response, error) {
+	switch {
+	case strings.Contains(name, "/"):
+		return logical.ErrorResponse(errKeyNameIsPath.Error()), logical.ErrInvalidRequest
+	case strings.Contains(name, ".."):
+		return nil, errRelativeKeyName
 	}
-	var kd struct {
-		Policy *struct {
-			Name string `json:"name"`
-		} `json:"policy"`
+	if k, err := b.hsmKeys.get(ctx, s, name); err != nil {
+		return nil, err
+	} else if k != nil {
+		return logical.ErrorResponse("key %q is HSM-resident; restore the backup under another name", name), logical.ErrInvalidRequest
 	}
-	if err := json.Unmarshal(raw, &kd); err != nil {
-		return "", fmt.Errorf("not a transit key backup: %w", err)
-	}
-	if kd.Policy == nil {
-		return "", errors.New("the backup holds no key policy")
-	}
-	return kd.Policy.Name, nil
+	return nil, nil
 }
 
 const pathRestoreHelpSyn = `Restore the named key`
