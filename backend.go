@@ -112,7 +112,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 			// Key material is marked for seal wrapping, as built-in transit does.
 			SealWrapStorage: []string{archivePrefix, policyPrefix},
 		},
-		Paths: b.gatePaths(framework.PathAppend(
+		Paths: strictPaths(b.gatePaths(framework.PathAppend(
 			[]*framework.Path{
 				b.pathConfigSeal(),
 				b.pathSealStatus(),
@@ -153,7 +153,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 				b.pathCacheConfig(),
 				b.pathConfigKeys(),
 			},
-		)),
+		))),
 		InitializeFunc: b.initialize,
 		Invalidate:     b.invalidate,
 		PeriodicFunc:   b.periodic,

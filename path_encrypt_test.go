@@ -229,12 +229,14 @@ func TestEncryptBatchPartialFailure(t *testing.T) {
 
 	// Not a final HTTP status: a 400 that says so (built-in transit passes
 	// 1 to 99 on, and Vault then answers nothing at all).
-	for _, bad := range []interface{}{999, 1, 99, 199, "7", true, 600} {
+	for _, bad := range []interface{}{999, 1, 99, 199, "7", 600} {
 		r = e.write(t, "encrypt/k", map[string]interface{}{"batch_input": items, "partial_failure_response_code": bad})
 		requireStatus(t, r, 400, "is not a final HTTP status")
 		r = e.write(t, "encrypt/k", map[string]interface{}{"plaintext": b64("ok"), "partial_failure_response_code": bad})
 		requireStatus(t, r, 400, "is not a final HTTP status")
 	}
+	r = e.write(t, "encrypt/k", map[string]interface{}{"batch_input": items, "partial_failure_response_code": true})
+	requireStatus(t, r, 400, "partial_failure_response_code: must be a whole number")
 
 	// When every item fails, the override does not apply.
 	allBad := []interface{}{map[string]interface{}{"plaintext": "%%"}}
