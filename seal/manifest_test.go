@@ -18,7 +18,7 @@ import (
 
 // mount is one mount's storage and the Sealer of a running plugin.
 type mount struct {
-	t     *testing.T
+	t     testing.TB
 	ctx   context.Context
 	under logical.Storage
 	ring  *Keyring
@@ -27,7 +27,7 @@ type mount struct {
 }
 
 // newMount seals an empty mount with a manifest.
-func newMount(t *testing.T) *mount {
+func newMount(t testing.TB) *mount {
 	t.Helper()
 	k, err := NewKeyring(randomKey(t))
 	require.NoError(t, err)
