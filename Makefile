@@ -41,6 +41,21 @@ test-e2e: build vault
 	HSM_TRANSIT_VAULT=$(VAULT) HSM_TRANSIT_PLUGIN=$(BIN)/$(PLUGIN) \
 		go test -count=1 -timeout $(E2E_TIMEOUT) -v ./e2e/
 
+# fuzz runs each Go fuzz target for FUZZ_TIME, then the end-to-end
+# black-box fuzz test (both mounts of one Vault) for FUZZ_DURATION; make
+# test runs the targets on their seeds and the e2e test for 40 s.
+FUZZ_TIME     ?= 30s
+FUZZ_DURATION ?= 5m
+
+.PHONY: fuzz
+fuzz: build vault
+	for t in FuzzCheckBackup FuzzStrictInt FuzzParseCiphertext FuzzDecodeBatchInput FuzzFastDecode; do \
+		go test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_TIME) . || exit 1; done
+	for t in FuzzStoredEntry FuzzManifestPieces; do \
+		go test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_TIME) ./seal/ || exit 1; done
+	HSM_TRANSIT_FUZZ_DURATION=$(FUZZ_DURATION) HSM_TRANSIT_VAULT=$(VAULT) HSM_TRANSIT_PLUGIN=$(BIN)/$(PLUGIN) \
+		go test -count=1 -timeout 60m -v -run TestBlackBoxFuzz ./e2e/
+
 .PHONY: fmt
 fmt:
 	gofmt -w $(GOFILES)

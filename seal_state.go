@@ -743,6 +743,11 @@ func (b *backend) gateExistence(f framework.ExistenceFunc) framework.ExistenceFu
 		if err != nil {
 			return true, nil
 		}
+		if n, ok := d.GetOk("name"); ok && strings.Contains(fmt.Sprint(n), "..") {
+			// Storage refuses such a path, and Vault would answer the
+			// check's error as a bare 500; the handler answers 400.
+			return true, nil
+		}
 		sealed := *req
 		sealed.Storage = s
 		exists, err := f(ctx, &sealed, d)
