@@ -49,7 +49,7 @@ FUZZ_DURATION ?= 5m
 
 .PHONY: fuzz
 fuzz: build vault
-	for t in FuzzCheckBackup FuzzStrictInt FuzzParseCiphertext FuzzDecodeBatchInput FuzzFastDecode; do \
+	for t in FuzzCheckBackup FuzzStrictInt FuzzStrictBool FuzzParseCiphertext FuzzDecodeBatchInput FuzzFastDecode; do \
 		go test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_TIME) . || exit 1; done
 	for t in FuzzStoredEntry FuzzManifestPieces; do \
 		go test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_TIME) ./seal/ || exit 1; done

@@ -2,6 +2,7 @@ package hsmtransit
 
 import (
 	"math"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -90,6 +91,24 @@ func FuzzStrictInt(f *testing.F) {
 		}
 		if err := strictInt(s); err == nil {
 			require.NotEmpty(t, s)
+		}
+	})
+}
+
+// FuzzStrictBool: strictBool accepts a string only if strconv.ParseBool
+// reads it, and a number only if it is 0 or 1.
+func FuzzStrictBool(f *testing.F) {
+	for _, s := range []string{"true", "1", "0.5", "", "yes", "TRUE"} {
+		f.Add(s, 0.5)
+	}
+	f.Add("x", 1.0)
+	f.Fuzz(func(t *testing.T, s string, n float64) {
+		if strictBool(s) == nil {
+			_, err := strconv.ParseBool(s)
+			require.NoError(t, err)
+		}
+		if strictBool(n) == nil {
+			require.True(t, n == 0 || n == 1, "%v", n)
 		}
 	})
 }
