@@ -164,11 +164,6 @@ func (lc *keyLifecycle) reserve(ctx context.Context, storage logical.Storage, v 
 	return true, nil
 }
 
-// spent reports whether version v has reached the cap; mu is held.
-func (lc *keyLifecycle) spent(v int, limit uint64) bool {
-	return limit > 0 && lc.counts[v] >= limit
-}
-
 // describeInto adds the lifecycle fields to a key's description; mu is
 // held.
 func (lc *keyLifecycle) describeInto(data map[string]interface{}, typeDefault uint64) {

@@ -87,6 +87,7 @@ func parseDatakeyRequest(d *framework.FieldData) (datakeyRequest, error) {
 		r.returnPlaintext = true
 	case "wrapped":
 	default:
+		//lint:ignore ST1005 built-in transit's exact message, which clients may match
 		return r, errors.New("Invalid path, must be 'plaintext' or 'wrapped'")
 	}
 	return r, nil

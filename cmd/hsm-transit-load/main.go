@@ -302,8 +302,6 @@ type load struct {
 	workers int
 	items   int
 	mounts  []string
-	// key names the key on the mount ("bench" unless set).
-	key string
 	// request builds a request for a mount: method, path, body.
 	request func(mount string) (string, interface{})
 }
