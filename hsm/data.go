@@ -18,7 +18,8 @@ const dataApplication = "hsm-transit"
 const stagingSuffix = "\u00a0staging"
 
 // dataMu serialises the data operations of the process (WriteData and
-// DestroyData hold it exclusively, ReadData shared): two WriteData of one
+// DestroyData hold it exclusively, ReadData shared; inside the operation, so
+// that one abandoned at its deadline still holds it): two WriteData of one
 // label must not both find nothing and both create an object, and a
 // ReadData must not read a handle a writer is destroying (a stale handle is
 // CKR_OBJECT_HANDLE_INVALID, which drops the connection). Other processes
@@ -109,9 +110,9 @@ func (t *Token) WriteData(label string, value []byte) error {
 		return err
 	}
 	staging := label + stagingSuffix
-	dataMu.Lock()
-	defer dataMu.Unlock()
 	return t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+		dataMu.Lock()
+		defer dataMu.Unlock()
 		d, err := t.findDataObjects(ctx, s, op, label)
 		if err != nil {
 			return err
@@ -157,10 +158,12 @@ func (t *Token) ReadData(label string) (value []byte, found bool, err error) {
 	if err := CheckKeyLabel(label); err != nil {
 		return nil, false, err
 	}
-	dataMu.RLock()
-	defer dataMu.RUnlock()
+	var got []byte
+	var ok bool
 	err = t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
-		value, found = nil, false
+		dataMu.RLock()
+		defer dataMu.RUnlock()
+		got, ok = nil, false
 		d, err := t.findDataObjects(ctx, s, op, label)
 		if err != nil {
 			return err
@@ -181,14 +184,14 @@ func (t *Token) ReadData(label string) (value []byte, found bool, err error) {
 		if err != nil {
 			return err
 		}
-		value = append([]byte{}, attrs[0].Value...)
-		found = true
+		got = append([]byte{}, attrs[0].Value...)
+		ok = true
 		return nil
 	})
 	if err != nil {
 		return nil, false, err
 	}
-	return value, found, nil
+	return got, ok, nil
 }
 
 // DestroyData removes the data object labelled label (every one, should
@@ -199,9 +202,9 @@ func (t *Token) DestroyData(label string) error {
 		return err
 	}
 	staging := label + stagingSuffix
-	dataMu.Lock()
-	defer dataMu.Unlock()
 	return t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+		dataMu.Lock()
+		defer dataMu.Unlock()
 		// Staging objects first: left alone, they would be read as the
 		// value once the object is gone.
 		hs, err := findData(ctx, s, staging)

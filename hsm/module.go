@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -14,6 +15,11 @@ import (
 // token that is not there), and each one stops every mount of the library
 // while it runs and makes them all log in again.
 var minRescanInterval = time.Second
+
+// maxRescanInterval caps the spacing of finalisations while the token stays
+// away: the spacing doubles from minRescanInterval with each finalisation
+// that no successful operation followed.
+var maxRescanInterval = 4 * time.Second
 
 // module is one PKCS#11 library file loaded in this process. C_Initialize is
 // called once and shared by every token and mount; the module is initialised
@@ -36,6 +42,12 @@ type module struct {
 	// older generation are void.
 	generation uint64
 	lastReset  time.Time
+	// resetDelay is the spacing required before the next finalisation.
+	resetDelay time.Duration
+	// succeeded is set by every successful operation, and cleared by
+	// reset: a finalisation that nothing succeeded after did not bring
+	// the token back, and the next one waits longer.
+	succeeded atomic.Bool
 
 	// slotMu serialises C_OpenSession, C_CloseSession and C_Login with the
 	// bookkeeping in slots, so that it follows the library's own state.
@@ -175,9 +187,13 @@ func (m *module) reset(gen uint64) bool {
 		return true // someone else did
 	}
 	now := time.Now()
-	if now.Sub(m.lastReset) < minRescanInterval {
+	if m.succeeded.Swap(false) || m.resetDelay < minRescanInterval {
+		m.resetDelay = minRescanInterval
+	}
+	if now.Sub(m.lastReset) < m.resetDelay {
 		return false
 	}
+	m.resetDelay = min(2*m.resetDelay, max(maxRescanInterval, minRescanInterval))
 	_ = m.ctx.Finalize()
 	m.initialized = false
 	m.slots = nil

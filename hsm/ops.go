@@ -23,14 +23,17 @@ const (
 func (t *Token) Random(n int) ([]byte, error) {
 	var out []byte
 	err := t.do("generate random", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
-		var err error
-		out, err = ctx.GenerateRandom(s, n)
+		r, err := ctx.GenerateRandom(s, n)
+		out = r
 		return err
 	})
-	if err == nil && len(out) != n {
+	if err != nil {
+		return nil, err
+	}
+	if len(out) != n {
 		return nil, newError(Failed, "generate random", fmt.Errorf("token returned %d bytes, not %d", len(out), n))
 	}
-	return out, err
+	return out, nil
 }
 
 // HasKey reports whether an AES key with the label is in the token.
@@ -55,6 +58,12 @@ func (t *Token) HasKey(label string) (bool, error) {
 // derived keys could be extractable). It is never retried, so that a failure
 // cannot leave two keys with one label.
 func (t *Token) GenerateKey(label string) error {
+	return t.generateAESKey(label, false)
+}
+
+// generateAESKey is GenerateKey for a key that only encrypts and decrypts,
+// or (wrap) one that only wraps and unwraps.
+func (t *Token) generateAESKey(label string, wrap bool) error {
 	if err := CheckKeyLabel(label); err != nil {
 		return err
 	}
@@ -71,7 +80,7 @@ func (t *Token) GenerateKey(label string) error {
 			return newError(Configuration, "generate key", fmt.Errorf("a key labelled %q already exists in token %s", label, t.Describe()))
 		}
 		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}
-		tmpl := kekTemplate(label, id)
+		tmpl := kekTemplate(label, id, wrap)
 		h, err := ctx.GenerateKey(s, mech, append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_COPYABLE, false)))
 		var rv pkcs11.Error
 		if errors.As(err, &rv) && rv == pkcs11.CKR_ATTRIBUTE_TYPE_INVALID {
@@ -90,7 +99,7 @@ func (t *Token) GenerateKey(label string) error {
 
 // kekTemplate is the template of the keys GenerateKey makes, but for
 // CKA_COPYABLE.
-func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
+func kekTemplate(label string, id []byte, wrap bool) []*pkcs11.Attribute {
 	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
@@ -100,10 +109,10 @@ func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, !wrap),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, !wrap),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, wrap),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, wrap),
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
@@ -124,7 +133,11 @@ const kekSize = 32
 // to encrypt and decrypt. Modifiable and copyable keys are accepted: keys
 // made outside this plugin on real HSMs often are, and the checks above
 // read the attributes as they are now.
-func (t *Token) CheckKEK(label string) error {
+func (t *Token) CheckKEK(label string) error { return t.checkAESKey(label, false) }
+
+// checkAESKey is CheckKEK, or (wrap) its counterpart for a key-wrapping KEK
+// (aes-kwp): one that may wrap and unwrap, and need not encrypt.
+func (t *Token) checkAESKey(label string, wrap bool) error {
 	const op = "check KEK"
 	return t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
 		h, err := t.conn.objectHandle(ctx, s, gen, label)
@@ -178,10 +191,11 @@ func (t *Token) CheckKEK(label string) error {
 			{attrs[1], "CKA_EXTRACTABLE", "is extractable", false},
 			{attrs[2], "CKA_SENSITIVE", "is not sensitive", true},
 			{attrs[3], "CKA_DERIVE", "can derive keys", false},
-			{attrs[4], "CKA_WRAP", "can wrap keys", false},
-			{attrs[5], "CKA_UNWRAP", "can unwrap keys", false},
-			{attrs[6], "CKA_ENCRYPT", "cannot encrypt", true},
-			{attrs[7], "CKA_DECRYPT", "cannot decrypt", true},
+			{attrs[4], "CKA_WRAP", map[bool]string{false: "can wrap keys", true: "cannot wrap keys"}[wrap], wrap},
+			{attrs[5], "CKA_UNWRAP", map[bool]string{false: "can unwrap keys", true: "cannot unwrap keys"}[wrap], wrap},
+			// A key-wrapping KEK may also encrypt or not.
+			{attrs[6], "CKA_ENCRYPT", "cannot encrypt", !wrap || attrBool(attrs[6])},
+			{attrs[7], "CKA_DECRYPT", "cannot decrypt", !wrap || attrBool(attrs[7])},
 			// A key imported with a known value, or once extractable,
 			// and only then locked down: whoever knew or took its value
 			// opens the sealed keyring offline.
@@ -235,38 +249,88 @@ func (t *Token) Attributes(label string) (KeyAttributes, error) {
 		ka = KeyAttributes{attrBool(attrs[0]), attrBool(attrs[1]), attrBool(attrs[2]), attrBool(attrs[3])}
 		return nil
 	})
-	return ka, err
+	if err != nil {
+		return KeyAttributes{}, err
+	}
+	return ka, nil
 }
 
 // EncryptGCM encrypts plaintext under the labelled key inside the token with
-// AES-GCM, binding aad. It returns nonce || ciphertext || tag.
+// AES-GCM, binding aad. It returns iv || ciphertext || tag, with the IV the
+// token used: HSMs in FIPS mode (AWS CloudHSM, Luna) make their own and write
+// it into the mechanism parameters, ignoring or refusing the caller's. The
+// plugin proposes a random IV; a token that refuses it
+// (CKR_MECHANISM_PARAM_INVALID) is given a zeroed buffer to fill from then
+// on. An IV that is not GCMNonceSize bytes, or left zero, is refused.
 func (t *Token) EncryptGCM(label string, plaintext, aad []byte) ([]byte, error) {
-	nonce := make([]byte, GCMNonceSize)
-	if _, err := rand.Read(nonce); err != nil {
-		return nil, newError(Failed, "encrypt", err)
-	}
 	var out []byte
 	err := t.do("encrypt", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
 		h, err := t.conn.objectHandle(ctx, s, gen, label)
 		if err != nil {
 			return err
 		}
-		params := pkcs11.NewGCMParams(nonce, aad, GCMTagSize*8)
-		defer params.Free()
-		if err := ctx.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
-			return err
+		tokenIV := t.conn.tokenIV.Load()
+		iv := make([]byte, GCMNonceSize)
+		if !tokenIV {
+			if _, err := rand.Read(iv); err != nil {
+				return newError(Failed, "encrypt", err)
+			}
 		}
-		ct, err := ctx.Encrypt(s, plaintext)
+		used, ct, err := encryptGCM(ctx, s, h, iv, plaintext, aad)
+		var rv pkcs11.Error
+		if !tokenIV && errors.As(err, &rv) && rv == pkcs11.CKR_MECHANISM_PARAM_INVALID {
+			clear(iv)
+			if used, ct, err = encryptGCM(ctx, s, h, iv, plaintext, aad); err == nil {
+				t.conn.tokenIV.Store(true)
+			}
+		}
 		if err != nil {
 			return err
 		}
-		out = append(append(make([]byte, 0, len(nonce)+len(ct)), nonce...), ct...)
+		if err := checkIV(used); err != nil {
+			return err
+		}
+		out = append(used, ct...)
 		return nil
 	})
-	return out, err
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
-// DecryptGCM opens nonce || ciphertext || tag made by EncryptGCM.
+// encryptGCM runs one AES-GCM encryption and returns the IV as the token
+// left it in the parameters, and ciphertext || tag.
+func encryptGCM(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, iv, plaintext, aad []byte) (used, ct []byte, err error) {
+	params := pkcs11.NewGCMParams(iv, aad, GCMTagSize*8)
+	defer params.Free()
+	if err := ctx.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+		return nil, nil, err
+	}
+	if ct, err = ctx.Encrypt(s, plaintext); err != nil {
+		return nil, nil, err
+	}
+	if len(ct) != len(plaintext)+GCMTagSize {
+		return nil, nil, newError(Failed, "encrypt", fmt.Errorf("the token returned %d bytes of AES-GCM output for %d bytes of input, not %d", len(ct), len(plaintext), len(plaintext)+GCMTagSize))
+	}
+	return params.IV(), ct, nil
+}
+
+// checkIV refuses an IV read back from a token that cannot be the one it
+// used: of another size, or all zero (a buffer the token did not fill).
+func checkIV(iv []byte) error {
+	if len(iv) != GCMNonceSize {
+		return newError(Failed, "encrypt", fmt.Errorf("the token used a %d-byte AES-GCM IV; only %d bytes are supported", len(iv), GCMNonceSize))
+	}
+	for _, b := range iv {
+		if b != 0 {
+			return nil
+		}
+	}
+	return newError(Failed, "encrypt", errors.New("the token left the AES-GCM IV zero; it neither used the IV given nor wrote back its own"))
+}
+
+// DecryptGCM opens iv || ciphertext || tag made by EncryptGCM.
 func (t *Token) DecryptGCM(label string, sealed, aad []byte) ([]byte, error) {
 	if len(sealed) < GCMNonceSize+GCMTagSize {
 		return nil, newError(Failed, "decrypt", errors.New("ciphertext too short"))
@@ -282,16 +346,20 @@ func (t *Token) DecryptGCM(label string, sealed, aad []byte) ([]byte, error) {
 		if err := ctx.DecryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
 			return err
 		}
-		out, err = ctx.Decrypt(s, sealed[GCMNonceSize:])
+		pt, err := ctx.Decrypt(s, sealed[GCMNonceSize:])
 		if err != nil && tokenStillThere(ctx, s) {
 			// Tokens report a failed tag check in different ways, some
 			// (SoftHSM2) as CKR_GENERAL_ERROR; with the session alive,
 			// it is the input's fault.
 			return newError(Failed, "decrypt", fmt.Errorf("ciphertext or associated data do not authenticate (%v)", err))
 		}
+		out = pt
 		return err
 	})
-	return out, err
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // tokenStillThere reports whether the session still answers, to tell a
@@ -343,5 +411,8 @@ func (t *Token) KeyLabels(prefix string) ([]string, error) {
 		}
 		return nil
 	})
-	return labels, err
+	if err != nil {
+		return nil, err
+	}
+	return labels, nil
 }

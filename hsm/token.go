@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -27,7 +28,21 @@ type Config struct {
 	PIN string
 	// MaxSessions bounds concurrent sessions; DefaultMaxSessions if 0.
 	MaxSessions int
+	// CallTimeout bounds each operation, waiting for a session included:
+	// a token that does not answer within it makes the operation fail as
+	// Unavailable. DefaultCallTimeout if 0; key pair generation gets
+	// slowOpFactor times as long.
+	CallTimeout time.Duration
 }
+
+// DefaultCallTimeout is the deadline of an operation when the configuration
+// gives none: long enough for a network HSM under load, short enough that a
+// frozen one makes requests fail rather than hang.
+const DefaultCallTimeout = 5 * time.Second
+
+// slowOpFactor lengthens the deadline of operations that take seconds on
+// some tokens by design (RSA key pair generation).
+const slowOpFactor = 12
 
 // validate checks what can be checked without loading anything, and
 // returns the library's canonical path.
@@ -84,6 +99,7 @@ var loginCalls atomic.Int64
 // bound refuses them) however many guesses were made.
 type Token struct {
 	conn     *connection
+	timeout  time.Duration
 	admitted atomic.Bool
 	closed   atomic.Bool
 }
@@ -97,6 +113,11 @@ type connection struct {
 
 	// inUse bounds the sessions handed out at once.
 	inUse chan struct{}
+	// kwp is the key-wrap mechanism aes-kwp uses with this token.
+	kwp uint
+	// tokenIV is set once the token refused a caller's AES-GCM IV: it
+	// makes its own (FIPS mode), and is given a zeroed buffer to fill.
+	tokenIV atomic.Bool
 
 	mu sync.Mutex
 	// gen is the module generation the connection below belongs to; 0
@@ -130,6 +151,9 @@ func Open(cfg Config) (*Token, error) {
 	if cfg.MaxSessions <= 0 {
 		cfg.MaxSessions = DefaultMaxSessions
 	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = DefaultCallTimeout
+	}
 	tokens.Lock()
 	defer tokens.Unlock()
 	mod, err := acquireModule(lib)
@@ -140,7 +164,7 @@ func Open(cfg Config) (*Token, error) {
 	if c, ok := tokens.byKey[key]; ok {
 		mod.release()
 		c.refs++
-		return &Token{conn: c}, nil
+		return &Token{conn: c, timeout: cfg.CallTimeout}, nil
 	}
 	c := &connection{
 		cfg:   cfg,
@@ -150,7 +174,7 @@ func Open(cfg Config) (*Token, error) {
 		inUse: make(chan struct{}, cfg.MaxSessions),
 	}
 	tokens.byKey[key] = c
-	return &Token{conn: c}, nil
+	return &Token{conn: c, timeout: cfg.CallTimeout}, nil
 }
 
 // Close releases the handle; the last handle of a connection closes its
@@ -366,6 +390,14 @@ func (c *connection) putSession(ctx *pkcs11.Ctx, gen uint64, l lease) {
 	c.mod.closeSession(ctx, l.slot, l.s)
 }
 
+// discard closes a session that outlived its operation's deadline. The
+// caller is between enter and leave.
+func (c *connection) discard(ctx *pkcs11.Ctx, l lease) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.mod.closeSession(ctx, l.slot, l.s)
+}
+
 // broken closes a session after a failure that voids the connection, and
 // drops the connection.
 func (c *connection) broken(ctx *pkcs11.Ctx, gen uint64, l lease) {
@@ -390,17 +422,78 @@ func (t *Token) admit(limit loginKey) error {
 	return nil
 }
 
-// do runs f on a pooled session. A failure that voids the connection drops
-// it; when retry is set, f runs once more on a fresh connection. A token not
-// found is looked for once more after the module listed its slots anew: f
-// has not run.
+// do runs f on a pooled session within the token's deadline. A failure that
+// voids the connection drops it; when retry is set, f runs once more on a
+// fresh connection. A token not found is looked for once more after the
+// module listed its slots anew: f has not run.
+//
+// f may run on past the deadline (a PKCS#11 call cannot be interrupted):
+// do then returns an Unavailable error at the deadline, and the session is
+// closed, not pooled, when f returns. f must therefore keep its results to
+// itself until it returns nil, and callers read them only when do returns
+// nil. The operations in flight are bounded by the session pool: waiting for
+// a session counts against the deadline too.
 func (t *Token) do(op string, retry bool, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) error {
+	return t.doWithin(op, retry, t.timeout, f)
+}
+
+// doSlow is do for operations that take long by design.
+func (t *Token) doSlow(op string, retry bool, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) error {
+	return t.doWithin(op, retry, slowOpFactor*t.timeout, f)
+}
+
+func (t *Token) doWithin(op string, retry bool, timeout time.Duration, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) error {
 	c := t.conn
-	c.inUse <- struct{}{}
-	defer func() { <-c.inUse }()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	select {
+	case c.inUse <- struct{}{}:
+	case <-deadline.C:
+		return newError(Unavailable, op, &timeoutError{fmt.Sprintf(
+			"token %s: all %d sessions busy for %s (the HSM is slow or not answering); try again later", t.Describe(), cap(c.inUse), timeout)})
+	}
+	var abandoned atomic.Bool
+	done := make(chan error, 1)
+	go func() {
+		defer func() { <-c.inUse }()
+		done <- t.run(op, retry, &abandoned, f)
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-deadline.C:
+	}
+	abandoned.Store(true)
+	select {
+	case err := <-done: // finished as the deadline passed
+		return err
+	default:
+	}
+	timeouts.Add(1)
+	return newError(Unavailable, op, &timeoutError{fmt.Sprintf(
+		"token %s did not answer within %s; try again later", t.Describe(), timeout)})
+}
+
+// timeouts counts operations abandoned at their deadline, for tests.
+var timeouts atomic.Int64
+
+// timeoutError marks an operation abandoned at its deadline.
+type timeoutError struct{ msg string }
+
+func (e *timeoutError) Error() string { return e.msg }
+
+// IsTimeout reports an operation abandoned because the token did not
+// answer within the deadline.
+func IsTimeout(err error) bool {
+	var te *timeoutError
+	return errors.As(err, &te)
+}
+
+// run makes the attempts of do.
+func (t *Token) run(op string, retry bool, abandoned *atomic.Bool, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) error {
 	for attempt := 0; ; attempt++ {
-		next, err := t.attempt(op, f)
-		if attempt > 0 || next == stop || (next == rerun && !retry) {
+		next, err := t.attempt(op, abandoned, f)
+		if attempt > 0 || next == stop || (next == rerun && !retry) || abandoned.Load() {
 			return err
 		}
 	}
@@ -419,7 +512,7 @@ const (
 
 // attempt runs f once, with the module held initialised throughout, and
 // finalises it afterwards when a failure asks for a rescan.
-func (t *Token) attempt(op string, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) (next outcome, err error) {
+func (t *Token) attempt(op string, abandoned *atomic.Bool, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error) (next outcome, err error) {
 	c := t.conn
 	ctx, gen, err := c.mod.enter()
 	if err != nil {
@@ -442,6 +535,15 @@ func (t *Token) attempt(op string, f func(ctx *pkcs11.Ctx, s pkcs11.SessionHandl
 		return stop, err
 	}
 	err = f(ctx, l.s, gen)
+	if abandoned.Load() {
+		// Whatever state the session is in (an operation begun, a
+		// find not finished), nobody waits for it any more.
+		c.discard(ctx, l)
+		return stop, classify(op, err)
+	}
+	if err == nil {
+		c.mod.succeeded.Store(true)
+	}
 	if err == nil || !needsReconnect(err) {
 		c.putSession(ctx, gen, l)
 		return stop, classify(op, err)
@@ -475,6 +577,43 @@ func (c *connection) objectHandle(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen u
 		return 0, newError(Configuration, "find key", fmt.Errorf("%d keys labelled %q in token %s; labels must be unique", len(found), label, c.cfg.tokenName()))
 	}
 	c.remember(gen, label, found[0])
+	return found[0], nil
+}
+
+// keyHandle finds the key of class class labelled label (a secret key, or
+// one half of a key pair), caching the handle like objectHandle.
+func (c *connection) keyHandle(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64, class uint, label string) (pkcs11.ObjectHandle, error) {
+	if class == pkcs11.CKO_SECRET_KEY {
+		return c.objectHandle(ctx, s, gen, label)
+	}
+	// Labels have no NUL (CheckKeyLabel), so these never meet a secret
+	// key's entry.
+	cacheKey := fmt.Sprintf("\x00%d\x00%s", class, label)
+	c.mu.Lock()
+	if c.gen == gen {
+		if h, ok := c.handles[cacheKey]; ok {
+			c.mu.Unlock()
+			return h, nil
+		}
+	}
+	c.mu.Unlock()
+	found, err := findObjects(ctx, s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+	})
+	if err != nil {
+		return 0, err
+	}
+	kind := map[uint]string{pkcs11.CKO_PUBLIC_KEY: "public key", pkcs11.CKO_PRIVATE_KEY: "private key"}[class]
+	switch len(found) {
+	case 0:
+		return 0, newError(NotFound, "find key", fmt.Errorf("no %s labelled %q in token %s", kind, label, c.cfg.tokenName()))
+	case 1:
+	default:
+		return 0, newError(Configuration, "find key", fmt.Errorf("%d %ss labelled %q in token %s; labels must be unique", len(found), kind, label, c.cfg.tokenName()))
+	}
+	c.remember(gen, cacheKey, found[0])
 	return found[0], nil
 }
 
