@@ -147,6 +147,19 @@ func (s *hsmKeyStore) create(ctx context.Context, storage logical.Storage, name 
 			"key name %q is too long for an HSM-resident key: its object labels (%s...) must fit in 128 bytes; use a name of at most %d bytes",
 			name, s.labelPrefix(name), max(0, 128-len(s.label("", 1_000_000)))))
 	}
+	// HSM-resident keys are AES-GCM inside the token: a token without it
+	// (openCryptoki 3.8, older firmware) is told apart from one that failed.
+	tok, err := s.token()
+	if err != nil {
+		return nil, err
+	}
+	sup, err := tok.Mechanisms()
+	if err != nil {
+		return nil, err
+	}
+	if !sup.GCM {
+		return nil, sup.ErrNoGCM()
+	}
 	k := &hsmKey{Name: name, Type: hsmKeyType, Versions: map[int]hsmKeyVersion{}, MinDecryptionVersion: 1, AutoRotatePeriod: autoRotate}
 	if err := s.rotate(ctx, storage, k); err != nil {
 		return nil, err

@@ -43,6 +43,18 @@ func (b *backend) pathConfigSeal() *framework.Path {
 				Type:        framework.TypeBool,
 				Description: "Create the KEK in the token when there is no key with key_label.",
 			},
+			"mechanism": {
+				Type:        framework.TypeString,
+				Description: "How the token seals the root keyring: aes-gcm, aes-kwp, aes-cbc-hmac or rsa-oaep. Chosen from what the token offers when not given (aes-gcm first); see seal/status.",
+			},
+			"hmac_key_label": {
+				Type:        framework.TypeString,
+				Description: "For mechanism aes-cbc-hmac: label of the HMAC-SHA256 key in the token. Default: key_label with -hmac appended.",
+			},
+			"hsm_timeout": {
+				Type:        framework.TypeDurationSecond,
+				Description: "Deadline of each HSM operation (default 5s): a token that does not answer within it makes the request fail with 503.",
+			},
 			"anti_rollback": {
 				Type:        framework.TypeBool,
 				Description: "Keep the storage manifest's anchor in the token and refuse, at unseal, storage rolled back to an older snapshot. One token write per storage write of the mount.",
@@ -95,6 +107,28 @@ func mergeSealConfig(cur *sealConfig, d *framework.FieldData) (*sealConfig, erro
 	}
 	if v, ok := d.GetOk("key_label"); ok {
 		next.KeyLabel = v.(string)
+	}
+	if v, ok := d.GetOk("mechanism"); ok {
+		m, err := hsm.ParseSealMechanism(v.(string))
+		if err != nil {
+			return nil, errors.Unwrap(err)
+		}
+		next.Mechanism = string(m)
+	}
+	if v, ok := d.GetOk("hmac_key_label"); ok {
+		next.HMACKeyLabel = v.(string)
+		if next.HMACKeyLabel != "" {
+			if err := checkKEKLabel(next.HMACKeyLabel); err != nil {
+				return nil, fmt.Errorf("hmac_key_label: %w", err)
+			}
+		}
+	}
+	if v, ok := d.GetOk("hsm_timeout"); ok {
+		n := v.(int)
+		if n < 1 || n > maxCallTimeout {
+			return nil, fmt.Errorf("hsm_timeout %ds is out of range: give from 1s to %ds", n, maxCallTimeout)
+		}
+		next.CallTimeout = n
 	}
 	var missing []string
 	if next.Library == "" {
@@ -202,7 +236,10 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 			tok.Close()
 		}
 	}()
-	if err := ensureKEK(tok, cfg.KeyLabel, generate); err != nil {
+	if err := m.resolveMechanism(tok, cfg); err != nil {
+		return nil, err
+	}
+	if err := m.ensureSealKeys(tok, cfg.configuredKeys(), generate); err != nil {
 		return nil, err
 	}
 	rootKey, err := tok.Random(seal.RootKeySize)
@@ -232,7 +269,7 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 	if err := writeSealMeta(ctx, sealer.Wrap(s), meta); err != nil {
 		return nil, err
 	}
-	if err := m.setKeyring(cfg, tok, cfg.KeyLabel, ring, meta); err != nil {
+	if err := m.setKeyring(cfg, tok, cfg.configuredKeys(), ring, meta); err != nil {
 		return nil, err
 	}
 	if err := writeSealConfig(ctx, s, cfg); err != nil {
@@ -322,19 +359,28 @@ func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, 
 		next.LegacyRecoveryPublicKey, next.LegacyRecoveryShares = nil, 0
 	}
 	ring := unsealed.sealer.Keyring()
-	if next.KeyLabel != cur.SealedWith || !sameToken {
-		if err := ensureKEK(tok, next.KeyLabel, generate); err != nil {
+	if next.Mechanism == "" {
+		// Not given, not stored (a mount sealed before mechanisms): the
+		// keyring's.
+		next.Mechanism = string(cur.sealedKeys().Mechanism)
+	}
+	if err := m.resolveMechanism(tok, next); err != nil {
+		return nil, err
+	}
+	if next.configuredKeys() != cur.sealedKeys() || !sameToken {
+		if err := m.ensureSealKeys(tok, next.configuredKeys(), generate); err != nil {
 			return nil, err
 		}
-		if err := m.setKeyring(next, tok, next.KeyLabel, ring, unsealed.meta); err != nil {
+		if err := m.setKeyring(next, tok, next.configuredKeys(), ring, unsealed.meta); err != nil {
 			return nil, err
 		}
 		if err := m.checkSealed(tok, next, ring); err != nil {
 			return nil, err
 		}
 	} else {
-		// Only the PIN changed: a successful login proves it.
-		if _, err := tok.HasKey(next.SealedWith); err != nil {
+		// Only the PIN or the deadline changed: a successful login
+		// proves the PIN.
+		if _, err := tok.Mechanisms(); err != nil {
 			return nil, err
 		}
 	}
@@ -382,7 +428,7 @@ func (m *sealManager) openWith(ctx context.Context, s logical.Storage, tok *hsm.
 // checkSealed proves that cfg's sealed keyring opens to ring before it is
 // stored.
 func (m *sealManager) checkSealed(tok *hsm.Token, cfg *sealConfig, ring *seal.Keyring) error {
-	check, err := tok.DecryptGCM(cfg.SealedWith, cfg.SealedKeyring, m.aad)
+	check, err := tok.Open(cfg.sealedKeys(), cfg.SealedKeyring, m.aad)
 	if err != nil {
 		return err
 	}
@@ -420,22 +466,36 @@ func sameSlot(a, b *uint) bool {
 	return (a == nil && b == nil) || (a != nil && b != nil && *a == *b)
 }
 
-// ensureKEK makes sure the KEK is in the token, creating it when allowed.
-func ensureKEK(tok *hsm.Token, label string, generate bool) error {
-	has, err := tok.HasKey(label)
+// maxCallTimeout bounds hsm_timeout, in seconds.
+const maxCallTimeout = 300
+
+// resolveMechanism checks that the token offers cfg's mechanism, or chooses
+// one from what it offers when cfg names none (a first seal). m.mu is held.
+func (m *sealManager) resolveMechanism(tok *hsm.Token, cfg *sealConfig) error {
+	sup, err := tok.Mechanisms()
 	if err != nil {
 		return err
 	}
-	if has {
-		// A KEK the plugin adopts rather than generates must be one that
-		// never leaves the token and serves for nothing else.
-		return tok.CheckKEK(label)
+	if cfg.Mechanism == "" {
+		chosen, err := sup.Choose()
+		if err != nil {
+			return err
+		}
+		cfg.Mechanism = string(chosen)
+		return nil
 	}
-	if !generate {
-		return &hsm.Error{Kind: hsm.NotFound, Op: "find KEK", Err: fmt.Errorf(
-			"no AES key labelled %q in token %s; create it, or write generate_key=true to have the plugin create it", label, tok.Describe())}
+	return sup.Supports(hsm.SealMechanism(cfg.Mechanism))
+}
+
+// ensureSealKeys makes sure the keys are in the token, creating them when
+// allowed (a key the plugin adopts rather than generates must never leave
+// the token and serve for nothing else), and that the token gives back what
+// it seals with them, before anything depends on it.
+func (m *sealManager) ensureSealKeys(tok *hsm.Token, keys hsm.SealKeys, generate bool) error {
+	if err := tok.EnsureSealKeys(keys, generate); err != nil {
+		return err
 	}
-	return tok.GenerateKey(label)
+	return tok.CheckRoundTrip(keys, append([]byte("hsm-transit/canary\x00"), m.aad...))
 }
 
 // hsmErrorResponse answers an HSM failure: the caller's settings are a 400,
@@ -456,13 +516,17 @@ func describeSealConfig(cfg *sealConfig) *logical.Response {
 		"library":          cfg.Library,
 		"token_label":      cfg.TokenLabel,
 		"key_label":        cfg.KeyLabel,
-		"mechanism":        hsm.Mechanism,
+		"mechanism":        string(cfg.configuredKeys().Mechanism),
+		"hsm_timeout":      int(callTimeout(cfg).Seconds()),
 		"pin_set":          cfg.PIN != "",
 		"pin_source":       cfg.pinSource(),
 		"root_key_version": cfg.RootKeyVersion,
 	}
 	if cfg.Slot != nil {
 		data["slot"] = *cfg.Slot
+	}
+	if k := cfg.configuredKeys(); k.Mechanism == hsm.AESCBCHMAC {
+		data["hmac_key_label"] = k.HMACLabel
 	}
 	return &logical.Response{Data: data}
 }

@@ -107,8 +107,8 @@ func TestConfigSealReadHidesPIN(t *testing.T) {
 	realLib, err := filepath.EvalSymlinks(softhsmLib)
 	require.NoError(t, err)
 	require.Equal(t, map[string]interface{}{
-		"library": realLib, "token_label": testToken, "key_label": testKEK, "mechanism": "CKM_AES_GCM",
-		"pin_set": true, "pin_source": "value", "root_key_version": float64(1),
+		"library": realLib, "token_label": testToken, "key_label": testKEK, "mechanism": "aes-gcm",
+		"hsm_timeout": float64(5), "pin_set": true, "pin_source": "value", "root_key_version": float64(1),
 	}, r.data)
 
 	st := e.read(t, "seal/status").data

@@ -202,7 +202,6 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	}
 	next.EmergencySealed = false
 	// An older mount is upgraded under the new KEK.
-	next.SealedWith = next.KeyLabel
 	tok, err := m.openToken(next)
 	if err != nil {
 		return hsmErrorResponse(err)
@@ -212,9 +211,18 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 			tok.Close()
 		}
 	}()
-	if err := ensureKEK(tok, next.KeyLabel, d.Get("generate_key").(bool)); err != nil {
+	if next.Mechanism == "" && cur != nil {
+		next.Mechanism = string(cur.sealedKeys().Mechanism)
+	}
+	if err := m.resolveMechanism(tok, next); err != nil {
 		return hsmErrorResponse(err)
 	}
+	if err := m.ensureSealKeys(tok, next.configuredKeys(), d.Get("generate_key").(bool)); err != nil {
+		return hsmErrorResponse(err)
+	}
+	// An older mount is upgraded under the new keys.
+	keys := next.configuredKeys()
+	next.SealedWith, next.SealedMechanism, next.SealedHMAC = keys.Label, string(keys.Mechanism), keys.HMACLabel
 	o, err := m.checkStorage(ctx, req.Storage, tok, next, ring)
 	if err != nil {
 		return hsmErrorResponse(err)
@@ -225,7 +233,7 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 		return nil, err
 	}
 	final := *o.cfg
-	if err := m.setKeyring(&final, tok, next.KeyLabel, o.sealer.Keyring(), &meta); err != nil {
+	if err := m.setKeyring(&final, tok, keys, o.sealer.Keyring(), &meta); err != nil {
 		return hsmErrorResponse(err)
 	}
 	if err := writeSealConfig(ctx, req.Storage, &final); err != nil {

@@ -56,7 +56,6 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 	data := map[string]interface{}{
 		"configured": snap.phase == phaseSealed || snap.phase == phaseUnsealed,
 		"sealed":     snap.phase != phaseUnsealed,
-		"mechanism":  hsm.Mechanism,
 		"last_error": "",
 	}
 	if snap.lastErr != nil {
@@ -70,6 +69,24 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 		}
 		data["key_label"] = cfg.SealedWith
 		data["root_key_version"] = cfg.RootKeyVersion
+		keys := cfg.sealedKeys()
+		data["mechanism"] = string(keys.Mechanism)
+		if keys.Mechanism == hsm.AESCBCHMAC {
+			data["hmac_key_label"] = keys.HMACLabel
+		}
+		data["hsm_timeout"] = int(callTimeout(cfg).Seconds())
+	}
+	if tok := b.seal.currentToken(); tok != nil && snap.phase == phaseUnsealed {
+		// What the token offers, for choosing a mechanism (and whether
+		// HSM-resident keys work there).
+		if sup, err := tok.Mechanisms(); err == nil {
+			usable := make([]string, len(sup.Usable))
+			for i, m := range sup.Usable {
+				usable[i] = string(m)
+			}
+			data["token_mechanisms"] = usable
+			data["hsm_keys_supported"] = sup.GCM
+		}
 	}
 	if snap.sealer != nil {
 		ring := snap.sealer.Keyring()
@@ -146,7 +163,7 @@ func (m *sealManager) storeKeyringLocked(ctx context.Context, s logical.Storage,
 		return logical.CodedError(http.StatusServiceUnavailable, "no HSM token is open for this mount; check config/seal")
 	}
 	cfg := *snap.cfg
-	if err := m.setKeyring(&cfg, m.token, cfg.SealedWith, ring, snap.meta); err != nil {
+	if err := m.setKeyring(&cfg, m.token, cfg.sealedKeys(), ring, snap.meta); err != nil {
 		return err
 	}
 	if err := writeSealConfig(ctx, s, &cfg); err != nil {

@@ -47,11 +47,22 @@ type sealConfig struct {
 	Slot       *uint  `json:"slot,omitempty"`
 	PIN        string `json:"pin"`
 	KeyLabel   string `json:"key_label"`
+	// Mechanism is how the keyring is to be sealed (hsm.SealMechanism;
+	// empty, as written by versions before mechanisms, is aes-gcm), and
+	// HMACKeyLabel the HMAC key of aes-cbc-hmac (empty: the KEK's label
+	// with -hmac appended).
+	Mechanism    string `json:"mechanism,omitempty"`
+	HMACKeyLabel string `json:"hmac_key_label,omitempty"`
+	// CallTimeout bounds each HSM operation, in seconds (0: the default).
+	CallTimeout int `json:"hsm_timeout,omitempty"`
+
 	// SealedKeyring is the root keyring sealed inside the HSM with
-	// CKM_AES_GCM under the KEK labelled SealedWith, the mount bound in the
-	// AAD.
-	SealedKeyring []byte `json:"sealed_keyring"`
-	SealedWith    string `json:"sealed_with"`
+	// SealedMechanism under the KEK labelled SealedWith (and for
+	// aes-cbc-hmac the HMAC key SealedHMAC), the mount bound in the AAD.
+	SealedKeyring   []byte `json:"sealed_keyring"`
+	SealedWith      string `json:"sealed_with"`
+	SealedMechanism string `json:"sealed_mechanism,omitempty"`
+	SealedHMAC      string `json:"sealed_hmac,omitempty"`
 	// RootKeyVersion is the active root key version, for status while
 	// sealed.
 	RootKeyVersion uint32 `json:"root_key_version"`
@@ -143,7 +154,40 @@ func (c *sealConfig) hsmConfig() (hsm.Config, error) {
 	if err != nil {
 		return hsm.Config{}, err
 	}
-	return hsm.Config{Library: c.Library, TokenLabel: c.TokenLabel, Slot: c.Slot, PIN: pin}, nil
+	return hsm.Config{Library: c.Library, TokenLabel: c.TokenLabel, Slot: c.Slot, PIN: pin,
+		CallTimeout: time.Duration(c.CallTimeout) * time.Second}, nil
+}
+
+// callTimeout is the deadline of the configuration's HSM operations.
+func callTimeout(c *sealConfig) time.Duration {
+	if c.CallTimeout > 0 {
+		return time.Duration(c.CallTimeout) * time.Second
+	}
+	return hsm.DefaultCallTimeout
+}
+
+// configuredKeys are the keys the configuration names, to seal with.
+func (c *sealConfig) configuredKeys() hsm.SealKeys {
+	k := hsm.SealKeys{Mechanism: hsm.SealMechanism(c.Mechanism), Label: c.KeyLabel}
+	if k.Mechanism == "" {
+		k.Mechanism = hsm.AESGCM
+	}
+	if k.Mechanism == hsm.AESCBCHMAC {
+		k.HMACLabel = c.HMACKeyLabel
+		if k.HMACLabel == "" {
+			k.HMACLabel = hsm.DefaultHMACLabel(c.KeyLabel)
+		}
+	}
+	return k
+}
+
+// sealedKeys are the keys the stored keyring is sealed with.
+func (c *sealConfig) sealedKeys() hsm.SealKeys {
+	k := hsm.SealKeys{Mechanism: hsm.SealMechanism(c.SealedMechanism), Label: c.SealedWith, HMACLabel: c.SealedHMAC}
+	if k.Mechanism == "" {
+		k.Mechanism = hsm.AESGCM
+	}
+	return k
 }
 
 // sealPhase is where a mount's seal stands.
@@ -363,13 +407,24 @@ func (m *sealManager) openMount(ctx context.Context, under logical.Storage, cfg 
 
 // unsealWith opens cfg's sealed keyring with tok.
 func (m *sealManager) unsealWith(tok *hsm.Token, cfg *sealConfig) (*seal.Keyring, error) {
-	if strings.HasPrefix(cfg.SealedWith, hsmNamespace) {
-		// Only a storage writer or an older version's officer puts an
-		// HSM-resident key's label here.
-		return nil, &hsm.Error{Kind: hsm.Configuration, Op: "unseal root key", Err: fmt.Errorf(
-			"the keyring is recorded as sealed by %q, a label of the plugin's HSM-resident keys; refusing to use it", cfg.SealedWith)}
+	keys := cfg.sealedKeys()
+	for _, l := range keys.Labels() {
+		if strings.HasPrefix(l, hsmNamespace) {
+			// Only a storage writer or an older version's officer puts an
+			// HSM-resident key's label here.
+			return nil, &hsm.Error{Kind: hsm.Configuration, Op: "unseal root key", Err: fmt.Errorf(
+				"the keyring is recorded as sealed by %q, a label of the plugin's HSM-resident keys; refusing to use it", l)}
+		}
 	}
-	raw, err := tok.DecryptGCM(cfg.SealedWith, cfg.SealedKeyring, m.aad)
+	if keys.Mechanism == hsm.RSAOAEP {
+		// Whoever knows an RSA public key can seal a keyring of their
+		// own to it: only a key pair whose public half the token keeps
+		// private is trusted, whatever the plaintext configuration names.
+		if err := tok.CheckSealKeys(keys); err != nil {
+			return nil, err
+		}
+	}
+	raw, err := tok.Open(keys, cfg.SealedKeyring, m.aad)
 	if err != nil {
 		if hsm.KindOf(err) == hsm.Failed {
 			return nil, &hsm.Error{Kind: hsm.Failed, Op: "unseal root key", Err: fmt.Errorf(
@@ -447,7 +502,7 @@ func (m *sealManager) upgradeLocked(ctx context.Context, under logical.Storage, 
 	sealer.SetKeyring(ring)
 	next := *cfg
 	next.LegacyRecoveryPublicKey, next.LegacyRecoveryShares = nil, 0
-	if err := m.setKeyring(&next, tok, cfg.SealedWith, ring, meta); err != nil {
+	if err := m.setKeyring(&next, tok, cfg.sealedKeys(), ring, meta); err != nil {
 		return nil, err
 	}
 	if err := writeSealConfig(ctx, under, &next); err != nil {
@@ -529,16 +584,16 @@ func checkNeverManifested(ctx context.Context, under logical.Storage, ring *seal
 	return nil
 }
 
-// setKeyring puts ring in cfg: sealed under tok's KEK label, and in the
+// setKeyring puts ring in cfg: sealed with keys in tok, and in the
 // recovery copy when meta has a recovery public key (otherwise any copy in
 // cfg is dropped).
-func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, label string, ring *seal.Keyring, meta *sealMeta) error {
+func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, keys hsm.SealKeys, ring *seal.Keyring, meta *sealMeta) error {
 	raw, err := ring.Marshal()
 	if err != nil {
 		return err
 	}
 	defer clear(raw)
-	sealed, err := tok.EncryptGCM(label, raw, m.aad)
+	sealed, err := tok.Seal(keys, raw, m.aad)
 	if err != nil {
 		return err
 	}
@@ -552,7 +607,8 @@ func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, label string, 
 		}
 		cfg.RecoveryThreshold = meta.RecoveryThreshold
 	}
-	cfg.SealedKeyring, cfg.SealedWith, cfg.RootKeyVersion = sealed, label, ring.Active()
+	cfg.SealedKeyring, cfg.SealedWith, cfg.RootKeyVersion = sealed, keys.Label, ring.Active()
+	cfg.SealedMechanism, cfg.SealedHMAC = string(keys.Mechanism), keys.HMACLabel
 	return nil
 }
 

@@ -15,8 +15,6 @@ const (
 	// the token: a 96-bit IV and a 128-bit tag.
 	GCMNonceSize = 12
 	GCMTagSize   = 16
-	// Mechanism names the sealing mechanism for status output.
-	Mechanism = "CKM_AES_GCM"
 )
 
 // Random returns n bytes from the token's random generator.
