@@ -210,3 +210,19 @@ func TestDeviceErrorRecovery(t *testing.T) {
 	require.Less(t, time.Since(back), 5*time.Second)
 	require.Equal(t, logins+1, tok.conn.loginAttempts(), "logged in once again")
 }
+
+// TestRoundTripCatchesALostIV: a token that uses an IV of its own and does
+// not say which (broken, or a caller that would not read it back) is found
+// by the canary, before anything is sealed with it.
+func TestRoundTripCatchesALostIV(t *testing.T) {
+	shim, label := newShim(t)
+	shim.Set(p11shim.IVHidden)
+	tok := openShim(t, shim, label, 0)
+	k := SealKeys{Mechanism: AESGCM, Label: uniqueLabel("kek")}
+	require.NoError(t, tok.EnsureSealKeys(k, true))
+	err := tok.CheckRoundTrip(k, []byte("aad"))
+	require.Equal(t, Configuration, KindOf(err), "%v", err)
+	require.Contains(t, err.Error(), "cannot open what it sealed with aes-gcm")
+	shim.Set()
+	require.NoError(t, tok.CheckRoundTrip(k, []byte("aad")))
+}

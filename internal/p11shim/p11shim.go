@@ -51,6 +51,9 @@ const (
 	// FIPSIVStrict: as FIPSIV, and a non-zero caller IV is refused with
 	// CKR_MECHANISM_PARAM_INVALID.
 	FIPSIVStrict = "fips-iv-strict"
+	// IVHidden: as FIPSIV, but the IV used is not written back: a broken
+	// token, whose AES-GCM ciphertexts cannot be opened again.
+	IVHidden = "iv-hidden"
 	// NoGCM: the token has no CKM_AES_GCM (not listed, CKR_MECHANISM_INVALID).
 	NoGCM = "no-gcm"
 	// Hang: every call but C_GetFunctionList blocks while the word is set.

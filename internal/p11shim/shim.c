@@ -16,6 +16,8 @@
  *   fips-iv         C_EncryptInit(CKM_AES_GCM) ignores the caller's IV, draws
  *                   12 random bytes, uses them and writes them back into the
  *                   caller's pIv buffer (as AWS CloudHSM and Luna in FIPS mode)
+ *   iv-hidden       as fips-iv, but the IV used is not written back: a broken
+ *                   token whose ciphertexts nobody can open again
  *   fips-iv-strict  as fips-iv, but a non-zero caller IV is refused
  *   no-gcm          the token has no CKM_AES_GCM
  *   hang            every call blocks while the word is in the file
@@ -62,6 +64,7 @@ enum {
 	F_NO_GCM = 1 << 2,
 	F_HANG = 1 << 3,
 	F_DEVICE_ERROR = 1 << 4,
+	F_IV_HIDDEN = 1 << 5,
 };
 
 /* How a function is affected by device-error and its aftermath. */
@@ -105,6 +108,8 @@ static unsigned parse_words(char *text)
 			f |= F_HANG;
 		else if (strcmp(w, "device-error") == 0)
 			f |= F_DEVICE_ERROR;
+		else if (strcmp(w, "iv-hidden") == 0)
+			f |= F_IV_HIDDEN;
 	}
 	return f;
 }
@@ -363,7 +368,7 @@ static int random_bytes(CK_BYTE *buf, size_t n)
  * parameters with our IV; on success the IV is written into the caller's pIv
  * buffer, where a careful caller reads it back after C_Encrypt.
  */
-static CK_RV encrypt_init_fips(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int strict)
+static CK_RV encrypt_init_fips(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int strict, int hidden)
 {
 	CK_GCM_PARAMS p;
 	if (m->pParameter == NULL || m->ulParameterLen != sizeof p)
@@ -384,7 +389,7 @@ static CK_RV encrypt_init_fips(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJEC
 	p.ulIvBits = 8 * GCM_IV_LEN;
 	CK_MECHANISM mm = {CKM_AES_GCM, &p, sizeof p};
 	CK_RV rv = target->C_EncryptInit(h, &mm, key);
-	if (rv == CKR_OK)
+	if (rv == CKR_OK && !hidden)
 		memcpy(caller_iv, iv, sizeof iv);
 	return rv;
 }
@@ -398,8 +403,8 @@ static CK_RV w_C_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_
 	if (m != NULL && m->mechanism == CKM_AES_GCM) {
 		if (f & F_NO_GCM)
 			return CKR_MECHANISM_INVALID;
-		if (f & (F_FIPS_IV | F_FIPS_IV_STRICT))
-			return encrypt_init_fips(h, m, key, (f & F_FIPS_IV_STRICT) != 0);
+		if (f & (F_FIPS_IV | F_FIPS_IV_STRICT | F_IV_HIDDEN))
+			return encrypt_init_fips(h, m, key, (f & F_FIPS_IV_STRICT) != 0, (f & F_IV_HIDDEN) != 0);
 	}
 	return target->C_EncryptInit(h, m, key);
 }
