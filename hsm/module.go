@@ -21,7 +21,7 @@ var minRescanInterval = time.Second
 // that no successful operation followed.
 var maxRescanInterval = 4 * time.Second
 
-// module is one PKCS#11 library file loaded in this process. C_Initialize is
+// module is one PKCS#11 library file in use in this process. C_Initialize is
 // called once and shared by every token and mount; the module is initialised
 // again only when a token vanished, so that its slots are listed anew.
 type module struct {
@@ -73,6 +73,31 @@ var modules = struct {
 	byFile map[fileID]*module
 }{byFile: map[fileID]*module{}}
 
+// loaded holds every PKCS#11 library this process loaded, by file. A library
+// is never unloaded: some cannot be loaded again in a process that unloaded
+// them (openCryptoki 3.8 crashes in C_Initialize after a dlclose once
+// SoftHSM2 was loaded), and PKCS#11 allows C_Initialize again after
+// C_Finalize on the library as it is.
+var loaded = struct {
+	sync.Mutex
+	byFile map[fileID]*pkcs11.Ctx
+}{byFile: map[fileID]*pkcs11.Ctx{}}
+
+// loadLibrary returns the loaded library of file id, loading it from path
+// the first time; nil when it cannot be loaded.
+func loadLibrary(id fileID, path string) *pkcs11.Ctx {
+	loaded.Lock()
+	defer loaded.Unlock()
+	if ctx, ok := loaded.byFile[id]; ok {
+		return ctx
+	}
+	ctx := pkcs11.New(path)
+	if ctx != nil {
+		loaded.byFile[id] = ctx
+	}
+	return ctx
+}
+
 // acquireModule returns the process's module for the library file at path
 // (canonical, from ResolveLibrary), counting a reference.
 func acquireModule(path string) (*module, error) {
@@ -91,7 +116,7 @@ func acquireModule(path string) (*module, error) {
 	return m, nil
 }
 
-// release drops a reference; the last one finalises and unloads the library.
+// release drops a reference; the last one finalises the library.
 func (m *module) release() {
 	modules.Lock()
 	defer modules.Unlock()
@@ -107,7 +132,7 @@ func (m *module) release() {
 		if m.initialized {
 			_ = m.ctx.Finalize()
 		}
-		m.ctx.Destroy()
+		// The library stays loaded (see loadLibrary).
 		m.ctx = nil
 		m.initialized = false
 		m.slots = nil
@@ -155,7 +180,7 @@ func (m *module) initialize() error {
 		return nil
 	}
 	if m.ctx == nil {
-		ctx := pkcs11.New(m.path)
+		ctx := loadLibrary(m.id, m.path)
 		if ctx == nil {
 			return newError(Unavailable, "load library", absent(fmt.Errorf("cannot load PKCS#11 library %s", m.path)))
 		}

@@ -186,12 +186,28 @@ func (t *Token) Close() {
 	}
 	c := t.conn
 	tokens.Lock()
-	defer tokens.Unlock()
 	c.refs--
 	if c.refs > 0 {
+		tokens.Unlock()
 		return
 	}
 	delete(tokens.byKey, c.key)
+	tokens.Unlock()
+	// Closing sessions is a call to the token too: one that hangs must
+	// not hold the caller (a plugin shutting down) past the deadline.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.shutdown()
+	}()
+	select {
+	case <-done:
+	case <-time.After(t.timeout):
+	}
+}
+
+// shutdown closes the connection's sessions and releases its module.
+func (c *connection) shutdown() {
 	if ctx, gen, ok := c.mod.enterIfReady(); ok {
 		c.mu.Lock()
 		c.dropLocked(ctx, gen)
