@@ -149,15 +149,11 @@ func (s *hsmKeyStore) create(ctx context.Context, storage logical.Storage, name 
 	}
 	// HSM-resident keys are AES-GCM inside the token: a token without it
 	// (openCryptoki 3.8, older firmware) is told apart from one that failed.
-	tok, err := s.token()
-	if err != nil {
+	if _, err := s.token(); err != nil {
 		return nil, err
 	}
-	sup, err := tok.Mechanisms()
-	if err != nil {
-		return nil, err
-	}
-	if !sup.GCM {
+	if sup := s.b.seal.tokenMechanisms(); sup != nil && !sup.GCM {
+		// (A token that does not answer now fails below, as unavailable.)
 		return nil, sup.ErrNoGCM()
 	}
 	k := &hsmKey{Name: name, Type: hsmKeyType, Versions: map[int]hsmKeyVersion{}, MinDecryptionVersion: 1, AutoRotatePeriod: autoRotate}

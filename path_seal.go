@@ -76,10 +76,10 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 		}
 		data["hsm_timeout"] = int(callTimeout(cfg).Seconds())
 	}
-	if tok := b.seal.currentToken(); tok != nil && snap.phase == phaseUnsealed {
+	if snap.phase == phaseUnsealed {
 		// What the token offers, for choosing a mechanism (and whether
 		// HSM-resident keys work there).
-		if sup, err := tok.Mechanisms(); err == nil {
+		if sup := b.seal.tokenMechanisms(); sup != nil {
 			usable := make([]string, len(sup.Usable))
 			for i, m := range sup.Usable {
 				usable[i] = string(m)

@@ -237,6 +237,8 @@ type sealManager struct {
 	token *hsm.Token
 	// current mirrors token for readers that must not wait on mu.
 	current atomic.Pointer[hsm.Token]
+	// support is what the current token offers, asked once per token.
+	support atomic.Pointer[tokenSupport]
 	// anchor keeps the anti-rollback anchor in the token; nil when off.
 	anchor *anchorWriter
 	// storage is the mount's storage from Initialize, for background
@@ -634,6 +636,30 @@ func (m *sealManager) adoptToken(tok *hsm.Token) {
 	}
 	m.token = tok
 	m.current.Store(tok)
+}
+
+// tokenSupport is the mechanisms a token offers.
+type tokenSupport struct {
+	tok *hsm.Token
+	sup hsm.MechanismSupport
+}
+
+// tokenMechanisms returns what the mount's current token offers, asking it
+// the first time only; nil when there is no token or it does not answer.
+func (m *sealManager) tokenMechanisms() *hsm.MechanismSupport {
+	tok := m.currentToken()
+	if tok == nil {
+		return nil
+	}
+	if s := m.support.Load(); s != nil && s.tok == tok {
+		return &s.sup
+	}
+	sup, err := tok.Mechanisms()
+	if err != nil {
+		return nil
+	}
+	m.support.Store(&tokenSupport{tok: tok, sup: sup})
+	return &sup
 }
 
 // currentToken returns the mount's token without waiting on transitions;
