@@ -17,15 +17,28 @@ const dataApplication = "hsm-transit"
 // CheckKeyLabel refuses, so no caller's label is another's staging label.
 const stagingSuffix = "\u00a0staging"
 
-// dataMu serialises the data operations of the process (WriteData and
-// DestroyData hold it exclusively, ReadData shared; inside the operation, so
-// that one abandoned at its deadline still holds it): two WriteData of one
-// label must not both find nothing and both create an object, and a
-// ReadData must not read a handle a writer is destroying (a stale handle is
-// CKR_OBJECT_HANDLE_INVALID, which drops the connection). Other processes
-// using the token are not covered. Writes are rare (a counter), so one lock
-// for every label and token is enough.
-var dataMu sync.RWMutex
+// dataLocks serialise the data operations of the process on one label of
+// one token (WriteData and DestroyData hold its lock exclusively, ReadData
+// shared; inside the operation, so that one abandoned at its deadline still
+// holds it): two WriteData of one label must not both find nothing and both
+// create an object, and a ReadData must not read a handle a writer is
+// destroying (a stale handle is CKR_OBJECT_HANDLE_INVALID, which drops the
+// connection). Other processes using the token are not covered.
+var dataLocks sync.Map // dataKey -> *sync.RWMutex
+
+// dataKey names the data objects of one label in one token.
+type dataKey struct {
+	file  fileID
+	token string
+	label string
+}
+
+// dataMu returns the lock of the label's data objects in the token: a token
+// that hangs inside a data operation holds up that label in that token only.
+func (t *Token) dataMu(label string) *sync.RWMutex {
+	mu, _ := dataLocks.LoadOrStore(dataKey{t.conn.mod.id, t.Describe(), label}, &sync.RWMutex{})
+	return mu.(*sync.RWMutex)
+}
 
 // findData returns the token's private data objects labelled label.
 //
@@ -110,9 +123,10 @@ func (t *Token) WriteData(label string, value []byte) error {
 		return err
 	}
 	staging := label + stagingSuffix
+	mu := t.dataMu(label)
 	return t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
-		dataMu.Lock()
-		defer dataMu.Unlock()
+		mu.Lock()
+		defer mu.Unlock()
 		d, err := t.findDataObjects(ctx, s, op, label)
 		if err != nil {
 			return err
@@ -160,9 +174,10 @@ func (t *Token) ReadData(label string) (value []byte, found bool, err error) {
 	}
 	var got []byte
 	var ok bool
+	mu := t.dataMu(label)
 	err = t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
-		dataMu.RLock()
-		defer dataMu.RUnlock()
+		mu.RLock()
+		defer mu.RUnlock()
 		got, ok = nil, false
 		d, err := t.findDataObjects(ctx, s, op, label)
 		if err != nil {
@@ -202,9 +217,10 @@ func (t *Token) DestroyData(label string) error {
 		return err
 	}
 	staging := label + stagingSuffix
+	mu := t.dataMu(label)
 	return t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
-		dataMu.Lock()
-		defer dataMu.Unlock()
+		mu.Lock()
+		defer mu.Unlock()
 		// Staging objects first: left alone, they would be read as the
 		// value once the object is gone.
 		hs, err := findData(ctx, s, staging)

@@ -64,6 +64,17 @@ type SealKeys struct {
 	HMACLabel string
 }
 
+// checkLabels refuses labels no key can have (an empty label would find
+// every key).
+func (k SealKeys) checkLabels() error {
+	for _, l := range k.Labels() {
+		if err := CheckKeyLabel(l); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // DefaultHMACLabel is the HMAC key's label when none is given.
 func DefaultHMACLabel(kek string) string { return kek + "-hmac" }
 
@@ -263,8 +274,37 @@ const (
 )
 
 // Seal encrypts plaintext with the mechanism and keys, binding aad: a blob
-// opens only with the same keys, mechanism and aad.
+// opens only with the same keys, mechanism and aad. The keys are checked
+// first (CheckSealKeys), and the blob is opened again before it is returned:
+// a token whose behaviour changed since it was configured (new firmware, an
+// IV it chooses and does not report) must not leave a blob that nothing
+// opens.
 func (t *Token) Seal(k SealKeys, plaintext, aad []byte) ([]byte, error) {
+	if err := t.CheckSealKeys(k); err != nil {
+		return nil, err
+	}
+	blob, err := t.seal(k, plaintext, aad)
+	if err != nil {
+		return nil, err
+	}
+	got, err := t.open(k, blob, aad)
+	if err != nil {
+		if KindOf(err) == Failed {
+			return nil, newError(Configuration, "seal", fmt.Errorf(
+				"the token cannot open what it sealed with %s: %v; nothing sealed with it is kept", k.Mechanism, err))
+		}
+		return nil, err
+	}
+	same := subtle.ConstantTimeCompare(got, plaintext) == 1
+	clear(got)
+	if !same {
+		return nil, newError(Configuration, "seal", fmt.Errorf(
+			"the token gave back other data than it sealed with %s; nothing sealed with it is kept", k.Mechanism))
+	}
+	return blob, nil
+}
+
+func (t *Token) seal(k SealKeys, plaintext, aad []byte) ([]byte, error) {
 	switch k.Mechanism {
 	case AESGCM, "":
 		return t.EncryptGCM(k.Label, plaintext, aad)
@@ -280,8 +320,19 @@ func (t *Token) Seal(k SealKeys, plaintext, aad []byte) ([]byte, error) {
 }
 
 // Open opens a blob Seal made. A blob that does not authenticate (another
-// key, mechanism or aad, or edited) is a Failed error.
+// key, mechanism or aad, or edited) is a Failed error. The keys are checked
+// first (CheckSealKeys): the labels come from storage, and a storage writer
+// could name keys whose value is known outside the token (one imported by
+// another application), or an RSA key pair whose public key anyone reads,
+// and seal a blob of their own under them.
 func (t *Token) Open(k SealKeys, blob, aad []byte) ([]byte, error) {
+	if err := t.CheckSealKeys(k); err != nil {
+		return nil, err
+	}
+	return t.open(k, blob, aad)
+}
+
+func (t *Token) open(k SealKeys, blob, aad []byte) ([]byte, error) {
 	switch k.Mechanism {
 	case AESGCM, "":
 		return t.DecryptGCM(k.Label, blob, aad)
@@ -699,7 +750,7 @@ func (t *Token) CheckRoundTrip(k SealKeys, aad []byte) error {
 	if err != nil {
 		return err
 	}
-	got, err := t.Open(k, blob, aad)
+	got, err := t.open(k, blob, aad)
 	if err != nil {
 		if KindOf(err) == Failed {
 			return newError(Configuration, "check round trip", fmt.Errorf(

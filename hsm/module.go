@@ -117,16 +117,27 @@ func acquireModule(path string) (*module, error) {
 }
 
 // release drops a reference; the last one finalises the library.
+//
+// Finalising waits for the calls in flight, which a hung token may hold for
+// long: the process-wide lock of modules is not held meanwhile, so that
+// opening other tokens goes on. The module stays in modules until it is
+// finalised, and an Open meanwhile takes it back instead.
 func (m *module) release() {
 	modules.Lock()
-	defer modules.Unlock()
 	m.refs--
-	if m.refs > 0 {
+	last := m.refs == 0
+	modules.Unlock()
+	if !last {
 		return
 	}
-	delete(modules.byFile, m.id)
 	m.calls.Lock()
 	defer m.calls.Unlock()
+	modules.Lock()
+	defer modules.Unlock()
+	if m.refs > 0 || m.released {
+		return // taken back meanwhile
+	}
+	delete(modules.byFile, m.id)
 	m.released = true
 	if m.ctx != nil {
 		if m.initialized {

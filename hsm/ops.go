@@ -288,6 +288,9 @@ func (t *Token) EncryptGCM(label string, plaintext, aad []byte) ([]byte, error) 
 		if err := checkIV(used); err != nil {
 			return err
 		}
+		if err := t.conn.rememberIV(used); err != nil {
+			return err
+		}
 		out = append(used, ct...)
 		return nil
 	})
@@ -326,6 +329,33 @@ func checkIV(iv []byte) error {
 		}
 	}
 	return newError(Failed, "encrypt", errors.New("the token left the AES-GCM IV zero; it neither used the IV given nor wrote back its own"))
+}
+
+// recentIVLimit is how many IVs a connection remembers.
+const recentIVLimit = 4096
+
+// rememberIV refuses an IV among the connection's recent ones, and
+// remembers it. Only a broken token repeats a random or counter IV; a
+// repetition this catches is one too many, and the ones it cannot see (in
+// another process, or long ago) are the token's to prevent.
+func (c *connection) rememberIV(iv []byte) error {
+	var k [GCMNonceSize]byte
+	copy(k[:], iv)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, seen := c.recentIVs[k]; seen {
+		return newError(Failed, "encrypt", errors.New("the token used an AES-GCM IV it had used before; refusing its output (GCM under a repeated IV is broken)"))
+	}
+	if c.recentIVs == nil {
+		c.recentIVs = map[[GCMNonceSize]byte]struct{}{}
+	}
+	if len(c.recentIVOrder) >= recentIVLimit {
+		delete(c.recentIVs, c.recentIVOrder[0])
+		c.recentIVOrder = c.recentIVOrder[1:]
+	}
+	c.recentIVs[k] = struct{}{}
+	c.recentIVOrder = append(c.recentIVOrder, k)
+	return nil
 }
 
 // DecryptGCM opens iv || ciphertext || tag made by EncryptGCM.

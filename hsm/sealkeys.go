@@ -14,10 +14,8 @@ import (
 // when generate is set, and are otherwise a NotFound error that says how to
 // get them.
 func (t *Token) EnsureSealKeys(k SealKeys, generate bool) error {
-	for _, l := range k.Labels() {
-		if err := CheckKeyLabel(l); err != nil {
-			return err
-		}
+	if err := k.checkLabels(); err != nil {
+		return err
 	}
 	missing := func(what, label string) error {
 		if !generate {
@@ -86,6 +84,9 @@ func (t *Token) EnsureSealKeys(k SealKeys, generate bool) error {
 // extractable and 3072 bits or more, and its public key private to the
 // token's user (whoever reads it can seal a keyring of their choosing).
 func (t *Token) CheckSealKeys(k SealKeys) error {
+	if err := k.checkLabels(); err != nil {
+		return err
+	}
 	switch k.Mechanism {
 	case AESGCM:
 		return t.checkAESKey(k.Label, false)

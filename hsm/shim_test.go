@@ -226,3 +226,25 @@ func TestRoundTripCatchesALostIV(t *testing.T) {
 	shim.Set()
 	require.NoError(t, tok.CheckRoundTrip(k, []byte("aad")))
 }
+
+// TestRepeatedIVRefused: a token that uses one AES-GCM IV twice has its
+// second output refused: GCM under a repeated IV gives away the XOR of the
+// plaintexts and the authentication key.
+func TestRepeatedIVRefused(t *testing.T) {
+	shim, label := newShim(t)
+	tok := openShim(t, shim, label, 0)
+	kek := uniqueLabel("kek")
+	require.NoError(t, tok.GenerateKey(kek))
+	shim.Set(p11shim.IVRepeat)
+	first, err := tok.EncryptGCM(kek, []byte("one"), nil)
+	require.NoError(t, err)
+	_, err = tok.EncryptGCM(kek, []byte("two"), nil)
+	require.Equal(t, Failed, KindOf(err), "%v", err)
+	require.Contains(t, err.Error(), "IV it had used before")
+	shim.Set()
+	got, err := tok.DecryptGCM(kek, first, nil)
+	require.NoError(t, err)
+	require.Equal(t, "one", string(got))
+	_, err = tok.EncryptGCM(kek, []byte("three"), nil)
+	require.NoError(t, err)
+}

@@ -115,6 +115,11 @@ type connection struct {
 	inUse chan struct{}
 	// kwp is the key-wrap mechanism aes-kwp uses with this token.
 	kwp uint
+	// recentIVs are the last AES-GCM IVs the token used (recentIVOrder
+	// in order), to refuse one used again: GCM under a repeated IV loses
+	// both confidentiality and authenticity.
+	recentIVs     map[[GCMNonceSize]byte]struct{}
+	recentIVOrder [][GCMNonceSize]byte
 	// tokenIV is set once the token refused a caller's AES-GCM IV: it
 	// makes its own (FIPS mode), and is given a zeroed buffer to fill.
 	tokenIV atomic.Bool

@@ -54,6 +54,8 @@ const (
 	// IVHidden: as FIPSIV, but the IV used is not written back: a broken
 	// token, whose AES-GCM ciphertexts cannot be opened again.
 	IVHidden = "iv-hidden"
+	// IVRepeat: as FIPSIV, but always the same IV: a broken token.
+	IVRepeat = "iv-repeat"
 	// NoGCM: the token has no CKM_AES_GCM (not listed, CKR_MECHANISM_INVALID).
 	NoGCM = "no-gcm"
 	// Hang: every call but C_GetFunctionList blocks while the word is set.

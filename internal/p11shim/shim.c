@@ -18,6 +18,7 @@
  *                   caller's pIv buffer (as AWS CloudHSM and Luna in FIPS mode)
  *   iv-hidden       as fips-iv, but the IV used is not written back: a broken
  *                   token whose ciphertexts nobody can open again
+ *   iv-repeat       as fips-iv, but always the same IV: a broken token
  *   fips-iv-strict  as fips-iv, but a non-zero caller IV is refused
  *   no-gcm          the token has no CKM_AES_GCM
  *   hang            every call blocks while the word is in the file
@@ -65,6 +66,7 @@ enum {
 	F_HANG = 1 << 3,
 	F_DEVICE_ERROR = 1 << 4,
 	F_IV_HIDDEN = 1 << 5,
+	F_IV_REPEAT = 1 << 6,
 };
 
 /* How a function is affected by device-error and its aftermath. */
@@ -110,6 +112,8 @@ static unsigned parse_words(char *text)
 			f |= F_DEVICE_ERROR;
 		else if (strcmp(w, "iv-hidden") == 0)
 			f |= F_IV_HIDDEN;
+		else if (strcmp(w, "iv-repeat") == 0)
+			f |= F_IV_REPEAT;
 	}
 	return f;
 }
@@ -368,7 +372,7 @@ static int random_bytes(CK_BYTE *buf, size_t n)
  * parameters with our IV; on success the IV is written into the caller's pIv
  * buffer, where a careful caller reads it back after C_Encrypt.
  */
-static CK_RV encrypt_init_fips(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int strict, int hidden)
+static CK_RV encrypt_init_fips(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int strict, int hidden, int repeat)
 {
 	CK_GCM_PARAMS p;
 	if (m->pParameter == NULL || m->ulParameterLen != sizeof p)
@@ -382,7 +386,9 @@ static CK_RV encrypt_init_fips(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJEC
 				return CKR_MECHANISM_PARAM_INVALID;
 
 	CK_BYTE iv[GCM_IV_LEN];
-	if (random_bytes(iv, sizeof iv) != 0)
+	if (repeat)
+		memset(iv, 0x5a, sizeof iv);
+	else if (random_bytes(iv, sizeof iv) != 0)
 		return CKR_FUNCTION_FAILED;
 	CK_BYTE_PTR caller_iv = p.pIv;
 	p.pIv = iv;
@@ -403,8 +409,9 @@ static CK_RV w_C_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_
 	if (m != NULL && m->mechanism == CKM_AES_GCM) {
 		if (f & F_NO_GCM)
 			return CKR_MECHANISM_INVALID;
-		if (f & (F_FIPS_IV | F_FIPS_IV_STRICT | F_IV_HIDDEN))
-			return encrypt_init_fips(h, m, key, (f & F_FIPS_IV_STRICT) != 0, (f & F_IV_HIDDEN) != 0);
+		if (f & (F_FIPS_IV | F_FIPS_IV_STRICT | F_IV_HIDDEN | F_IV_REPEAT))
+			return encrypt_init_fips(h, m, key, (f & F_FIPS_IV_STRICT) != 0, (f & F_IV_HIDDEN) != 0,
+						 (f & F_IV_REPEAT) != 0);
 	}
 	return target->C_EncryptInit(h, m, key);
 }
