@@ -146,8 +146,18 @@ func (b *backend) pathSealRotateWrite(ctx context.Context, req *logical.Request,
 	}
 	snap = m.state.Load()
 	snap.sealer.SetKeyring(ring)
+	if rotationStoredHook != nil {
+		rotationStoredHook()
+	}
 	n, err := m.finishRotationLocked(ctx, req.Storage, snap)
 	if err != nil {
+		if hsm.IsUnavailable(err) {
+			// The new keyring is stored; the entries not yet resealed
+			// stay readable, and the rotation completes at the next
+			// seal/rotate or unseal.
+			return nil, logical.CodedError(http.StatusServiceUnavailable, fmt.Sprintf(
+				"the root key rotation was interrupted (%v); every entry stays readable, and writing seal/rotate again once the HSM answers completes it", err))
+		}
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]interface{}{
@@ -155,6 +165,10 @@ func (b *backend) pathSealRotateWrite(ctx context.Context, req *logical.Request,
 		"entries_resealed": n,
 	}}, nil
 }
+
+// rotationStoredHook, when set (by tests), runs between storing the rotated
+// keyring and resealing the entries.
+var rotationStoredHook func()
 
 // storeKeyringLocked seals ring under the configured KEK and stores it with
 // the configuration, in one write. m.mu is held.

@@ -418,14 +418,9 @@ func (m *sealManager) unsealWith(tok *hsm.Token, cfg *sealConfig) (*seal.Keyring
 				"the keyring is recorded as sealed by %q, a label of the plugin's HSM-resident keys; refusing to use it", l)}
 		}
 	}
-	if keys.Mechanism == hsm.RSAOAEP {
-		// Whoever knows an RSA public key can seal a keyring of their
-		// own to it: only a key pair whose public half the token keeps
-		// private is trusted, whatever the plaintext configuration names.
-		if err := tok.CheckSealKeys(keys); err != nil {
-			return nil, err
-		}
-	}
+	// Open checks the keys first: the plaintext configuration names them,
+	// and a storage writer may name keys whose value is known outside the
+	// token.
 	raw, err := tok.Open(keys, cfg.SealedKeyring, m.aad)
 	if err != nil {
 		if hsm.KindOf(err) == hsm.Failed {
@@ -599,6 +594,8 @@ func (m *sealManager) setKeyring(cfg *sealConfig, tok *hsm.Token, keys hsm.SealK
 	if err != nil {
 		return err
 	}
+	// (Seal opened it again: nothing is stored that the token cannot
+	// open, should its IV handling have changed since the canary.)
 	// meta is the authority now: whatever an older version (or a storage
 	// writer) left in the plaintext fields goes.
 	cfg.LegacyRecoveryPublicKey, cfg.LegacyRecoveryShares = nil, 0
