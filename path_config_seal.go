@@ -546,7 +546,9 @@ const pathConfigSealHelpDesc = `
 The first write seals the mount: the plugin logs in to the token, finds (or
 with generate_key creates) the AES key-encryption key key_label, draws a
 256-bit root key from the token's random generator and stores it only sealed
-by that key (CKM_AES_GCM inside the HSM). Every storage entry of the mount is
+by that key inside the HSM, with mechanism (aes-gcm, aes-kwp, aes-cbc-hmac or
+rsa-oaep; when not given, the first the token offers; seal/status lists
+them). hsm_timeout bounds every HSM call (default 5s). Every storage entry of the mount is
 then encrypted under the root key. Until then, key and crypto paths answer 400.
 
 Later writes change how the root key is sealed without re-encrypting any
