@@ -216,7 +216,7 @@ func (b *backend) cacheSize() int {
 }
 
 // invalidate drops cached state that another node changed in storage.
-func (b *backend) invalidate(_ context.Context, key string) {
+func (b *backend) invalidate(ctx context.Context, key string) {
 	switch {
 	case strings.HasPrefix(key, policyPrefix):
 		b.cacheMu.RLock()
@@ -228,7 +228,20 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.lifecycle.invalidate(strings.TrimPrefix(key, lifecyclePrefix))
 	case key == cacheConfigStoragePath:
 		b.cacheStale.Store(true)
+	case key == sealConfigPath || key == sealMetaPath:
+		b.seal.invalidate(ctx, key)
+	case strings.HasPrefix(key, "manifest/"):
+		if snap := b.seal.state.Load(); snap.sealer != nil {
+			snap.sealer.Invalidate(key)
+		}
 	}
+}
+
+// readOnlyNode reports whether this node serves reads only (a performance
+// standby), where the plugin must not write storage.
+func (b *backend) readOnlyNode() bool {
+	sys := b.System()
+	return sys != nil && sys.ReplicationState().HasState(consts.ReplicationPerformanceStandby)
 }
 
 // clean releases the mount's root key, token and cached keys when it is

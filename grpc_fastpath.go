@@ -2,6 +2,8 @@ package hsmtransit
 
 import (
 	"context"
+	"errors"
+	"strings"
 
 	segjson "github.com/segmentio/encoding/json"
 	"google.golang.org/grpc"
@@ -125,9 +127,19 @@ func withDecodedBody(ctx context.Context, req *logical.Request) {
 
 // HandleRequest serves the request as the framework does, with its body
 // decoded by GRPCUnaryInterceptor.
+//
+// A write refused because this node is a performance standby comes back as
+// logical.ErrReadOnly itself, whatever wrapped it on the way (a usage count,
+// a manifest generation): Vault forwards such a request to the active node
+// when the error is that one, and the plugin boundary carries only its text.
 func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*logical.Response, error) {
 	withDecodedBody(ctx, req)
-	return b.Backend.HandleRequest(ctx, req)
+	resp, err := b.Backend.HandleRequest(ctx, req)
+	if err != nil && err != logical.ErrReadOnly &&
+		(errors.Is(err, logical.ErrReadOnly) || strings.Contains(err.Error(), logical.ErrReadOnly.Error())) {
+		return nil, logical.ErrReadOnly
+	}
+	return resp, err
 }
 
 // HandleExistenceCheck runs the existence check as the framework does, with

@@ -1,6 +1,7 @@
 package hsmtransit
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -242,8 +243,10 @@ type sealManager struct {
 	// anchor keeps the anti-rollback anchor in the token; nil when off.
 	anchor *anchorWriter
 	// storage is the mount's storage from Initialize, for background
-	// unsealing.
+	// unsealing; under holds it too, for invalidations, which must not
+	// wait on mu.
 	storage logical.Storage
+	under   atomic.Value // logical.Storage
 	// stop ends the background work at Clean.
 	stop    chan struct{}
 	stopped bool
@@ -667,10 +670,13 @@ func (m *sealManager) currentToken() *hsm.Token { return m.current.Load() }
 // migration, a root key rotation) and loads what lives in sealed storage.
 // It returns the snapshot now current. m.mu is held.
 func (m *sealManager) afterUnseal(ctx context.Context, under logical.Storage, snap *sealSnapshot) *sealSnapshot {
-	if snap.meta.MigrationPending {
+	// A performance standby cannot write: the active node finishes what
+	// was interrupted, and this node hears of it through invalidations.
+	writable := !m.b.readOnlyNode()
+	if writable && snap.meta.MigrationPending {
 		snap = m.migrateLocked(ctx, under, snap)
 	}
-	if len(snap.sealer.Keyring().Versions()) > 1 {
+	if writable && len(snap.sealer.Keyring().Versions()) > 1 {
 		if _, err := m.finishRotationLocked(ctx, under, snap); err != nil {
 			m.b.Logger().Error("finishing an interrupted root key rotation", "error", err)
 		}
@@ -720,6 +726,7 @@ func (m *sealManager) start(storage logical.Storage) {
 	m.mu.Lock()
 	m.storage = storage
 	m.mu.Unlock()
+	m.under.Store(storage)
 	m.done.Add(1)
 	go m.loop()
 	m.wake()
@@ -753,6 +760,109 @@ func (m *sealManager) loop() {
 			m.b.Logger().Warn("reading the seal configuration", "error", err)
 		}
 	}
+}
+
+// invalidate takes in a change another node made to the seal's own entries
+// (seal/config, the sealed seal state), as a performance standby or
+// secondary sees it: an emergency seal seals this node's copy at once; any
+// other change (a new root key version, KEK, token or mechanism, the end of
+// an emergency seal, recovery) is read and unsealed again in the
+// background, without a reload.
+func (m *sealManager) invalidate(ctx context.Context, key string) {
+	under, _ := m.under.Load().(logical.Storage)
+	if under == nil {
+		return
+	}
+	if key == sealConfigPath {
+		cfg, err := readSealConfig(ctx, under)
+		if err == nil && cfg != nil && cfg.EmergencySealed {
+			// Requests from now on find the mount sealed; the keyring
+			// and token go below, under mu.
+			m.state.Store(&sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true})
+		}
+	}
+	m.mu.Lock()
+	if m.stopped {
+		m.mu.Unlock()
+		return
+	}
+	m.done.Add(1)
+	m.mu.Unlock()
+	go func() {
+		defer m.done.Done()
+		m.reload(under)
+	}()
+}
+
+// reload brings the seal in memory in line with storage after an
+// invalidation.
+func (m *sealManager) reload(under logical.Storage) {
+	ctx := context.Background()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.stopped {
+		return
+	}
+	cfg, err := readSealConfig(ctx, under)
+	if err != nil {
+		m.b.Logger().Warn("reading the seal configuration another node changed", "error", err)
+		return
+	}
+	snap := m.state.Load()
+	switch {
+	case cfg == nil:
+		// Gone on the active node (only a storage writer does that):
+		// forget everything; the next request reads storage again.
+		m.dropLocked(&sealSnapshot{phase: phaseUnknown})
+		return
+	case cfg.EmergencySealed:
+		m.sealLocked(cfg)
+		m.b.Logger().Warn("emergency seal made on another node: root key, cached keys and the HSM session dropped from memory")
+		return
+	case snap.phase == phaseUnsealed && sameSealedKeyring(snap.cfg, cfg):
+		// Only the sealed state may have changed (recovery set up, the
+		// anti-rollback flag, an emergency seal recorded there).
+		meta, err := readSealMeta(ctx, snap.sealer.Wrap(under))
+		if err != nil || meta == nil {
+			m.b.Logger().Warn("reading the seal state another node changed", "error", err)
+			return
+		}
+		if meta.EmergencySealed {
+			m.sealLocked(cfg)
+			return
+		}
+		next := *snap
+		next.cfg, next.meta = cfg, meta
+		m.state.Store(&next)
+		return
+	}
+	// Another keyring, KEK, token or mechanism, or the end of an
+	// emergency seal: unseal again from the HSM.
+	m.b.Logger().Info("the seal configuration changed on another node: unsealing again", "root_key_version", cfg.RootKeyVersion)
+	m.unsealLocked(ctx, under, cfg)
+}
+
+// dropLocked forgets the root keyring, the cached keys and the token, and
+// stores next. m.mu is held.
+func (m *sealManager) dropLocked(next *sealSnapshot) {
+	if snap := m.state.Load(); snap.sealer != nil {
+		snap.sealer.Keyring().Wipe()
+	}
+	m.state.Store(next)
+	m.stopAnchorLocked()
+	m.adoptToken(nil)
+	m.b.dropCachedKeys()
+}
+
+// sameSealedKeyring reports whether two configurations seal the same
+// keyring the same way with the same token settings.
+func sameSealedKeyring(a, b *sealConfig) bool {
+	if a == nil || b == nil {
+		return false
+	}
+	ja, errA := json.Marshal(a)
+	jb, errB := json.Marshal(b)
+	return errA == nil && errB == nil && bytes.Equal(ja, jb)
 }
 
 // close stops background work and forgets the root key and the token.

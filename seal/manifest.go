@@ -1014,3 +1014,24 @@ func (s *Sealer) CompactManifest(ctx context.Context, under logical.Storage) err
 	}
 	return m.flush(ctx, s, under, last, false)
 }
+
+// Invalidate forgets what the sealer keeps in memory of the storage entry
+// key after another node changed it (a performance standby sees the active
+// node's writes only through invalidations): a manifest bucket is read
+// again, and checked against the root, when an entry of it is next read.
+// The root in memory stays: a bucket newer than its record there opens, and
+// one older is still refused as replayed. Other keys are not cached.
+func (s *Sealer) Invalidate(key string) {
+	m := s.man.Load()
+	if m == nil || !strings.HasPrefix(key, manifestBucketPrefix) {
+		return
+	}
+	var idx int
+	if _, err := fmt.Sscanf(strings.TrimPrefix(key, manifestBucketPrefix), "%02x", &idx); err != nil || idx < 0 || idx >= bucketCount || bucketPaths[idx] != key {
+		return
+	}
+	slot := &m.slots[idx]
+	slot.mu.Lock()
+	defer slot.mu.Unlock()
+	m.uncache(idx)
+}
