@@ -86,6 +86,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 	if err := b.Setup(ctx, conf); err != nil {
 		return nil, err
 	}
+	registerBackend(b)
 	return b, nil
 }
 
@@ -247,6 +248,7 @@ func (b *backend) readOnlyNode() bool {
 // clean releases the mount's root key, token and cached keys when it is
 // unmounted or reloaded.
 func (b *backend) clean(_ context.Context) {
+	defer unregisterBackend(b)
 	b.seal.close()
 	b.hsmKeys.reset()
 	b.lifecycle.reset()

@@ -3,12 +3,15 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"net"
 	"net/http"
 	_ "net/http/pprof" // served only when HSM_TRANSIT_PPROF_ADDR is set
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/hashicorp/go-hclog"
 	goplugin "github.com/hashicorp/go-plugin"
@@ -25,6 +28,12 @@ import (
 const pprofEnv = "HSM_TRANSIT_PPROF_ADDR"
 
 func main() {
+	// Before anything else: the parent is read now, so that a Vault that
+	// dies from here on is noticed.
+	logger := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: os.Stderr, JSONFormat: true})
+	handleSignals(logger)
+	hsmtransit.WatchHost(context.Background(), logger, os.Exit)
+
 	if addr := os.Getenv(pprofEnv); addr != "" {
 		servePprof(addr)
 	}
@@ -33,9 +42,42 @@ func main() {
 	if err := flags.Parse(os.Args[1:]); err != nil {
 		fatal(err)
 	}
-	if err := serve(api.VaultPluginTLSProvider(meta.GetTLSConfig())); err != nil {
+	if err := serve(logger, api.VaultPluginTLSProvider(meta.GetTLSConfig())); err != nil {
 		fatal(err)
 	}
+	// Serve returns when Vault stopped the plugin (go-plugin's controller
+	// Shutdown, sent by the client's Kill). Vault has normally cleaned up
+	// every mount already; any it has not is cleaned up now.
+	hsmtransit.ShutdownAll("the plugin server was stopped by Vault")
+}
+
+// handleSignals decides what the signals that would end the process do.
+//
+// SIGPIPE: the logger writes to fd 2, a pipe that Vault reads. Once Vault is
+// dead the pipe has no reader, and a Go program that has not called
+// signal.Notify for SIGPIPE is killed by SIGPIPE when it writes to a broken
+// pipe on fd 1 or 2 (os/signal, "SIGPIPE"): the first log line of the
+// shutdown would kill the process before it wiped anything. With Notify,
+// the signal goes to the channel (nobody reads it; the runtime drops what
+// does not fit) and the write fails with EPIPE, which hclog ignores.
+// signal.Ignore would do as much for this process, but SIG_IGN is inherited
+// across exec by anything the process (or a PKCS#11 library) starts.
+//
+// SIGTERM and SIGHUP end a Go program at once by default; they now clean up
+// every mount first (ShutdownAndExit), then exit 0. SIGINT is left to
+// go-plugin, which ignores it on purpose: a Ctrl-C at Vault's terminal
+// reaches the plugin too, and Vault itself then cleans up the mounts and
+// stops the plugin. Vault's own way of stopping the plugin (the controller's
+// Shutdown over gRPC, then SIGKILL after 2 s) is not a signal the process
+// can act on, and does not need to be: Serve returns, see main.
+func handleSignals(logger hclog.Logger) {
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		sig := <-stop
+		hsmtransit.ShutdownAndExit(logger, "received "+sig.String(), 0, os.Exit)
+	}()
 }
 
 // serve does what the SDK's plugin.ServeMultiplex does, as of
@@ -44,8 +86,7 @@ func main() {
 // against sdk/plugin/serve.go when the SDK is upgraded. It adds
 // hsmtransit.GRPCUnaryInterceptor to the gRPC server, which ServeMultiplex
 // has no option for.
-func serve(tlsProvider plugin.TLSProviderFunc) error {
-	logger := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: os.Stderr, JSONFormat: true})
+func serve(logger hclog.Logger, tlsProvider plugin.TLSProviderFunc) error {
 	backend := func(multiplex bool) goplugin.PluginSet {
 		return goplugin.PluginSet{plugin.BackendPluginName: &plugin.GRPCBackendPlugin{
 			Factory:             hsmtransit.Factory,
