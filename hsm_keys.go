@@ -190,7 +190,12 @@ func (s *hsmKeyStore) rotate(ctx context.Context, storage logical.Storage, k *hs
 	if err := k.persist(ctx, storage); err != nil {
 		delete(k.Versions, next)
 		k.LatestVersion--
-		_ = tok.DestroyKey(label)
+		// The object stays: a failed write may still have landed (Raft
+		// commits what a Vault that dies mid-request wrote), and then
+		// storage records a version whose object must exist. If it did
+		// not land, the next rotation finds the object and replaces it.
+		// Either way the key is read from storage again.
+		s.cache.remove(k.Name)
 		return err
 	}
 	return nil

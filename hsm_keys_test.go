@@ -2,11 +2,13 @@ package hsmtransit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -406,4 +408,45 @@ func TestHSMKeyNameTooLong(t *testing.T) {
 	short := strings.Repeat("n", 128-len(e.b.hsmKeys.label("", 1_000_000)))
 	e.mustWrite(t, "keys/"+short, map[string]interface{}{"hsm": true})
 	require.Equal(t, "fits", e.decrypt(t, short, e.encrypt(t, short, "fits", nil), nil))
+}
+
+// landedFailingStorage stores one write to failKey and then reports it
+// failed, as a Vault that dies mid-request does when Raft already committed
+// the write.
+type landedFailingStorage struct {
+	logical.Storage
+	failKey atomic.Value // string
+}
+
+func (s *landedFailingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if err := s.Storage.Put(ctx, e); err != nil {
+		return err
+	}
+	if k, _ := s.failKey.Load().(string); k != "" && e.Key == k {
+		s.failKey.Store("")
+		return errors.New("connection to Vault lost")
+	}
+	return nil
+}
+
+// TestHSMKeyRotationWriteThatLandedKeepsItsObject: a rotation whose record
+// was stored though the write reported an error keeps the new version's
+// object in the token: storage records the version, so its object must
+// exist (a failover once left such a key answering 400 until rotated again).
+func TestHSMKeyRotationWriteThatLandedKeepsItsObject(t *testing.T) {
+	fs := &landedFailingStorage{Storage: &logical.InmemStorage{}}
+	e := startBackend(t, fs, newMountUUID(t))
+	e.mustWrite(t, "config/seal", testSealConfig())
+	e.mustWrite(t, "keys/hk", map[string]interface{}{"hsm": true})
+	ct1 := e.encrypt(t, "hk", "before", nil)
+	fs.failKey.Store(hsmKeyPrefix + "hk")
+	r := e.write(t, "keys/hk/rotate", nil)
+	require.NotEqual(t, 200, r.status, "the rotation reports the failed write")
+	ct2 := e.encrypt(t, "hk", "after", nil)
+	require.True(t, strings.HasPrefix(ct2, "vault:v2:"), "storage records v2, and the key is read again from it: %s", ct2)
+	require.Equal(t, "after", e.decrypt(t, "hk", ct2, nil))
+	require.Equal(t, "before", e.decrypt(t, "hk", ct1, nil))
+	// A restart reads the same.
+	e2 := e.restart(t)
+	require.Equal(t, "after", e2.decrypt(t, "hk", ct2, nil))
 }
