@@ -795,30 +795,71 @@ func (m *manifest) resealBatch(ctx context.Context, s *Sealer, under logical.Sto
 // resealPieces rewrites every bucket, and the root, stored under another
 // root key version than the active one, so that pruning the old versions
 // loses no piece of the manifest. s.rot is read-held.
+//
+// The buckets are independent (each under its own lock, as concurrent
+// requests write them), so resealPiecesWorkers of them are written at once:
+// on Raft each write is a consensus round, and 256 of them one after the
+// other made a rotation take seconds however few entries the mount held.
 func (m *manifest) resealPieces(ctx context.Context, s *Sealer, under logical.Storage) error {
-	var last uint64
-	for idx := range bucketCount {
-		slot := &m.slots[idx]
-		slot.mu.Lock()
-		seq, err := func() (uint64, error) {
-			ring := s.ring.Load()
-			b, err := m.loadLocked(ctx, under, ring, idx)
-			if err != nil || b.gen == 0 || b.version == ring.Active() {
-				return 0, err
+	var (
+		mu    sync.Mutex
+		last  uint64
+		first error
+		wg    sync.WaitGroup
+	)
+	next := make(chan int)
+	for range resealPiecesWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for idx := range next {
+				seq, err := m.resealBucket(ctx, s, under, idx)
+				mu.Lock()
+				last = max(last, seq)
+				if err != nil && first == nil {
+					first = err
+				}
+				mu.Unlock()
 			}
-			nb := b.clone()
-			if err := m.writeBucketLocked(ctx, s, under, ring, idx, nb); err != nil {
-				return 0, err
-			}
-			return m.publishLocked(idx, nb), nil
 		}()
-		slot.mu.Unlock()
-		if err != nil {
-			return err
+	}
+	for idx := range bucketCount {
+		mu.Lock()
+		failed := first != nil
+		mu.Unlock()
+		if failed {
+			break
 		}
-		last = max(last, seq)
+		next <- idx
+	}
+	close(next)
+	wg.Wait()
+	if first != nil {
+		return first
 	}
 	return m.flush(ctx, s, under, last, true)
+}
+
+// resealPiecesWorkers is how many manifest buckets a rotation writes at
+// once.
+const resealPiecesWorkers = 16
+
+// resealBucket rewrites bucket idx under the active root key version if it
+// is stored under another, and returns the root change to flush.
+func (m *manifest) resealBucket(ctx context.Context, s *Sealer, under logical.Storage, idx int) (uint64, error) {
+	slot := &m.slots[idx]
+	slot.mu.Lock()
+	defer slot.mu.Unlock()
+	ring := s.ring.Load()
+	b, err := m.loadLocked(ctx, under, ring, idx)
+	if err != nil || b.gen == 0 || b.version == ring.Active() {
+		return 0, err
+	}
+	nb := b.clone()
+	if err := m.writeBucketLocked(ctx, s, under, ring, idx, nb); err != nil {
+		return 0, err
+	}
+	return m.publishLocked(idx, nb), nil
 }
 
 // LoadManifest reads the manifest root from storage and opens it with the
