@@ -629,32 +629,7 @@ func attackLibrarySpellings(t *testing.T) (link, target string) {
 // attackPluginPIDs lists the plugin processes Vault started.
 func attackPluginPIDs(t *testing.T, v *vaultServer) []int {
 	t.Helper()
-	vaultPID := strconv.Itoa(v.cmd.Process.Pid)
-	entries, err := os.ReadDir("/proc")
-	require.NoError(t, err)
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		i := bytes.LastIndexByte(stat, ')')
-		if i < 0 {
-			continue
-		}
-		fields := strings.Fields(string(stat[i+1:]))
-		if len(fields) < 2 || fields[1] != vaultPID {
-			continue
-		}
-		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
-		if err == nil && strings.HasPrefix(filepath.Base(exe), pluginName) {
-			pids = append(pids, pid)
-		}
-	}
+	pids := childPluginPIDs(v.cmd.Process.Pid)
 	sort.Ints(pids)
 	return pids
 }
