@@ -120,8 +120,6 @@ type MechanismSupport struct {
 	CanGenerate map[SealMechanism]bool
 	// GCM is whether HSM-resident keys (AES-GCM in the token) work.
 	GCM bool
-	// kwp is the key-wrap mechanism to use for AESKWP.
-	kwp uint
 }
 
 // Choose returns the preferred usable mechanism.
@@ -216,9 +214,11 @@ func supportFrom(flags map[uint]uint) MechanismSupport {
 		return missing
 	}
 	encDec := uint(pkcs11.CKF_ENCRYPT | pkcs11.CKF_DECRYPT)
-	sup.kwp = ckmAESKeyWrapKWP
-	if !has(ckmAESKeyWrapKWP, pkcs11.CKF_WRAP|pkcs11.CKF_UNWRAP) {
-		sup.kwp = ckmAESKeyWrapPad
+	// Either number of KWP will do (the connection picks one per
+	// token, kwpMechanism); the message names the older, more common one.
+	kwp := uint(ckmAESKeyWrapKWP)
+	if !has(kwp, pkcs11.CKF_WRAP|pkcs11.CKF_UNWRAP) {
+		kwp = ckmAESKeyWrapPad
 	}
 	for _, m := range SealMechanisms {
 		var missing []string
@@ -229,7 +229,7 @@ func supportFrom(flags map[uint]uint) MechanismSupport {
 			gen = has(pkcs11.CKM_AES_KEY_GEN, pkcs11.CKF_GENERATE)
 			sup.GCM = len(missing) == 0
 		case AESKWP:
-			missing = check(req{sup.kwp, pkcs11.CKF_WRAP | pkcs11.CKF_UNWRAP, "wrap, unwrap"})
+			missing = check(req{kwp, pkcs11.CKF_WRAP | pkcs11.CKF_UNWRAP, "wrap, unwrap"})
 			gen = has(pkcs11.CKM_AES_KEY_GEN, pkcs11.CKF_GENERATE)
 		case AESCBCHMAC:
 			missing = check(req{pkcs11.CKM_AES_CBC_PAD, encDec, "encrypt, decrypt"},
