@@ -62,8 +62,8 @@ import (
 const (
 	// manifestPrefix is reserved: the view refuses it, the walks skip it.
 	manifestPrefix       = "manifest/"
-	manifestRootPath     = manifestPrefix + "root"
-	manifestBucketPrefix = manifestPrefix + "bucket/"
+	manifestRootPath     = "manifest/root"    // under manifestPrefix
+	manifestBucketPrefix = "manifest/bucket/" // under manifestPrefix
 	bucketCount          = 256
 
 	// ceilingStep is how many generations one root write reserves.
@@ -94,6 +94,15 @@ var bucketPaths = func() (p [bucketCount]string) {
 		p[i] = fmt.Sprintf("%s%02x", manifestBucketPrefix, i)
 	}
 	return p
+}()
+
+// bucketOfPath is the index of each bucket's storage path.
+var bucketOfPath = func() map[string]int {
+	m := make(map[string]int, bucketCount)
+	for i, p := range bucketPaths {
+		m[p] = i
+	}
+	return m
 }()
 
 func bucketIndex(path string) int {
@@ -129,10 +138,10 @@ func (m *manifest) checkAbsent(ctx context.Context, s *Sealer, under logical.Sto
 		return err
 	}
 	rec, has := b.lookup(key)
-	switch {
-	case !has || recDeleted(rec):
+	if !has || recDeleted(rec) {
 		return nil
-	case rec != seen:
+	}
+	if rec != seen {
 		return errReadAgain
 	}
 	return refusedf("storage entry %q is missing, though the manifest records it at generation %d: removed outside the plugin, refused", key, recGen(rec))
@@ -194,7 +203,7 @@ func (b *bucket) lookup(path string) (uint64, bool) {
 	return 0, false
 }
 
-const recordOverhead = 16 + 8 + 8 // string header, record, slack
+const recordOverhead = 32 // string header 16, record 8, slack 8
 
 func (b *bucket) clone() *bucket {
 	return &bucket{gen: b.gen, version: b.version, paths: slices.Clone(b.paths), recs: slices.Clone(b.recs), size: b.size}
@@ -1064,11 +1073,8 @@ func (s *Sealer) CompactManifest(ctx context.Context, under logical.Storage) err
 // one older is still refused as replayed. Other keys are not cached.
 func (s *Sealer) Invalidate(key string) {
 	m := s.man.Load()
-	if m == nil || !strings.HasPrefix(key, manifestBucketPrefix) {
-		return
-	}
-	var idx int
-	if _, err := fmt.Sscanf(strings.TrimPrefix(key, manifestBucketPrefix), "%02x", &idx); err != nil || idx < 0 || idx >= bucketCount || bucketPaths[idx] != key {
+	idx, isBucket := bucketOfPath[key]
+	if m == nil || !isBucket {
 		return
 	}
 	slot := &m.slots[idx]

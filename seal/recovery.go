@@ -35,12 +35,13 @@ func NewRecovery(shares, threshold int) (public []byte, parts []string, err erro
 // newRecovery is NewRecovery; withSeed, when set, sees the seed before it is
 // forgotten.
 func newRecovery(shares, threshold int, withSeed func(seed []byte) error) (public []byte, parts []string, err error) {
-	switch {
-	case threshold < 2:
+	if threshold < 2 {
 		return nil, nil, errors.New("threshold must be at least 2: one share alone would be the whole key")
-	case shares < threshold:
+	}
+	if shares < threshold {
 		return nil, nil, fmt.Errorf("shares (%d) cannot be fewer than threshold (%d)", shares, threshold)
-	case shares > 255:
+	}
+	if shares > 255 {
 		return nil, nil, errors.New("shares cannot exceed 255")
 	}
 	seed := make([]byte, recoverySeedSize)

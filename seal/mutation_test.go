@@ -1,0 +1,254 @@
+package seal
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// Tests written against the mutants that gremlins (make mutation) found
+// living or not covered in this package: each names the property whose
+// loss it catches.
+
+// The recovery split's bounds are exact: 2 of 2 and 255 shares are fine,
+// one share less or more is refused with a message saying what to change.
+func TestNewRecoveryBoundsAreExact(t *testing.T) {
+	_, _, err := NewRecovery(2, 1)
+	require.ErrorContains(t, err, "threshold must be at least 2")
+	_, parts, err := NewRecovery(2, 2)
+	require.NoError(t, err)
+	require.Len(t, parts, 2)
+	_, _, err = NewRecovery(2, 3)
+	require.ErrorContains(t, err, "shares (2) cannot be fewer than threshold (3)")
+	_, parts, err = NewRecovery(3, 3)
+	require.NoError(t, err)
+	require.Len(t, parts, 3)
+	_, parts, err = NewRecovery(255, 2)
+	require.NoError(t, err)
+	require.Len(t, parts, 255)
+	_, _, err = NewRecovery(256, 2)
+	require.ErrorContains(t, err, "shares cannot exceed 255")
+}
+
+// A value is in a sealed format only with its magic and room for the
+// header and the nonce: one byte shorter is not.
+func TestIsSealedLengthBounds(t *testing.T) {
+	v1 := append([]byte("hst\x01"), make([]byte, 4+12)...)
+	v2 := append([]byte("hst\x02"), make([]byte, 4+8+12)...)
+	require.True(t, IsSealed(v1))
+	require.False(t, IsSealed(v1[:len(v1)-1]))
+	require.True(t, IsSealed(v2))
+	require.False(t, IsSealed(v2[:len(v2)-1]))
+	// A v2 header is longer: v2's magic on a v1-sized value is not sealed.
+	short := append([]byte("hst\x02"), make([]byte, 4+12)...)
+	require.False(t, IsSealed(short))
+	require.False(t, IsSealed(append([]byte("hst\x03"), make([]byte, 4+8+12)...)))
+
+	h, ok := parseHeader(append(append([]byte("hst\x02"), 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 1, 2), make([]byte, 12)...))
+	require.True(t, ok)
+	require.Equal(t, header{format: 2, version: 7, gen: 0x102, body: 16}, h)
+	h, ok = parseHeader(append(append([]byte("hst\x01"), 0, 0, 1, 0), make([]byte, 12)...))
+	require.True(t, ok)
+	require.Equal(t, header{format: 1, version: 256, body: 8}, h)
+}
+
+// The unreadable-entries error names the first ten and counts the rest.
+func TestUnreadableEntriesErrorShowsTenAndCountsTheRest(t *testing.T) {
+	mk := func(n int) *UnreadableEntriesError {
+		e := &UnreadableEntriesError{}
+		for i := range n {
+			e.Paths = append(e.Paths, fmt.Sprintf("policy/k%d", i))
+			e.Errs = append(e.Errs, fmt.Errorf("entry k%d: bad", i))
+		}
+		return e
+	}
+	msg := mk(12).Error()
+	require.True(t, strings.HasPrefix(msg, "12 storage entries cannot be opened and were left as they are: entry k0: bad; "), msg)
+	require.Contains(t, msg, "entry k9: bad; ... (2 more)")
+	require.NotContains(t, msg, "entry k10")
+	msg = mk(10).Error()
+	require.True(t, strings.HasSuffix(msg, "entry k9: bad"), msg)
+	require.NotContains(t, msg, "more")
+	require.Equal(t, "1 storage entry cannot be opened and was left as it is: entry k0: bad", mk(1).Error())
+	var target *UnreadableEntriesError
+	require.True(t, errors.As(fmt.Errorf("wrapped: %w", mk(3)), &target))
+	require.Len(t, target.Unwrap(), 3)
+}
+
+// cachedBuckets counts the manifest buckets held decoded in memory.
+func cachedBuckets(m *manifest) int {
+	n := 0
+	for i := range m.slots {
+		if m.slots[i].cached.Load() != nil {
+			n++
+		}
+	}
+	return n
+}
+
+// Lowering the manifest cache's bound evicts at once, down to the bound;
+// entries of evicted buckets are read (and checked) from storage again.
+func TestShrinkingTheManifestCacheEvictsAtOnce(t *testing.T) {
+	m := newMount(t)
+	var keys []string
+	for i := range 200 {
+		k := fmt.Sprintf("policy/k%03d", i)
+		keys = append(keys, k)
+		m.put(k, "v-"+k)
+	}
+	man := m.s.man.Load()
+	full := man.cacheBytes.Load()
+	cached := cachedBuckets(man)
+	require.Greater(t, cached, 100, "200 keys spread over most of the 256 buckets, all cached under the default bound")
+
+	limit := full / 4
+	m.s.SetManifestCacheBytes(limit)
+	require.LessOrEqual(t, man.cacheBytes.Load(), limit, "evicted at once down to the new bound")
+	require.Less(t, cachedBuckets(man), cached/2)
+	require.Greater(t, cachedBuckets(man), 0, "what fits stays cached")
+
+	// Every key still reads, and the cache never grows past the bound.
+	for _, k := range keys {
+		v, err := m.get(k)
+		require.NoError(t, err)
+		require.Equal(t, "v-"+k, v)
+		require.LessOrEqual(t, man.cacheBytes.Load(), limit)
+	}
+	// Evicted buckets are read again from storage: a replayed entry of
+	// one is still refused.
+	old := m.raw(keys[0])
+	m.put(keys[0], "newer")
+	m.s.SetManifestCacheBytes(0)
+	require.Equal(t, 0, cachedBuckets(man))
+	require.Equal(t, int64(0), man.cacheBytes.Load())
+	m.plant(keys[0], old)
+	_, err := m.get(keys[0])
+	require.ErrorContains(t, err, "older than the manifest records")
+
+	// Raising the bound again caches what is read.
+	m.s.SetManifestCacheBytes(DefaultManifestCacheBytes)
+	_, _ = m.get(keys[1])
+	require.Equal(t, 1, cachedBuckets(man))
+}
+
+// A bound set before the manifest is loaded applies once it is.
+func TestManifestCacheBoundSetBeforeLoad(t *testing.T) {
+	m := newMount(t)
+	for i := range 50 {
+		m.put(fmt.Sprintf("policy/k%03d", i), "v")
+	}
+	s := NewSealer(m.s.Keyring(), plainSeal)
+	s.SetManifestCacheBytes(0)
+	require.NoError(t, s.LoadManifest(m.ctx, m.under))
+	v := s.Wrap(m.under)
+	for i := range 50 {
+		e, err := v.Get(m.ctx, fmt.Sprintf("policy/k%03d", i))
+		require.NoError(t, err)
+		require.Equal(t, "v", string(e.Value))
+	}
+	require.Equal(t, 0, cachedBuckets(s.man.Load()))
+}
+
+// Invalidate drops the cached copy of exactly the bucket named, so that a
+// node that did not make a change (a standby) reads it again; any other
+// key, or a look-alike of a bucket's path, changes nothing.
+func TestInvalidateDropsExactlyTheBucketNamed(t *testing.T) {
+	a := newMount(t)
+	const key = "policy/shared"
+	a.put(key, "v1")
+	_, err := a.get(key)
+	require.NoError(t, err)
+
+	// Another node over the same storage deletes the key.
+	b := NewSealer(a.s.Keyring(), plainSeal)
+	require.NoError(t, b.LoadManifest(a.ctx, a.under))
+	require.NoError(t, b.Wrap(a.under).Delete(a.ctx, key))
+
+	// a's copy of the bucket still records the key as live: the entry
+	// looks removed outside the plugin.
+	_, err = a.get(key)
+	require.ErrorContains(t, err, "removed outside the plugin")
+
+	path := bucketPathOf(key)
+	for _, other := range []string{
+		key, manifestRootPath, path + "x", "x" + path, strings.ToUpper(path),
+		manifestBucketPrefix + "zz", bucketPaths[(bucketIndex(key)+1)%bucketCount],
+	} {
+		a.s.Invalidate(other)
+		_, err = a.get(key)
+		require.ErrorContains(t, err, "removed outside the plugin", "after Invalidate(%q)", other)
+	}
+	a.s.Invalidate(path)
+	got, err := a.get(key)
+	require.NoError(t, err)
+	require.Empty(t, got)
+
+	// Bucket 00 is a bucket like any other.
+	zero := ""
+	for i := 0; zero == ""; i++ {
+		if k := fmt.Sprintf("policy/z%d", i); bucketIndex(k) == 0 {
+			zero = k
+		}
+	}
+	a.put(zero, "z1")
+	require.NoError(t, b.Wrap(a.under).Delete(a.ctx, zero))
+	_, err = a.get(zero)
+	require.ErrorContains(t, err, "removed outside the plugin")
+	a.s.Invalidate(manifestBucketPrefix + "00")
+	got, err = a.get(zero)
+	require.NoError(t, err)
+	require.Empty(t, got)
+
+	// A Sealer without a manifest has nothing to drop.
+	k, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	NewSealer(k, plainSeal).Invalidate(path)
+}
+
+// A keyring that goes back to an older active version (a configuration
+// restored) leaves the manifest not knowing since when that version is
+// active: compaction keeps every tombstone rather than drop one that an
+// entry sealed under another version might still need.
+func TestKeyringGoingBackKeepsTombstones(t *testing.T) {
+	m := newMount(t)
+	m.put("policy/gone", "x")
+	older := m.s.Keyring()
+	m.rotate()
+	require.NoError(t, m.v.Delete(m.ctx, "policy/gone"))
+	raw := m.raw(bucketPathOf("policy/gone"))
+
+	// Back to the older keyring (nothing is read here, only compacted).
+	m.s.SetKeyring(older)
+	man := m.s.man.Load()
+	man.mu.Lock()
+	since, version := man.root.activeSince, man.root.activeVersion
+	man.mu.Unlock()
+	require.Equal(t, older.Active(), version)
+	require.Equal(t, uint64(0), since, "going back: since when is unknown")
+	require.NoError(t, m.s.CompactManifest(m.ctx, m.under))
+	require.Equal(t, raw, m.raw(bucketPathOf("policy/gone")), "the bucket and its tombstone are kept")
+}
+
+// checkAbsent: an entry absent while its record is live is refused only
+// when the record is the one seen; a record that changed since is a read
+// to do again, and a record that became a tombstone is an absent entry.
+func TestCheckAbsentDistinguishesTheRecordSeen(t *testing.T) {
+	m := newMount(t)
+	const key = "policy/c"
+	m.put(key, "v1")
+	man := m.s.man.Load()
+	b, err := man.bucketFor(m.ctx, m.s, m.under, key)
+	require.NoError(t, err)
+	seen, has := b.lookup(key)
+	require.True(t, has)
+
+	require.ErrorContains(t, man.checkAbsent(m.ctx, m.s, m.under, key, seen), "removed outside the plugin")
+	m.put(key, "v2")
+	require.ErrorIs(t, man.checkAbsent(m.ctx, m.s, m.under, key, seen), errReadAgain)
+	require.NoError(t, m.v.Delete(m.ctx, key))
+	require.NoError(t, man.checkAbsent(m.ctx, m.s, m.under, key, seen))
+	require.NoError(t, man.checkAbsent(m.ctx, m.s, m.under, "policy/never", seen))
+}
