@@ -38,8 +38,9 @@ func TestGoAPIClientSession(t *testing.T) {
 	}
 	sec, err = c.Write("transit/encrypt/app", map[string]interface{}{"batch_input": items})
 	require.NoError(t, err)
-	results := sec.Data["batch_results"].([]interface{})
-	require.Len(t, results, 50)
+	results, ok := sec.Data["batch_results"].([]interface{})
+	require.True(t, ok, "batch_results: %v", sec.Data)
+	require.Len(t, results, len(items), "one result per item sent")
 	var dec []map[string]interface{}
 	for i, r := range results {
 		m := r.(map[string]interface{})
@@ -48,7 +49,10 @@ func TestGoAPIClientSession(t *testing.T) {
 	}
 	sec, err = c.Write("transit/decrypt/app", map[string]interface{}{"batch_input": dec})
 	require.NoError(t, err)
-	for i, r := range sec.Data["batch_results"].([]interface{}) {
+	decrypted, ok := sec.Data["batch_results"].([]interface{})
+	require.True(t, ok, "batch_results: %v", sec.Data)
+	require.Len(t, decrypted, len(dec), "one result per item sent")
+	for i, r := range decrypted {
 		m := r.(map[string]interface{})
 		require.Equal(t, fmt.Sprintf("row %d", i), unb64(t, m["plaintext"].(string)))
 		require.Equal(t, fmt.Sprint(i), m["reference"])
@@ -62,8 +66,9 @@ func TestGoAPIClientSession(t *testing.T) {
 	require.Equal(t, 400, respErr.StatusCode)
 	status, body := v.rawRequest("POST", "transit/decrypt/app", map[string]interface{}{"batch_input": bad, "partial_failure_response_code": 207})
 	require.Equal(t, 207, status)
-	got := body["data"].(map[string]interface{})["batch_results"].([]interface{})
-	require.Len(t, got, 3)
+	got, ok := lookup(body, "data.batch_results").([]interface{})
+	require.True(t, ok, "batch_results: %v", body)
+	require.Len(t, got, len(bad), "one result per item sent")
 	require.Equal(t, "invalid ciphertext: no prefix", got[2].(map[string]interface{})["error"])
 
 	// Sign and verify, HMAC, hash, random.

@@ -16,7 +16,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -870,24 +869,10 @@ func (n *clusterNode) logTimes(substr string) []time.Time {
 	return out
 }
 
-// freePorts reserves n distinct free loopback ports at once.
+// freePorts reserves n distinct free loopback ports at once, none handed
+// out before to any server of this process (reservePorts).
 func freePorts(n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	var ports []int
-	for i := 0; i < n; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
+	return reservePorts(n, 1)
 }
 
 // copyExecutable copies a binary, returning its SHA-256.

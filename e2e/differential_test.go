@@ -1,6 +1,12 @@
 package e2e
 
 import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
@@ -13,6 +19,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"github.com/tink-crypto/tink-go/v2/kwp/subtle"
 )
 
 // step is one scripted call, sent to both mounts. {{name}} in the path or in
@@ -23,9 +30,30 @@ type step struct {
 	path    string
 	body    map[string]interface{}
 	capture map[string]string // variable -> dotted path in the response data
-	// intended, when set, says why the plugin deliberately answers this
-	// call differently from built-in transit.
-	intended string
+	// exact names data fields (dotted paths under data) that would be
+	// compared by shape as fresh randomness (see freshField) but are
+	// deterministic in this step: both mounts hold the same imported key.
+	exact []string
+	// want, when set, is the status both mounts must answer (so that two
+	// equal failures do not pass for agreement).
+	want int
+	// swap sends each mount the values the other mount's answers captured
+	// (for keys both hold: the two must interoperate).
+	swap bool
+	// fresh names data fields made of fresh randomness in this step only,
+	// compared by shape (a datakey's plaintext).
+	fresh []string
+	// intended lists the differences the plugin makes on purpose in this
+	// step, each by what differs (a difference's what) and why. Any other
+	// difference of the step fails, and so does an intended one that no
+	// longer occurs.
+	intended []intent
+}
+
+// intent excuses one difference of a step.
+type intent struct {
+	what string // as difference.what: "status 500 vs 400", "errors", "warnings", "data.x"
+	why  string
 }
 
 // diffSession is the scripted session, run against built-in transit and the
@@ -49,7 +77,7 @@ var diffSession = []step{
 	{method: "POST", path: "keys/aes", body: map[string]interface{}{"type": "rsa-2048"},
 		// Built-in transit means to warn here, but its GetPolicy wrapper
 		// always reports a key as new, so the warning never shows.
-		intended: "the plugin warns that the key already existed (so the type given was not applied)"},
+		intended: []intent{{"warnings", "the plugin warns that the key already existed (so the type given was not applied)"}}},
 	{method: "POST", path: "keys/bad", body: map[string]interface{}{"type": "des"}},
 	{method: "POST", path: "keys/bad", body: map[string]interface{}{"type": "aes256-cmac"}},
 	{method: "POST", path: "keys/bad", body: map[string]interface{}{"convergent_encryption": true}},
@@ -98,7 +126,7 @@ var diffSession = []step{
 	{method: "POST", path: "encrypt/aes", body: map[string]interface{}{"plaintext": b64("x"), "padding_scheme": "oaep"}},
 	{method: "POST", path: "encrypt/aes", body: map[string]interface{}{"batch_input": []interface{}{
 		map[string]interface{}{"plaintext": b64("a"), "padding_scheme": "oaep"},
-	}}, intended: "a batch item with an invalid padding_scheme makes the batch 400, as any bad item does; built-in transit answers 200"},
+	}}, intended: []intent{{"status 200 vs 400", "a batch item with an invalid padding_scheme makes the batch 400, as any bad item does; built-in transit answers 200"}}},
 
 	// Upsert on encrypt.
 	{method: "POST", path: "encrypt/upserted", body: map[string]interface{}{"plaintext": b64("x"), "type": "chacha20-poly1305"}},
@@ -158,7 +186,7 @@ var diffSession = []step{
 	}}},
 	{method: "POST", path: "rewrap/aes", body: map[string]interface{}{}},
 	{method: "POST", path: "rewrap/aes", body: map[string]interface{}{"ciphertext": "{{ctad}}", "associated_data": b64("ad")},
-		intended: "rewrap takes associated_data; built-in transit ignores it, so a ciphertext made with associated data cannot be rewrapped there"},
+		intended: rewrapAD},
 	{method: "POST", path: "keys/aes/config", body: map[string]interface{}{"min_decryption_version": 2}},
 	{method: "POST", path: "decrypt/aes", body: map[string]interface{}{"ciphertext": "{{ct}}"}},
 	{method: "POST", path: "decrypt/aes", body: map[string]interface{}{"ciphertext": "{{ct2}}"}},
@@ -174,14 +202,15 @@ var diffSession = []step{
 	{method: "POST", path: "keys/aes/trim", body: map[string]interface{}{"min_available_version": 1}},
 
 	// Datakeys.
-	{method: "POST", path: "datakey/plaintext/aes", capture: map[string]string{"dk": "ciphertext"}},
-	{method: "POST", path: "decrypt/aes", body: map[string]interface{}{"ciphertext": "{{dk}}"}},
+	{method: "POST", path: "datakey/plaintext/aes", capture: map[string]string{"dk": "ciphertext"}, fresh: []string{"plaintext"}},
+	// Each mount's own datakey comes back; the two differ.
+	{method: "POST", path: "decrypt/aes", body: map[string]interface{}{"ciphertext": "{{dk}}"}, fresh: []string{"plaintext"}},
 	{method: "POST", path: "datakey/wrapped/aes", body: map[string]interface{}{"bits": 512}},
 	{method: "POST", path: "datakey/plaintext/aes", body: map[string]interface{}{"bits": 64}},
 	{method: "POST", path: "datakey/other/aes"},
 	{method: "POST", path: "datakey/plaintext/missing"},
 	{method: "POST", path: "datakey/plaintext/derived"},
-	{method: "POST", path: "datakey/plaintext/derived", body: map[string]interface{}{"context": b64("c")}},
+	{method: "POST", path: "datakey/plaintext/derived", body: map[string]interface{}{"context": b64("c")}, fresh: []string{"plaintext"}},
 
 	// Sign, verify, HMAC, hash, random.
 	{method: "POST", path: "sign/p256", body: map[string]interface{}{"input": b64("doc")}, capture: map[string]string{"sig": "signature"}},
@@ -220,6 +249,26 @@ var diffSession = []step{
 	{method: "POST", path: "random", body: map[string]interface{}{"bytes": 0}},
 	{method: "POST", path: "random", body: map[string]interface{}{"format": "oct"}},
 
+	// The same key material imported into both mounts (diffImports): what
+	// it computes deterministically must be equal, not only alike.
+	{method: "POST", path: "keys/known-mac/import", body: map[string]interface{}{"ciphertext": "{{wrapped_mac}}", "type": "hmac"}, want: 204},
+	{method: "POST", path: "hmac/known-mac", body: map[string]interface{}{"input": b64("m")}, exact: []string{"hmac"}, want: 200},
+	{method: "POST", path: "hmac/known-mac/sha2-512", body: map[string]interface{}{"batch_input": []interface{}{
+		map[string]interface{}{"input": b64("a"), "reference": "1"},
+		map[string]interface{}{"input": b64("b"), "reference": "2"},
+	}}, exact: []string{"batch_results.0.hmac", "batch_results.1.hmac"}, want: 200},
+	{method: "POST", path: "keys/known-ed/import", body: map[string]interface{}{"ciphertext": "{{wrapped_ed}}", "type": "ed25519"}, want: 204},
+	{method: "GET", path: "keys/known-ed", exact: []string{"keys.1.public_key"}, want: 200},
+	{method: "POST", path: "sign/known-ed", body: map[string]interface{}{"input": b64("doc")}, exact: []string{"signature"}, capture: map[string]string{"edsig": "signature"}, want: 200},
+	{method: "POST", path: "verify/known-ed", body: map[string]interface{}{"input": b64("doc"), "signature": "{{edsig}}"}, swap: true, want: 200},
+	{method: "GET", path: "export/public-key/known-ed", exact: []string{"keys.1"}, want: 200},
+	// Ciphertexts have random nonces (and import refuses convergent
+	// keys), so each mount decrypts the other's instead.
+	{method: "POST", path: "keys/known-aes/import", body: map[string]interface{}{"ciphertext": "{{wrapped_aes}}", "derived": true}, want: 204},
+	{method: "POST", path: "encrypt/known-aes", body: map[string]interface{}{"plaintext": b64("same"), "context": b64("c")}, capture: map[string]string{"kct": "ciphertext"}, want: 200},
+	{method: "POST", path: "decrypt/known-aes", body: map[string]interface{}{"ciphertext": "{{kct}}", "context": b64("c")}, swap: true, want: 200},
+	{method: "POST", path: "decrypt/known-aes", body: map[string]interface{}{"ciphertext": "{{kct}}", "context": b64("other")}, swap: true, want: 400},
+
 	// Export, backup, restore.
 	{method: "GET", path: "export/encryption-key/exp"},
 	{method: "GET", path: "export/encryption-key/exp/1"},
@@ -252,12 +301,21 @@ var diffSession = []step{
 
 	// Deletion.
 	{method: "POST", path: "keys/hmac-default", body: map[string]interface{}{"type": "hmac"},
-		intended: "built-in transit fails (500) on an hmac key without key_size; the plugin makes a 32-byte key"},
+		intended: hmacDefaultSize},
 	{method: "DELETE", path: "keys/rsa"},
 	{method: "DELETE", path: "keys/aes"},
 	{method: "GET", path: "keys/aes"},
 	{method: "DELETE", path: "keys/missing"},
 }
+
+// The differences some steps make on purpose, each named.
+var (
+	rewrapADWhy = "rewrap takes associated_data; built-in transit ignores it, so a ciphertext made with associated data cannot be rewrapped there"
+	rewrapAD    = []intent{{"status 400 vs 200", rewrapADWhy}, {"errors", rewrapADWhy}, {"data", rewrapADWhy}}
+
+	hmacDefaultSizeWhy = "built-in transit fails (500) on an hmac key without key_size; the plugin makes a 32-byte key"
+	hmacDefaultSize    = []intent{{"status 500 vs 200", hmacDefaultSizeWhy}, {"errors", hmacDefaultSizeWhy}, {"data", hmacDefaultSizeWhy}}
+)
 
 func TestDifferentialAgainstBuiltinTransit(t *testing.T) {
 	t.Parallel()
@@ -265,14 +323,18 @@ func TestDifferentialAgainstBuiltinTransit(t *testing.T) {
 	v.mustCLI("secrets", "enable", "-path=builtin", "transit")
 	v.mountPlugin("plugin")
 
-	vars := map[string]map[string]string{"builtin": {}, "plugin": {}}
+	vars := map[string]map[string]string{"builtin": diffImports(t, v, "builtin"), "plugin": diffImports(t, v, "plugin")}
 	var diffs, excused []string
 	for i, st := range diffSession {
 		label := fmt.Sprintf("#%d %s %s", i, st.method, st.path)
 		var answers [2]answer
 		for j, mount := range []string{"builtin", "plugin"} {
-			path := substitute(st.path, vars[mount]).(string)
-			body := substitute(st.body, vars[mount])
+			from := mount
+			if st.swap {
+				from = map[string]string{"builtin": "plugin", "plugin": "builtin"}[mount]
+			}
+			path := substitute(st.path, vars[from]).(string)
+			body := substitute(st.body, vars[from])
 			if st.method == "LIST" {
 				answers[j] = v.call("GET", mount+"/"+path+"?list=true", nil)
 			} else {
@@ -284,17 +346,27 @@ func TestDifferentialAgainstBuiltinTransit(t *testing.T) {
 				}
 			}
 		}
-		for _, d := range compareAnswers(answers[0], answers[1]) {
-			line := fmt.Sprintf("%s: %s", label, d)
-			if st.intended != "" {
-				excused = append(excused, line+" ("+st.intended+")")
-				continue
+		if st.want != 0 && (answers[0].status != st.want || answers[1].status != st.want) {
+			diffs = append(diffs, fmt.Sprintf("%s: status %d (built-in) and %d (plugin), want %d: %v vs %v",
+				label, answers[0].status, answers[1].status, st.want, answers[0].body, answers[1].body))
+		}
+		for _, e := range st.exact {
+			// A field the step promises is deterministic must be there.
+			if lookup(answers[0].body, "data."+e) == nil {
+				diffs = append(diffs, fmt.Sprintf("%s: data.%s, compared exactly, is missing from built-in transit's answer", label, e))
 			}
-			if excuse, ok := excusable(answers[0], answers[1]); ok {
-				excused = append(excused, line+" ("+excuse+")")
+		}
+		got, stale := excuse(st, compareAnswers(answers[0], answers[1], st))
+		for _, d := range got {
+			line := fmt.Sprintf("%s: %s", label, d.detail)
+			if d.why != "" {
+				excused = append(excused, line+" ("+d.why+")")
 				continue
 			}
 			diffs = append(diffs, line)
+		}
+		for _, in := range stale {
+			diffs = append(diffs, fmt.Sprintf("%s: the intended difference %q (%s) did not occur", label, in.what, in.why))
 		}
 	}
 	for _, d := range excused {
@@ -307,6 +379,64 @@ func TestDifferentialAgainstBuiltinTransit(t *testing.T) {
 	sort.Strings(added)
 	t.Logf("fields only the plugin returns (key lifecycle): %v", added)
 	require.Emptyf(t, diffs, "differences from built-in transit:\n%s", strings.Join(diffs, "\n"))
+}
+
+// excuse gives each difference the step's intended names its reason, and
+// returns the intents that matched no difference. (compareAnswers has
+// already excused the 500-for-400 answers, excusable.)
+func excuse(st step, diffs []difference) ([]difference, []intent) {
+	used := make([]bool, len(st.intended))
+	for i := range diffs {
+		for k, in := range st.intended {
+			if in.what == diffs[i].what {
+				diffs[i].why, used[k] = in.why, true
+			}
+		}
+	}
+	var stale []intent
+	for k, in := range st.intended {
+		if !used[k] {
+			stale = append(stale, in)
+		}
+	}
+	return diffs, stale
+}
+
+// diffImports wraps fixed key material for the mount's wrapping key, as
+// keys/:name/import takes it, so that both mounts hold the same keys: an
+// HMAC key, an Ed25519 key and an AES-256 key. The variables are the
+// ciphertexts to import.
+func diffImports(t *testing.T, v *vaultServer, mount string) map[string]string {
+	t.Helper()
+	status, body := v.rawRequest("GET", mount+"/wrapping_key", nil)
+	require.Equal(t, 200, status, "%s/wrapping_key: %v", mount, body)
+	block, _ := pem.Decode([]byte(lookup(body, "data.public_key").(string)))
+	require.NotNil(t, block, "%s/wrapping_key is not PEM", mount)
+	pubAny, err := x509.ParsePKIXPublicKey(block.Bytes)
+	require.NoError(t, err)
+	pub, ok := pubAny.(*rsa.PublicKey)
+	require.True(t, ok, "%s/wrapping_key is %T", mount, pubAny)
+
+	ed := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, ed25519.SeedSize))
+	edDER, err := x509.MarshalPKCS8PrivateKey(ed)
+	require.NoError(t, err)
+	wrap := func(material []byte) string {
+		ephemeral := make([]byte, 32)
+		_, err := rand.Read(ephemeral)
+		require.NoError(t, err)
+		wrappedKey, err := rsa.EncryptOAEP(sha256.New(), rand.Reader, pub, ephemeral, nil)
+		require.NoError(t, err)
+		kwp, err := subtle.NewKWP(ephemeral)
+		require.NoError(t, err)
+		wrapped, err := kwp.Wrap(material)
+		require.NoError(t, err)
+		return base64.StdEncoding.EncodeToString(append(wrappedKey, wrapped...))
+	}
+	return map[string]string{
+		"wrapped_mac": wrap(bytes.Repeat([]byte("mac-key!"), 4)),
+		"wrapped_ed":  wrap(edDER),
+		"wrapped_aes": wrap(bytes.Repeat([]byte("aes-key!"), 4)),
+	}
 }
 
 // answer is one HTTP answer.
@@ -325,12 +455,37 @@ func (s *vaultServer) call(method, path string, body interface{}) answer {
 
 // excusable reports the differences this project makes on purpose: where
 // built-in transit answers a caller's mistake with a 500, the plugin answers
-// 400 with the same message.
+// 400 with built-in transit's message (it may add context around it). Only
+// the status and the errors may differ then.
 func excusable(builtin, plugin answer) (string, bool) {
-	if builtin.status == 500 && plugin.status == 400 {
-		return "built-in transit answers this caller mistake with 500; the plugin with 400", true
+	if builtin.status != 500 || plugin.status != 400 {
+		return "", false
 	}
-	return "", false
+	bm, pm := errorMessages(builtin), errorMessages(plugin)
+	if len(bm) == 0 || len(bm) != len(pm) {
+		return "", false
+	}
+	for i := range bm {
+		if bm[i] == "" || !strings.Contains(pm[i], bm[i]) {
+			return "", false
+		}
+	}
+	return "built-in transit answers this caller mistake with 500; the plugin with 400 and the same message", true
+}
+
+// errorMessages are an answer's errors, each without the multierror
+// wrapping ("1 error occurred:\n\t* ...") Vault adds to some.
+func errorMessages(a answer) []string {
+	list, _ := a.body["errors"].([]interface{})
+	out := make([]string, 0, len(list))
+	for _, e := range list {
+		msg := strings.TrimSpace(fmt.Sprint(e))
+		if rest, ok := strings.CutPrefix(msg, "1 error occurred:"); ok {
+			msg = strings.TrimPrefix(strings.TrimSpace(rest), "* ")
+		}
+		out = append(out, msg)
+	}
+	return out
 }
 
 var varRef = regexp.MustCompile(`\{\{(\w+)\}\}`)
@@ -378,22 +533,74 @@ func lookup(v interface{}, path string) interface{} {
 	return v
 }
 
+// difference is one way two answers differ: what (the status pair,
+// "errors", "warnings" or the data field's dotted path), in words, and, once
+// excused, why.
+type difference struct {
+	what, detail, why string
+}
+
 // compareAnswers lists the differences between two answers: status, errors,
-// warnings and data, where values made of fresh randomness (ciphertexts,
-// keys, signatures, times) must have the same shape rather than be equal.
-func compareAnswers(a, b answer) []string {
-	var diffs []string
+// warnings and data. Data is compared exactly, but for values made of fresh
+// randomness (freshField), which must have the same shape. An error answer
+// must carry a message.
+func compareAnswers(a, b answer, st step) []difference {
+	var diffs []difference
+	add := func(what, format string, args ...interface{}) {
+		diffs = append(diffs, difference{what: what, detail: fmt.Sprintf(format, args...)})
+	}
 	if a.status != b.status {
-		diffs = append(diffs, fmt.Sprintf("status %d (built-in) vs %d (plugin); errors %v vs %v", a.status, b.status, a.body["errors"], b.body["errors"]))
+		add(fmt.Sprintf("status %d vs %d", a.status, b.status),
+			"status %d (built-in) vs %d (plugin); errors %v vs %v", a.status, b.status, a.body["errors"], b.body["errors"])
+	}
+	for _, x := range []struct {
+		name string
+		a    answer
+	}{{"built-in transit", a}, {"plugin", b}} {
+		if x.a.status >= 400 && !explained(x.a) {
+			add("errors", "%s answers %d without an error message: %v", x.name, x.a.status, x.a.body)
+		}
 	}
 	if !reflect.DeepEqual(a.body["errors"], b.body["errors"]) {
-		diffs = append(diffs, fmt.Sprintf("errors %v vs %v", a.body["errors"], b.body["errors"]))
+		add("errors", "errors %v vs %v", a.body["errors"], b.body["errors"])
 	}
 	if !reflect.DeepEqual(normaliseWarnings(a.body["warnings"]), normaliseWarnings(b.body["warnings"])) {
-		diffs = append(diffs, fmt.Sprintf("warnings %v vs %v", a.body["warnings"], b.body["warnings"]))
+		add("warnings", "warnings %v vs %v", a.body["warnings"], b.body["warnings"])
 	}
-	compareValues("data", a.body["data"], b.body["data"], &diffs)
+	compareValues("data", a.body["data"], b.body["data"], st, &diffs)
+	if why, ok := excusable(a, b); ok {
+		for i := range diffs {
+			if diffs[i].what == "errors" || diffs[i].what == "status 500 vs 400" {
+				diffs[i].why = why
+			}
+		}
+	}
 	return diffs
+}
+
+// explained reports whether an error answer says what went wrong: each of
+// its errors has a message; or a failed batch item has; or it is Vault's
+// not-found answer, a 404 with an empty error list.
+func explained(a answer) bool {
+	msgs := errorMessages(a)
+	if len(msgs) > 0 {
+		for _, m := range msgs {
+			if m == "" {
+				return false
+			}
+		}
+		return true
+	}
+	if a.status == 404 {
+		return true
+	}
+	results, _ := lookup(a.body, "data.batch_results").([]interface{})
+	for _, r := range results {
+		if msg, _ := lookup(r, "error").(string); msg != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // normaliseWarnings drops the mount path from warnings that quote it.
@@ -410,12 +617,17 @@ func normaliseWarnings(w interface{}) interface{} {
 	return out
 }
 
-func compareValues(path string, a, b interface{}, diffs *[]string) {
+// compareValues adds to diffs how a (built-in transit's) and b (the
+// plugin's) differ at path and below.
+func compareValues(path string, a, b interface{}, st step, diffs *[]difference) {
+	add := func(format string, args ...interface{}) {
+		*diffs = append(*diffs, difference{what: path, detail: fmt.Sprintf(format, args...)})
+	}
 	switch x := a.(type) {
 	case map[string]interface{}:
 		y, ok := b.(map[string]interface{})
 		if !ok {
-			*diffs = append(*diffs, fmt.Sprintf("%s: %T vs %T", path, a, b))
+			add("%s: %T vs %T", path, a, b)
 			return
 		}
 		keys := map[string]bool{}
@@ -434,38 +646,76 @@ func compareValues(path string, a, b interface{}, diffs *[]string) {
 				// ignore fields they do not know.
 				addedSeen[k] = true
 			case !aok:
-				*diffs = append(*diffs, fmt.Sprintf("%s.%s only in the plugin's answer", path, k))
+				*diffs = append(*diffs, difference{what: path + "." + k, detail: fmt.Sprintf("%s.%s only in the plugin's answer", path, k)})
 			case !bok:
-				*diffs = append(*diffs, fmt.Sprintf("%s.%s missing from the plugin's answer", path, k))
+				*diffs = append(*diffs, difference{what: path + "." + k, detail: fmt.Sprintf("%s.%s missing from the plugin's answer", path, k)})
 			default:
-				compareValues(path+"."+k, av, bv, diffs)
+				compareValues(path+"."+k, av, bv, st, diffs)
 			}
 		}
 	case []interface{}:
 		y, ok := b.([]interface{})
 		if !ok || len(x) != len(y) {
-			*diffs = append(*diffs, fmt.Sprintf("%s: %v vs %v", path, a, b))
+			add("%s: %v vs %v", path, a, b)
 			return
 		}
 		for i := range x {
-			compareValues(fmt.Sprintf("%s.%d", path, i), x[i], y[i], diffs)
+			compareValues(fmt.Sprintf("%s.%d", path, i), x[i], y[i], st, diffs)
 		}
 	case string:
 		y, ok := b.(string)
-		if !ok || (x != y && shape(x) != shape(y)) {
-			*diffs = append(*diffs, fmt.Sprintf("%s: %q vs %q", path, a, b))
+		switch {
+		case !ok:
+			add("%s: %q vs %v", path, a, b)
+		case x == y:
+		case !freshField(path, st):
+			add("%s: %q vs %q (compared exactly)", path, a, b)
+		case shape(x) != shape(y):
+			add("%s: %q vs %q (compared by shape: %s vs %s)", path, a, b, shape(x), shape(y))
 		}
 	case float64:
 		y, ok := b.(float64)
 		// Creation times in Unix seconds differ by when each key was made.
-		if !ok || (x != y && !(x > 1e9 && y > 1e9)) {
-			*diffs = append(*diffs, fmt.Sprintf("%s: %v vs %v", path, a, b))
+		if !ok || (x != y && !(freshField(path, st) && x > 1e9 && y > 1e9)) {
+			add("%s: %v vs %v", path, a, b)
 		}
 	default:
 		if !reflect.DeepEqual(a, b) {
-			*diffs = append(*diffs, fmt.Sprintf("%s: %v vs %v", path, a, b))
+			add("%s: %v vs %v", path, a, b)
 		}
 	}
+}
+
+// freshPaths match the data fields made of fresh randomness wherever they
+// appear (a key made on each mount, a random nonce, a randomised
+// signature): two mounts' values are alike in shape, never equal.
+var freshPaths = regexp.MustCompile(`^data\.(` + strings.Join([]string{
+	`ciphertext`, `batch_results\.\d+\.ciphertext`, // random nonces; each mount's own key
+	`signature`, `batch_results\.\d+\.signature`, // each mount's own key
+	`hmac`, `batch_results\.\d+\.hmac`, // each mount's own key
+	`random_bytes`,
+	`backup`,                                // the key material and times
+	`keys\.\d+`,                             // a version's creation time (Unix seconds) or exported key material
+	`keys\.\d+\.(public_key|creation_time)`, // an asymmetric version
+	`public_key`, `csr`,                     // the wrapping key; a CSR signed by each mount's own key
+	`(backup_info|restore_info)\.time`,
+}, "|") + `)$`)
+
+// freshField reports whether the data field at path (starting "data.") is
+// compared by shape in this step.
+func freshField(path string, st step) bool {
+	field := strings.TrimPrefix(path, "data.")
+	for _, e := range st.exact {
+		if e == field {
+			return false
+		}
+	}
+	for _, f := range st.fresh {
+		if f == field {
+			return true
+		}
+	}
+	return freshPaths.MatchString(path)
 }
 
 // additions are the fields the plugin adds to key descriptions for features
@@ -525,4 +775,71 @@ func largeBatch(n, bad int) map[string]interface{} {
 func withField(body map[string]interface{}, k string, v interface{}) map[string]interface{} {
 	body[k] = v
 	return body
+}
+
+// TestDifferentialComparison checks the comparison itself, without Vault:
+// what it must report and what it may let pass.
+func TestDifferentialComparison(t *testing.T) {
+	t.Parallel()
+	ok := func(data map[string]interface{}) answer {
+		return answer{status: 200, body: map[string]interface{}{"data": data}}
+	}
+	fail := func(status int, msg string) answer {
+		return answer{status: status, body: map[string]interface{}{"errors": []interface{}{msg}}}
+	}
+	sha := func(s string) string {
+		sum := sha256.Sum256([]byte(s))
+		return fmt.Sprintf("%x", sum)
+	}
+	twoWhy := []intent{{"status 200 vs 400", "why"}}
+	tests := []struct {
+		name       string
+		st         step
+		a, b       answer
+		unexcused  []string // whats of the differences left unexcused
+		staleWhats []string
+	}{
+		{name: "hash of another input", a: ok(map[string]interface{}{"sum": sha("hello")}), b: ok(map[string]interface{}{"sum": sha("HELLO")}),
+			unexcused: []string{"data.sum"}},
+		{name: "plaintext of another case", a: ok(map[string]interface{}{"plaintext": b64("hello")}), b: ok(map[string]interface{}{"plaintext": b64("HELLO")}),
+			unexcused: []string{"data.plaintext"}},
+		{name: "ciphertexts alike", a: ok(map[string]interface{}{"ciphertext": "vault:v1:" + b64("0123456789abcdef")}), b: ok(map[string]interface{}{"ciphertext": "vault:v1:" + b64("fedcba9876543210")})},
+		{name: "ciphertexts of other versions", a: ok(map[string]interface{}{"ciphertext": "vault:v1:" + b64("0123456789abcdef")}), b: ok(map[string]interface{}{"ciphertext": "vault:v2:" + b64("fedcba9876543210")}),
+			unexcused: []string{"data.ciphertext"}},
+		{name: "an hmac both mounts' key makes", st: step{exact: []string{"hmac"}},
+			a: ok(map[string]interface{}{"hmac": "vault:v1:" + b64("0123456789abcdef")}), b: ok(map[string]interface{}{"hmac": "vault:v1:" + b64("fedcba9876543210")}),
+			unexcused: []string{"data.hmac"}},
+		{name: "a datakey's plaintext", st: step{fresh: []string{"plaintext"}},
+			a: ok(map[string]interface{}{"plaintext": b64("0123456789abcdef")}), b: ok(map[string]interface{}{"plaintext": b64("fedcba9876543210")})},
+		{name: "an intended status, nothing else", st: step{intended: twoWhy},
+			a: ok(map[string]interface{}{"x": "1"}), b: answer{status: 400, body: map[string]interface{}{"data": map[string]interface{}{"x": "2"}, "errors": []interface{}{"bad"}}},
+			unexcused: []string{"errors", "data.x"}},
+		{name: "an intended difference that did not occur", st: step{intended: twoWhy},
+			a: ok(nil), b: ok(nil), staleWhats: []string{"status 200 vs 400"}},
+		{name: "500 to 400 with built-in's message", a: fail(500, "1 error occurred:\n\t* key \"k\" already exists\n\n"), b: fail(400, "restoring key: key \"k\" already exists")},
+		{name: "500 to 400 with another message", a: fail(500, "1 error occurred:\n\t* key \"k\" already exists\n\n"), b: fail(400, "internal error"),
+			unexcused: []string{"status 500 vs 400", "errors"}},
+		{name: "an error without a message", a: fail(400, "bad input"), b: fail(400, ""),
+			unexcused: []string{"errors", "errors"}},
+		{name: "the same error", a: fail(400, "bad input"), b: fail(400, "bad input")},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			diffs, stale := excuse(tc.st, compareAnswers(tc.a, tc.b, tc.st))
+			var unexcused []string
+			for _, d := range diffs {
+				if d.why == "" {
+					unexcused = append(unexcused, d.what)
+				}
+			}
+			var staleWhats []string
+			for _, in := range stale {
+				staleWhats = append(staleWhats, in.what)
+			}
+			sort.Strings(unexcused)
+			sort.Strings(tc.unexcused)
+			require.Equal(t, tc.unexcused, unexcused, "%v", diffs)
+			require.Equal(t, tc.staleWhats, staleWhats)
+		})
+	}
 }

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,9 +19,10 @@ const (
 	pluginVersion = "v0.1.0"
 	modulePath    = "github.com/hsm-transit/vault-plugin-secrets-hsm-transit"
 
-	// The SoftHSM2 token every test Vault's plugin is sealed by. The tests'
+	// The SoftHSM2 token test Vaults' plugins are sealed by. The suite's
 	// SOFTHSM2_CONF reaches Vault, and so the plugin, through the
-	// environment.
+	// environment; startVault gives most servers a copy of their own
+	// (copyToken) instead.
 	hsmToken = "e2e"
 	hsmPIN   = "246810"
 	hsmKEK   = "e2e-kek"
@@ -33,6 +35,9 @@ var (
 	buildDir    string
 	softhsmLib  string
 	softhsmConf string
+	// tokenTemplate is a copy of the suite token's files, with the KEK,
+	// taken before any test ran; copyToken copies it for one server.
+	tokenTemplate string
 )
 
 func TestMain(m *testing.M) {
@@ -83,8 +88,47 @@ func setupToken() error {
 	if err != nil {
 		return err
 	}
-	defer tok.Close()
-	return tok.GenerateKey(hsmKEK)
+	err = tok.GenerateKey(hsmKEK)
+	tok.Close()
+	if err != nil {
+		return err
+	}
+	tokenTemplate = filepath.Join(buildDir, "softhsm-template")
+	return copyTree(filepath.Join(filepath.Dir(softhsmConf), "tokens"), tokenTemplate)
+}
+
+// copyToken makes a SoftHSM2 configuration in dir whose token directory is
+// a copy of the suite's token as setupToken left it (same label, PIN and
+// KEK), and returns its path for the server's SOFTHSM2_CONF. Objects the
+// server then creates or destroys are in its copy alone.
+func copyToken(dir string) (string, error) {
+	conf, err := softhsm.Configure(dir)
+	if err != nil {
+		return "", err
+	}
+	return conf, copyTree(tokenTemplate, filepath.Join(dir, "tokens"))
+}
+
+// copyTree copies the directory from, files and subdirectories, into to.
+func copyTree(from, to string) error {
+	return filepath.WalkDir(from, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(from, path)
+		if err != nil {
+			return err
+		}
+		target := filepath.Join(to, rel)
+		if d.IsDir() {
+			return os.MkdirAll(target, 0o700)
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(target, b, 0o600)
+	})
 }
 
 // findRepoRoot walks up from the test's directory to the module root.
