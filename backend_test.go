@@ -375,6 +375,8 @@ func TestAutoRotate(t *testing.T) {
 	e.b.nextAutoRotate = time.Time{}
 	require.NoError(t, e.b.periodic(context.Background(), &logical.Request{Storage: e.storage}))
 	require.Equal(t, float64(3), e.read(t, "keys/due").data["latest_version"])
+	// What the periodic function wrote is sealed like the rest.
+	requireMountSealed(t, e, nil)
 }
 
 func TestUnknownPathIs404(t *testing.T) {

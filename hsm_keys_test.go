@@ -62,6 +62,10 @@ func TestHSMKeyCreateAndRead(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, string(entry.Value), label)
 	require.NotContains(t, string(entry.Value), `"key"`)
+	// And stored sealed, like every entry: a storage reader learns
+	// nothing of them.
+	check := requireMountSealed(t, e, nil)
+	require.Contains(t, check.opened, hsmKeyPrefix+"vault-key")
 }
 
 func TestHSMKeyRefusals(t *testing.T) {
@@ -293,6 +297,8 @@ func TestHSMKeyTrimAndDeleteDestroyObjects(t *testing.T) {
 	// The same name again is a new key: the old ciphertexts stay dead.
 	e.mustWrite(t, "keys/hk", map[string]interface{}{"hsm": true})
 	requireStatus(t, e.write(t, "decrypt/hk", map[string]interface{}{"ciphertext": cts[0]}), 400, "message authentication failed")
+	// The deleted key's tombstone and the new key's entries are sealed.
+	requireMountSealed(t, e, nil)
 
 	restored := startBackend(t, snapshot, e.mountUUID)
 	for _, ct := range cts[1:] {

@@ -70,6 +70,8 @@ func TestDisabledKeyRefusesEveryOperation(t *testing.T) {
 			e.mustWrite(t, "keys/k/config", map[string]interface{}{"disabled": true})
 			e = e.restart(t)
 			requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 400, "is disabled")
+			check := requireMountSealed(t, e, nil)
+			require.Contains(t, check.opened, lifecyclePrefix+"k", "the disabled flag is sealed")
 		})
 	}
 }
@@ -114,6 +116,8 @@ func TestUsageCapRotatesAutomatically(t *testing.T) {
 			e.mustWrite(t, "keys/k/config", map[string]interface{}{"max_encryptions": 0})
 			requireStatus(t, e.write(t, "encrypt/k", map[string]interface{}{"batch_input": big}), 200, "")
 			requireStatus(t, e.write(t, "keys/k/config", map[string]interface{}{"max_encryptions": -1}), 400, "cannot be negative")
+			check := requireMountSealed(t, e, nil)
+			require.Contains(t, check.opened, lifecyclePrefix+"k", "the usage counts are sealed")
 		})
 	}
 }
@@ -224,6 +228,8 @@ func TestScheduledDeletion(t *testing.T) {
 
 			// Scheduled again, it is kept until its time, then destroyed.
 			e.mustWrite(t, "keys/k/schedule-deletion", nil)
+			check := requireMountSealed(t, e, nil)
+			require.Contains(t, check.opened, deletionPrefix+"k", "the schedule is sealed")
 			require.NoError(t, e.b.destroyDueKeys(context.Background(), e.sealed(t), time.Now().Add(29*24*time.Hour)))
 			requireStatus(t, e.read(t, "keys/k"), 200, "")
 			require.NoError(t, e.b.destroyDueKeys(context.Background(), e.sealed(t), time.Now().Add(30*24*time.Hour+time.Minute)))
@@ -237,6 +243,7 @@ func TestScheduledDeletion(t *testing.T) {
 			lc, err := e.sealed(t).Get(context.Background(), lifecyclePrefix+"k")
 			require.NoError(t, err)
 			require.Nil(t, lc)
+			requireMountSealed(t, e, nil)
 		})
 	}
 }
@@ -305,6 +312,15 @@ func TestRecoveryWithShares(t *testing.T) {
 	e = e.restart(t)
 	require.Equal(t, "after rotation", e.decrypt(t, "soft", ct2, nil))
 	require.Equal(t, "replacement", e.read(t, "seal/status").data["token_label"])
+	// Its storage is sealed under the recovered keyring, now sealed by the
+	// new token; no share and no plaintext is in it.
+	secrets := secretSet{}
+	for i, share := range shares {
+		secrets.addString(t, fmt.Sprint("recovery share ", i), share)
+	}
+	secrets.add(t, "plaintext 1", []byte("before recovery init"))
+	secrets.add(t, "plaintext 2", []byte("after rotation"))
+	requireMountSealed(t, e, secrets)
 }
 
 func TestEmergencySeal(t *testing.T) {

@@ -97,6 +97,12 @@ func TestExportSymmetricEncryptionKey(t *testing.T) {
 			pt, err := aead.Open(nil, raw[:aead.NonceSize()], raw[aead.NonceSize():], nil)
 			require.NoError(t, err)
 			require.Equal(t, "exported plaintext", string(pt))
+
+			// What export hands out is nowhere in raw storage.
+			secrets := secretSet{}
+			secrets.addExported(t, "k v1", keys["1"])
+			secrets.add(t, "the plaintext", []byte("exported plaintext"))
+			requireMountSealed(t, e, secrets)
 		})
 	}
 }
@@ -135,6 +141,9 @@ func TestExportRSAKeys(t *testing.T) {
 			require.True(t, priv.PublicKey.Equal(pub), "private key does not match the public key")
 		})
 	}
+	secrets := secretSet{}
+	secrets.addExported(t, "rsa v1", exportKeys(t, e, "encryption-key/rsa")["1"])
+	requireMountSealed(t, e, secrets)
 }
 
 func TestExportECDSAKeys(t *testing.T) {
@@ -166,6 +175,9 @@ func TestExportECDSAKeys(t *testing.T) {
 	require.NotNil(t, privPub)
 	require.NotNil(t, pubPub)
 	require.True(t, privPub.Equal(pubPub))
+	secrets := secretSet{}
+	secrets.addExported(t, "ec v1", exportKeys(t, e, "signing-key/ec")["1"])
+	requireMountSealed(t, e, secrets)
 }
 
 func TestExportEd25519Keys(t *testing.T) {
@@ -188,6 +200,10 @@ func TestExportEd25519Keys(t *testing.T) {
 	require.True(t, pub.Equal(priv.Public()))
 	require.True(t, ed25519.Verify(pub, input, sig))
 	require.Equal(t, sig, ed25519.Sign(priv, input), "ed25519 signatures are deterministic")
+	secrets := secretSet{}
+	secrets.add(t, "ed v1", priv)
+	secrets.add(t, "ed v1 (seed)", priv.Seed())
+	requireMountSealed(t, e, secrets)
 }
 
 func TestExportHMACKey(t *testing.T) {
@@ -205,6 +221,7 @@ func TestExportHMACKey(t *testing.T) {
 			m := hmac.New(sha256.New, key)
 			m.Write(input)
 			require.Equal(t, m.Sum(nil), got, "the exported key does not compute Vault's HMAC")
+			requireMountSealed(t, e, secretSet{"the HMAC key": key})
 		})
 	}
 }
@@ -243,6 +260,12 @@ func TestExportVersions(t *testing.T) {
 		require.Equal(t, "k", r.data["name"])
 		require.Equal(t, "aes256-gcm96", r.data["type"])
 	})
+
+	secrets := secretSet{}
+	for v, k := range all {
+		secrets.addExported(t, "k v"+v, k)
+	}
+	requireMountSealed(t, e, secrets)
 }
 
 func TestExportErrors(t *testing.T) {

@@ -221,6 +221,7 @@ func TestAttack1aPlantedRecoveryKeyWithoutRecovery(t *testing.T) {
 	st := e.read(t, "seal/status").data
 	require.Equal(t, false, st["recovery_initialized"])
 	require.Equal(t, false, st["sealed"])
+	requireMountSealed(t, e, secretSet{"the victim's plaintext": []byte("victim data")})
 }
 
 // TestAttack1bPlantedRecoveryKeyWithRecovery: on a mount with recovery, a
@@ -257,6 +258,11 @@ func TestAttack1bPlantedRecoveryKeyWithRecovery(t *testing.T) {
 	require.NoError(t, sealpkg.NewSealer(ring, isPlainPath).LoadManifest(context.Background(), e.storage), "and it opens this mount's storage")
 	require.Equal(t, legitPub, storedSealMeta(t, e).RecoveryPublicKey)
 	require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
+	secrets := secretSet{"the victim's plaintext": []byte("victim data")}
+	for i, share := range shares {
+		secrets.addString(t, fmt.Sprint("recovery share ", i), share)
+	}
+	requireMountSealed(t, e, secrets)
 }
 
 // TestAttack1cEmergencySealClearedInStorage: after the officer's emergency
@@ -283,6 +289,7 @@ func TestAttack1cEmergencySealClearedInStorage(t *testing.T) {
 	// The officer's seal/unseal still works.
 	e.mustWrite(t, "seal/unseal", nil)
 	require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
+	requireMountSealed(t, e, secretSet{"the victim's plaintext": []byte("victim data")})
 }
 
 // TestAttack1dRecoveryCanary: a storage writer encrypts a keyring of its own
@@ -1007,6 +1014,9 @@ func TestAttack7aReplayedPolicyBeforeMinDecryptionVersion(t *testing.T) {
 	require.NotNil(t, snapshot)
 	e.mustWrite(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 2})
 	requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": v1}), 400, "disallowed by policy (too old)")
+	// Before the attack, storage has the property; the snapshot is a
+	// sealed value the attacker can copy, not read.
+	requireMountSealed(t, e, secretSet{"v1 plaintext": []byte("retired version"), "v2 plaintext": []byte("current version")})
 
 	rawPut(t, e, "policy/k", snapshot)
 	e = e.restart(t)
@@ -1066,6 +1076,9 @@ func TestAttack7bReplayedDeletedKey(t *testing.T) {
 	e.encrypt(t, "d", "new key", nil)
 	r = e.write(t, "decrypt/d", map[string]interface{}{"ciphertext": ct})
 	requireStatus(t, r, 400, "message authentication failed")
+	// After the rotation nothing replayed is left: every entry opens and
+	// the manifest accepts it.
+	requireMountSealed(t, e, secretSet{"the deleted key's plaintext": []byte("should be gone")})
 }
 
 // TestAttack7cReplayedDisabledFlag: the officer suspends a key
