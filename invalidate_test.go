@@ -89,6 +89,9 @@ func (p *standbyPair) deliver() int {
 	for _, k := range keys {
 		p.standby.b.invalidate(context.Background(), k)
 	}
+	// Reloads run in the background: once they end, the standby has seen
+	// storage as it was at delivery, not some later state.
+	p.standby.b.seal.reloads.Wait()
 	return len(keys)
 }
 

@@ -252,6 +252,7 @@ type sealManager struct {
 	stopped bool
 	kick    chan struct{}
 	done    sync.WaitGroup
+	reloads sync.WaitGroup // reloads after invalidations in flight (also in done)
 }
 
 func newSealManager(b *backend, mountUUID string) *sealManager {
@@ -787,9 +788,11 @@ func (m *sealManager) invalidate(ctx context.Context, key string) {
 		return
 	}
 	m.done.Add(1)
+	m.reloads.Add(1)
 	m.mu.Unlock()
 	go func() {
 		defer m.done.Done()
+		defer m.reloads.Done()
 		m.reload(under)
 	}()
 }
