@@ -126,11 +126,24 @@ func TestDataNeedsThePIN(t *testing.T) {
 			good.Close()
 		}
 		bad := openToken(t, label, fmt.Sprintf("%04d", 9999-btoi(closeGood)))
-		_, found, err := bad.ReadData(name)
+		// Refused by this package while the right PIN is logged in, by
+		// the token once that login ended.
+		why := "logged in by this process with another PIN"
+		if closeGood {
+			why = "PIN refused by token"
+		}
+		got, found, err := bad.ReadData(name)
 		require.Equal(t, Credentials, KindOf(err), "%v", err)
+		require.Contains(t, err.Error(), why)
+		require.False(t, IsLoginLimited(err), "%v", err)
 		require.False(t, found)
-		require.Equal(t, Credentials, KindOf(bad.WriteData(name, []byte("rolled back"))))
-		require.Equal(t, Credentials, KindOf(bad.DestroyData(name)))
+		require.Nil(t, got)
+		err = bad.WriteData(name, []byte("rolled back"))
+		require.Equal(t, Credentials, KindOf(err), "%v", err)
+		require.Contains(t, err.Error(), why)
+		err = bad.DestroyData(name)
+		require.Equal(t, Credentials, KindOf(err), "%v", err)
+		require.Contains(t, err.Error(), why)
 		bad.Close()
 	}
 

@@ -101,6 +101,10 @@ func TestKEKGenerateAndAttributes(t *testing.T) {
 
 	err = tok.GenerateKey(kek)
 	require.Equal(t, Configuration, KindOf(err), "a second key with the same label is refused: %v", err)
+	require.Contains(t, err.Error(), fmt.Sprintf("a key labelled %q already exists", kek))
+	labels, err := tok.KeyLabels(kek)
+	require.NoError(t, err)
+	require.Equal(t, []string{kek}, labels, "no second key was made")
 }
 
 func TestSealUnsealRoundTrip(t *testing.T) {
@@ -126,12 +130,21 @@ func TestSealUnsealRoundTrip(t *testing.T) {
 
 	_, err = tok.DecryptGCM(kek, sealed, []byte("mount-9999"))
 	require.Equal(t, Failed, KindOf(err), "the AAD binds the mount: %v", err)
-	tampered := append([]byte{}, sealed...)
-	tampered[20] ^= 1
-	_, err = tok.DecryptGCM(kek, tampered, aad)
-	require.Equal(t, Failed, KindOf(err), "%v", err)
+	require.Contains(t, err.Error(), "do not authenticate")
+	for _, i := range []int{0, GCMNonceSize - 1, 20, len(sealed) - 1} {
+		tampered := append([]byte{}, sealed...)
+		tampered[i] ^= 1
+		got, err := tok.DecryptGCM(kek, tampered, aad)
+		require.Equal(t, Failed, KindOf(err), "byte %d flipped: %v", i, err)
+		require.Contains(t, err.Error(), "do not authenticate", "byte %d flipped", i)
+		require.Nil(t, got, "no plaintext of a blob that does not authenticate")
+	}
 	_, err = tok.DecryptGCM(kek, sealed[:10], aad)
 	require.Equal(t, Failed, KindOf(err))
+	require.Contains(t, err.Error(), "ciphertext too short")
+	_, err = tok.DecryptGCM(kek, sealed[:GCMNonceSize+GCMTagSize-1], aad)
+	require.Equal(t, Failed, KindOf(err))
+	require.Contains(t, err.Error(), "ciphertext too short")
 }
 
 func TestMissingKEK(t *testing.T) {
@@ -139,7 +152,11 @@ func TestMissingKEK(t *testing.T) {
 	_, err := tok.EncryptGCM("no-such-kek", []byte("x"), nil)
 	require.Equal(t, NotFound, KindOf(err), "%v", err)
 	require.Contains(t, err.Error(), `no AES key labelled "no-such-kek"`)
-	require.Equal(t, NotFound, KindOf(tok.DestroyKey("no-such-kek")))
+	err = tok.DestroyKey("no-such-kek")
+	require.Equal(t, NotFound, KindOf(err), "%v", err)
+	require.Contains(t, err.Error(), `no AES key labelled "no-such-kek"`)
+	_, err = tok.DecryptGCM("no-such-kek", make([]byte, GCMNonceSize+GCMTagSize+1), nil)
+	require.Equal(t, NotFound, KindOf(err), "%v", err)
 }
 
 func TestKEKRotationBetweenLabels(t *testing.T) {
@@ -157,9 +174,16 @@ func TestKEKRotationBetweenLabels(t *testing.T) {
 	require.NoError(t, err)
 	underNew, err := tok.EncryptGCM(kekNew, opened, nil)
 	require.NoError(t, err)
-	_, err = tok.DecryptGCM(kekOld, underNew, nil)
-	require.Error(t, err, "the old KEK cannot open what the new one sealed")
-	got, err := tok.DecryptGCM(kekNew, underNew, nil)
+	got, err := tok.DecryptGCM(kekOld, underNew, nil)
+	require.Equal(t, Failed, KindOf(err), "the old KEK cannot open what the new one sealed: %v", err)
+	require.Contains(t, err.Error(), "do not authenticate")
+	require.Nil(t, got)
+	// The refusal is the blob's fault: the connection is intact, and the
+	// old KEK still opens its own blobs.
+	opened, err = tok.DecryptGCM(kekOld, underOld, nil)
+	require.NoError(t, err)
+	require.Equal(t, secret, opened)
+	got, err = tok.DecryptGCM(kekNew, underNew, nil)
 	require.NoError(t, err)
 	require.Equal(t, secret, got)
 
@@ -178,7 +202,9 @@ func TestWrongPINIsNotRetried(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		_, err := tok.Random(8)
 		require.Equal(t, Credentials, KindOf(err), "%v", err)
-		require.Contains(t, err.Error(), "PIN refused")
+		require.Contains(t, err.Error(), "PIN refused by token")
+		require.Contains(t, err.Error(), "CKR_PIN_INCORRECT", "the token's own refusal")
+		require.False(t, IsLoginLimited(err), "refused by the token, not by the bound: %v", err)
 	}
 	require.Equal(t, 1, tok.conn.loginAttempts(), "one refused login, then the error is sticky")
 
@@ -189,9 +215,15 @@ func TestWrongPINIsNotRetried(t *testing.T) {
 
 	// Once logged in with the right PIN, another PIN is refused without
 	// asking the token (which would answer "already logged in").
+	before := loginCalls.Load()
 	other := openToken(t, label, "9999")
 	_, err = other.Random(8)
 	require.Equal(t, Credentials, KindOf(err), "%v", err)
+	require.Contains(t, err.Error(), "logged in by this process with another PIN")
+	require.False(t, IsLoginLimited(err), "%v", err)
+	require.Zero(t, loginCalls.Load()-before, "the token was not asked")
+	_, err = good.Random(8)
+	require.NoError(t, err, "the right PIN's login is untouched")
 }
 
 func TestTokensAreSharedAndBounded(t *testing.T) {
@@ -199,7 +231,6 @@ func TestTokensAreSharedAndBounded(t *testing.T) {
 	a2 := openToken(t, "token-a", testPIN)
 	require.NotSame(t, a1, a2, "one handle per Open")
 	require.Same(t, a1.conn, a2.conn, "one connection per library, token and PIN in a process")
-	require.Equal(t, DefaultMaxSessions, cap(a1.conn.inUse))
 	a3, err := Open(Config{Library: softhsmLib, TokenLabel: "token-a", PIN: testPIN})
 	require.NoError(t, err)
 	a3.Close()
@@ -210,6 +241,24 @@ func TestTokensAreSharedAndBounded(t *testing.T) {
 	refs := a1.conn.refs
 	tokens.Unlock()
 	require.Equal(t, 2, refs)
+
+	// The handles of a connection share its bound of DefaultMaxSessions
+	// sessions (MaxSessions unset): operations through both run no more
+	// than that many at once, and the others wait for a session.
+	label := newTestToken(t)
+	cfg := Config{Library: softhsmLib, TokenLabel: label, PIN: testPIN, CallTimeout: 2 * time.Second}
+	b1, err := Open(cfg)
+	require.NoError(t, err)
+	t.Cleanup(b1.Close)
+	b2, err := Open(cfg)
+	require.NoError(t, err)
+	t.Cleanup(b2.Close)
+	require.Same(t, b1.conn, b2.conn)
+	_, err = b1.Random(1)
+	require.NoError(t, err)
+	_, err = b2.Random(1)
+	require.NoError(t, err)
+	requireSessionBound(t, []*Token{b1, b2}, DefaultMaxSessions)
 }
 
 func TestConfigurationRefused(t *testing.T) {

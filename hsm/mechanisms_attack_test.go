@@ -163,6 +163,11 @@ func TestAttackA_UnsealUsesUncheckedKeysFromStorage(t *testing.T) {
 			if err == nil {
 				t.Errorf("ATTACK SUCCEEDS (%s): a keyring sealed in software under a token key of known value (%s) opens as the mount's root keyring: %q. unsealWith (seal_state.go unsealWith) checks key attributes for rsa-oaep only; CheckSealKeys must run for every mechanism before Open at unseal", m, keys.Labels(), got)
 			}
+			// Refused for the keys, as CheckSealKeys refuses them, not
+			// for the blob: nothing was decrypted with them.
+			require.Nil(t, got)
+			require.Equal(t, Configuration, KindOf(err), "%v", err)
+			require.EqualError(t, err, tok.CheckSealKeys(keys).Error())
 		})
 	}
 }
@@ -197,10 +202,17 @@ func TestAttackA_CBCHMACRetaggedForAnotherMount(t *testing.T) {
 	mac := hmac.New(sha256.New, macKey)
 	mac.Write(cbcMACInput(neighbourAAD, iv, ct))
 	forged := append(append(append([]byte{}, iv...), ct...), mac.Sum(nil)...)
-	got, err := tok.Open(SealKeys{Mechanism: AESCBCHMAC, Label: victimKeys.Label, HMACLabel: macLabel}, forged, neighbourAAD)
+	forgedKeys := SealKeys{Mechanism: AESCBCHMAC, Label: victimKeys.Label, HMACLabel: macLabel}
+	got, err := tok.Open(forgedKeys, forged, neighbourAAD)
 	if err == nil {
 		t.Errorf("ATTACK SUCCEEDS: the victim's aes-cbc-hmac keyring, re-tagged with a known HMAC key named by storage, opens under another mount's AAD: %q", got)
 	}
+	// Refused for the HMAC key, before the tag is checked or anything is
+	// decrypted (no padding oracle).
+	require.Nil(t, got)
+	require.Equal(t, Configuration, KindOf(err), "%v", err)
+	require.EqualError(t, err, tok.CheckSealKeys(forgedKeys).Error())
+	require.Contains(t, err.Error(), macLabel)
 }
 
 // attackOpenWithin runs Open in a goroutine and reports whether it returned

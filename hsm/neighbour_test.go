@@ -52,15 +52,30 @@ func slotOf(t *testing.T, tok *Token) uint {
 }
 
 // requireLockedOut asserts that tok can neither encrypt nor decrypt with
-// the victim's key.
+// the victim's key: its PIN is refused, being another than the one the
+// process is logged in with (not for the failed-login bound), and the
+// token is not asked.
 func requireLockedOut(t *testing.T, tok *Token, kek string, sealed []byte) {
 	t.Helper()
-	_, err := tok.EncryptGCM(kek, []byte("x"), nil)
+	before := loginCalls.Load()
+	ct, err := tok.EncryptGCM(kek, []byte("x"), nil)
 	require.Equal(t, Credentials, KindOf(err), "encrypt with the victim's KEK: %v", err)
-	_, err = tok.DecryptGCM(kek, sealed, nil)
+	require.Nil(t, ct)
+	requireOtherPINRefused(t, err)
+	pt, err := tok.DecryptGCM(kek, sealed, nil)
 	require.Equal(t, Credentials, KindOf(err), "decrypt with the victim's KEK: %v", err)
+	require.Nil(t, pt)
+	requireOtherPINRefused(t, err)
 	_, err = tok.Random(4)
 	require.Equal(t, Credentials, KindOf(err), "%v", err)
+	requireOtherPINRefused(t, err)
+	require.Zero(t, loginCalls.Load()-before, "the token was not asked to check the PIN")
+}
+
+func requireOtherPINRefused(t *testing.T, err error) {
+	t.Helper()
+	require.Contains(t, fmt.Sprint(err), "is logged in by this process with another PIN; this PIN is not tried")
+	require.False(t, IsLoginLimited(err), "%v", err)
 }
 
 // TestWrongPINThroughAnotherSpellingOfTheLibrary: the victim logs in
@@ -287,7 +302,8 @@ func TestGeneralErrorKeepsTheModule(t *testing.T) {
 	err = neighbour.do("provoke", false, func(*pkcs11.Ctx, pkcs11.SessionHandle, uint64) error {
 		return pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)
 	})
-	require.Error(t, err)
+	require.Equal(t, Unavailable, KindOf(err), "%v", err)
+	require.ErrorIs(t, err, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR))
 	_, err = victim.Random(1)
 	require.NoError(t, err)
 	require.Equal(t, gen, generationOf(victim), "the module was not finalised")
