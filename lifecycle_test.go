@@ -2,10 +2,12 @@ package hsmtransit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -282,7 +284,7 @@ func TestRecoveryWithShares(t *testing.T) {
 	require.NoError(t, os.RemoveAll(dir))
 	require.NoError(t, softhsm.InitToken(softhsmConf, "replacement", testPIN))
 	e = e.restart(t)
-	requireStatus(t, e.write(t, "decrypt/soft", map[string]interface{}{"ciphertext": ct1}), 503, "")
+	requireStatus(t, e.write(t, "decrypt/soft", map[string]interface{}{"ciphertext": ct1}), 503, `no token labelled "doomed"`)
 	before := e.read(t, "config/seal").data
 
 	restore := func(given []string) result {
@@ -293,7 +295,7 @@ func TestRecoveryWithShares(t *testing.T) {
 	requireStatus(t, restore(shares[:2]), 400, "3 are needed")
 	wrong := []byte(shares[2])
 	wrong[5] ^= 1
-	requireStatus(t, restore([]string{shares[0], shares[1], string(wrong)}), 400, "")
+	requireStatus(t, restore([]string{shares[0], shares[1], string(wrong)}), 400, "the shares do not open the recovery copy (too few, a wrong share, or shares of another recovery set)")
 	_, other, err := sealpkg.NewRecovery(5, 3)
 	require.NoError(t, err)
 	requireStatus(t, restore([]string{shares[0], shares[1], other[2]}), 400, "do not open the recovery copy")
@@ -342,7 +344,7 @@ func TestEmergencySeal(t *testing.T) {
 	} {
 		requireStatus(t, e.write(t, p.path, p.data), 503, "seal/unseal")
 	}
-	requireStatus(t, e.read(t, "keys/k"), 503, "")
+	requireStatus(t, e.read(t, "keys/k"), 503, "the mount was sealed by seal/seal (emergency seal); seal/unseal resumes it")
 	st := e.read(t, "seal/status").data
 	require.Equal(t, true, st["sealed"])
 	require.Equal(t, true, st["emergency_sealed"])
@@ -357,4 +359,130 @@ func TestEmergencySeal(t *testing.T) {
 	require.Equal(t, "guarded", e.decrypt(t, "k", ct, nil))
 	require.Equal(t, "guarded too", e.decrypt(t, "hk", hct, nil))
 	require.Equal(t, false, e.read(t, "seal/status").data["emergency_sealed"])
+}
+
+// reservationStorage fails or watches the writes of lifecycle entries: the
+// usage-count reservations.
+type reservationStorage struct {
+	logical.Storage
+	fail  atomic.Bool
+	mu    sync.Mutex
+	onPut func(key string)
+}
+
+var errReservationRefused = errors.New("storage refuses the reservation")
+
+func (r *reservationStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if strings.HasPrefix(e.Key, lifecyclePrefix) {
+		r.mu.Lock()
+		hook := r.onPut
+		r.mu.Unlock()
+		if hook != nil {
+			hook(e.Key)
+		}
+		if r.fail.Load() {
+			return errReservationRefused
+		}
+	}
+	return r.Storage.Put(ctx, e)
+}
+
+// TestEncryptionsAreCountedBeforeTheyHappen: a reservation that cannot be
+// stored fails the request with no ciphertext handed out and nothing
+// counted, so that no ciphertext ever exists that the stored count does not
+// cover (NIST SP 800-38D's bound on random nonces). Encrypt, datakey and
+// rewrap, for software and HSM-resident keys.
+func TestEncryptionsAreCountedBeforeTheyHappen(t *testing.T) {
+	for _, residency := range []string{"software", "hsm"} {
+		t.Run(residency, func(t *testing.T) {
+			s := &reservationStorage{Storage: &logical.InmemStorage{}}
+			e := startBackend(t, s, newMountUUID(t))
+			e.mustWrite(t, "config/seal", testSealConfig())
+			ops := []struct {
+				name string
+				run  func() result
+				// produced lists the fields that would carry output.
+				produced []string
+			}{
+				{"encrypt", func() result {
+					return e.write(t, "encrypt/k", map[string]interface{}{"plaintext": b64("secret")})
+				}, []string{"ciphertext"}},
+				{"batch encrypt", func() result {
+					return e.write(t, "encrypt/k", map[string]interface{}{"batch_input": []interface{}{
+						map[string]interface{}{"plaintext": b64("one")}, map[string]interface{}{"plaintext": b64("two")},
+					}})
+				}, []string{"batch_results"}},
+				{"datakey", func() result { return e.write(t, "datakey/plaintext/k", nil) }, []string{"ciphertext", "plaintext"}},
+			}
+			for _, op := range ops {
+				// A fresh version: its first encryption must store a
+				// reservation.
+				if e.read(t, "keys/k").status == 404 {
+					e.mustWrite(t, "keys/k", map[string]interface{}{"hsm": residency == "hsm"})
+				} else {
+					e.mustWrite(t, "keys/k/rotate", nil)
+				}
+				latest := fmt.Sprint(e.read(t, "keys/k").data["latest_version"])
+				s.fail.Store(true)
+				r := op.run()
+				s.fail.Store(false)
+				requireStatus(t, r, 500, "recording encryption counts")
+				require.Contains(t, r.errorMessage(), errReservationRefused.Error(), op.name)
+				for _, f := range op.produced {
+					require.Nil(t, r.data[f], "%s: no %s is handed out", op.name, f)
+				}
+				counts := e.read(t, "keys/k").data["encryptions"].(map[string]interface{})
+				require.Nil(t, counts[latest], "%s: nothing counted for version %s", op.name, latest)
+				// The same request once storage takes the write.
+				r = op.run()
+				requireStatus(t, r, 200, "")
+				counts = e.read(t, "keys/k").data["encryptions"].(map[string]interface{})
+				require.Positive(t, counts[latest], "%s: counted once stored", op.name)
+			}
+
+			// Rewrap: the ciphertext of version 1 moves to a fresh version.
+			e.mustWrite(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 1})
+			ct := e.encrypt(t, "k", "rewrapped", nil)
+			e.mustWrite(t, "keys/k/rotate", nil)
+			latest := fmt.Sprint(e.read(t, "keys/k").data["latest_version"])
+			s.fail.Store(true)
+			r := e.write(t, "rewrap/k", map[string]interface{}{"ciphertext": ct})
+			s.fail.Store(false)
+			requireStatus(t, r, 500, "recording encryption counts")
+			require.Nil(t, r.data["ciphertext"])
+			require.Nil(t, e.read(t, "keys/k").data["encryptions"].(map[string]interface{})[latest])
+			r = e.write(t, "rewrap/k", map[string]interface{}{"ciphertext": ct})
+			requireStatus(t, r, 200, "")
+			require.Equal(t, "rewrapped", e.decrypt(t, "k", r.data["ciphertext"].(string), nil))
+		})
+	}
+}
+
+// TestReservationIsStoredBeforeEncrypting watches the order: when the
+// reservation of a fresh software key version is written, no AES-GCM of that
+// version has been built yet (the first encryption builds it).
+func TestReservationIsStoredBeforeEncrypting(t *testing.T) {
+	s := &reservationStorage{Storage: &logical.InmemStorage{}}
+	e := startBackend(t, s, newMountUUID(t))
+	e.mustWrite(t, "config/seal", testSealConfig())
+	e.mustWrite(t, "keys/k", nil)
+	var puts, encryptedFirst atomic.Int32
+	s.mu.Lock()
+	s.onPut = func(key string) {
+		if key != lifecyclePrefix+"k" {
+			return
+		}
+		puts.Add(1)
+		for _, name := range e.b.aeads.c.c.Keys() {
+			if strings.HasPrefix(name, "k\x00") {
+				encryptedFirst.Add(1)
+			}
+		}
+	}
+	s.mu.Unlock()
+	ct := e.encrypt(t, "k", "counted first", nil)
+	require.Equal(t, int32(1), puts.Load(), "the first encryption stores a reservation")
+	require.Positive(t, lruLen(e.b.aeads.c), "the encryption built the version's AES-GCM (the positive control)")
+	require.Zero(t, encryptedFirst.Load(), "the reservation was stored before the encryption")
+	require.Equal(t, "counted first", e.decrypt(t, "k", ct, nil))
 }

@@ -131,7 +131,7 @@ func TestBackupRestoreRoundTrip(t *testing.T) {
 	})
 	t.Run("trimmed version 1 stays gone", func(t *testing.T) {
 		r := e.write(t, "keys/k/config", map[string]interface{}{"min_decryption_version": 1})
-		requireStatus(t, r, 400, "")
+		requireStatus(t, r, 400, "min decryption version should not be less then min available version")
 	})
 	t.Run("encrypts with the latest version", func(t *testing.T) {
 		ct := e.encrypt(t, "k", "after restore", nil)
@@ -200,7 +200,7 @@ func TestRestoreOntoExistingKey(t *testing.T) {
 		// "other" is now the backed-up key.
 		require.Equal(t, "old key", e.decrypt(t, "other", oldCT, nil))
 		r = e.write(t, "decrypt/other", map[string]interface{}{"ciphertext": otherCT})
-		requireStatus(t, r, 400, "")
+		requireStatus(t, r, 400, "message authentication failed")
 	})
 	t.Run("force onto itself after rotation", func(t *testing.T) {
 		e.mustWrite(t, "keys/k/rotate", nil)
@@ -228,9 +228,9 @@ func TestRestoreErrors(t *testing.T) {
 	}{
 		{"missing backup", "restore", nil, "'backup' must be supplied"},
 		{"empty backup", "restore/x", map[string]interface{}{"backup": ""}, "'backup' must be supplied"},
-		{"garbage backup", "restore", map[string]interface{}{"backup": "!!! not a backup !!!"}, ""},
-		{"garbage backup, named", "restore/x", map[string]interface{}{"backup": "!!! not a backup !!!"}, ""},
-		{"base64 of garbage", "restore/x", map[string]interface{}{"backup": b64("not json")}, ""},
+		{"garbage backup", "restore", map[string]interface{}{"backup": "!!! not a backup !!!"}, "invalid backup: not base64"},
+		{"garbage backup, named", "restore/x", map[string]interface{}{"backup": "!!! not a backup !!!"}, "invalid backup: not base64"},
+		{"base64 of garbage", "restore/x", map[string]interface{}{"backup": b64("not json")}, "invalid backup: not a transit key backup"},
 		{"name with a slash", "restore/a/b", map[string]interface{}{"backup": backup}, "key names cannot be paths"},
 		{"backed-up name with a slash", "restore", map[string]interface{}{"backup": editBackup(t, backup, func(kd map[string]interface{}) {
 			kd["policy"].(map[string]interface{})["name"] = "a/b"
@@ -256,11 +256,12 @@ func TestRestoreBackupWithoutPolicy(t *testing.T) {
 		name string
 		path string
 		json string
+		msg  string
 	}{
-		{"empty object", "restore", `{}`},
-		{"empty object, named", "restore/x", `{}`},
-		{"null policy, named", "restore/x", `{"policy":null,"archived_keys":null}`},
-		{"policy without a name", "restore", `{"policy":{"type":0,"keys":{}}}`},
+		{"empty object", "restore", `{}`, "invalid backup: the backup holds no key policy"},
+		{"empty object, named", "restore/x", `{}`, "invalid backup: the backup holds no key policy"},
+		{"null policy, named", "restore/x", `{"policy":null,"archived_keys":null}`, "invalid backup: the backup holds no key policy"},
+		{"policy without a name", "restore", `{"policy":{"type":0,"keys":{}}}`, "invalid backup: policy.latest_version 0 is out of range"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -271,8 +272,7 @@ func TestRestoreBackupWithoutPolicy(t *testing.T) {
 				r = e.write(t, tc.path, map[string]interface{}{"backup": b64(tc.json)})
 			}()
 			require.Nil(t, panicked, "restore panicked: %v", panicked)
-			t.Logf("%d %s", r.status, r.errorMessage())
-			requireStatus(t, r, 400, "")
+			requireStatus(t, r, 400, tc.msg)
 		})
 	}
 }

@@ -88,7 +88,7 @@ func TestBYOKExportBetweenMounts(t *testing.T) {
 	t.Run("hash SHA512", func(t *testing.T) {
 		keys := byokExport(t, a, "dst/src/1", map[string]interface{}{"hash": "SHA512"})
 		r := b.write(t, "keys/sha512/import", map[string]interface{}{"ciphertext": keys["1"]})
-		requireStatus(t, r, 400, "")
+		requireStatus(t, r, 400, "unwrapping the ephemeral AES key (check hash_function and that the wrapping key is this mount's)")
 		b.mustWrite(t, "keys/sha512/import", map[string]interface{}{"ciphertext": keys["1"], "hash_function": "SHA512"})
 		require.Equal(t, "first version", b.decrypt(t, "sha512", ct1, nil))
 	})
@@ -128,7 +128,7 @@ func TestBYOKExportErrors(t *testing.T) {
 		{"source missing", "dst/nope", nil, "source"},
 		{"source not exportable", "dst/locked", nil, "not exportable"},
 		{"bad hash", "dst/src", map[string]interface{}{"hash": "MD5"}, "unknown hash function"},
-		{"source is destination", "dst/dst", nil, ""},
+		{"source is destination", "dst/dst", nil, "source and destination must be different keys"},
 		{"version missing", "dst/src/9", nil, "version does not exist"},
 		{"version below min_decryption_version", "dst/src/1", nil, "below minimum decryption version"},
 		{"bad version", "dst/src/vv", nil, "invalid key version"},
@@ -155,6 +155,6 @@ func TestBYOKExportPublicOnlySource(t *testing.T) {
 		"public_key": importPublicPEM(t, ecKey.Public()),
 	})
 	r := a.read(t, "byok-export/dst/pub")
-	t.Logf("%d %s", r.status, r.errorMessage())
-	requireStatus(t, r, 400, "")
+	requireStatus(t, r, 400, "version 1 of key pub has no private key to export (imported as a public key)")
+	require.Nil(t, r.data["keys"])
 }

@@ -252,11 +252,14 @@ func TestSealRotate(t *testing.T) {
 }
 
 // crashingStorage fails every write after the first n, as a process killed
-// in the middle of a rotation would leave storage.
+// in the middle of a rotation would leave storage. It counts the writes it
+// let through.
 type crashingStorage struct {
 	logical.Storage
 	mu      sync.Mutex
 	allowed int
+	puts    int
+	refused int
 }
 
 var errCrashed = errors.New("simulated crash")
@@ -265,26 +268,58 @@ func (c *crashingStorage) Put(ctx context.Context, e *logical.StorageEntry) erro
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.allowed <= 0 {
+		c.refused++
 		return errCrashed
 	}
 	c.allowed--
+	c.puts++
 	return c.Storage.Put(ctx, e)
+}
+
+// rotateThrough writes seal/rotate with storage that allows that many
+// writes, and returns the storage (its counts) and whether the rotation
+// failed.
+func rotateThrough(t *testing.T, e *testEnv, allowed int) (*crashingStorage, bool) {
+	t.Helper()
+	crashing := &crashingStorage{Storage: e.storage, allowed: allowed}
+	resp, err := e.b.HandleRequest(context.Background(), &logical.Request{
+		Operation: logical.UpdateOperation, Path: "seal/rotate", Storage: crashing,
+	})
+	return crashing, err != nil || (resp != nil && resp.IsError())
 }
 
 // TestSealRotateCrashSafe crashes the rotation after every possible number
 // of writes: the next start reads every entry and finishes the rotation.
+// The number of writes a rotation makes is counted on one that does not
+// crash, so that the loop reaches every crash point however many entries
+// a rotation writes.
 func TestSealRotateCrashSafe(t *testing.T) {
-	for crashAfter := 0; crashAfter <= 9; crashAfter++ {
+	setup := func() (*testEnv, map[string]string) {
 		e := getTestBackend(t)
 		cts := map[string]string{}
 		for _, k := range []string{"a", "b", "c"} {
 			cts[k] = e.encrypt(t, k, "data of "+k, nil)
 		}
-		crashing := &crashingStorage{Storage: e.storage, allowed: crashAfter}
-		resp, err := e.b.HandleRequest(context.Background(), &logical.Request{
-			Operation: logical.UpdateOperation, Path: "seal/rotate", Storage: crashing,
-		})
-		crashed := err != nil || (resp != nil && resp.IsError())
+		return e, cts
+	}
+
+	e, _ := setup()
+	counted, crashed := rotateThrough(t, e, 1<<30)
+	require.False(t, crashed, "a rotation with storage that takes every write")
+	writes := counted.puts
+	// seal/config twice (the keyring with both versions, then pruned),
+	// the 10 entries resealed (3 policies, 3 archives, 3 lifecycle
+	// records, the sealed seal state) and the manifest that records them.
+	require.GreaterOrEqual(t, writes, 12, "a rotation writes at least its entries and the keyring twice")
+	require.Equal(t, 2, int(e.read(t, "seal/status").data["root_key_version"].(float64)))
+	t.Logf("a rotation makes %d writes", writes)
+
+	for crashAfter := 0; crashAfter < writes; crashAfter++ {
+		e, cts := setup()
+		crashing, crashed := rotateThrough(t, e, crashAfter)
+		require.True(t, crashed, "crash after %d of %d writes: the rotation reports the failure", crashAfter, writes)
+		require.Equal(t, crashAfter, crashing.puts, "crash after %d of %d writes", crashAfter, writes)
+		require.Positive(t, crashing.refused, "crash after %d of %d writes: a write was refused", crashAfter, writes)
 
 		e = e.restart(t)
 		for k, ct := range cts {
@@ -293,7 +328,21 @@ func TestSealRotateCrashSafe(t *testing.T) {
 		require.Eventually(t, func() bool {
 			return e.read(t, "seal/status").data["rotation_pending"] == false
 		}, 10*time.Second, 50*time.Millisecond, "crash after %d writes: the rotation completes after the restart", crashAfter)
-		t.Logf("crash after %d writes: crashed=%t, root key version now %v", crashAfter, crashed, e.read(t, "seal/status").data["root_key_version"])
+		// No write: the keyring with the new version never got stored,
+		// and the old root key stays. Any write: the first is that
+		// keyring, and the restart finishes the rotation to version 2.
+		want := 2.0
+		if crashAfter == 0 {
+			want = 1.0
+		}
+		require.Equal(t, want, e.read(t, "seal/status").data["root_key_version"], "crash after %d writes", crashAfter)
+		if crashAfter > 0 {
+			require.NoError(t, walkStorage(context.Background(), e.storage, "", func(key string, value []byte) {
+				if v, ok := sealpkg.SealedVersion(value); ok {
+					require.Equal(t, uint32(2), v, "crash after %d writes: %s resealed after the restart", crashAfter, key)
+				}
+			}))
+		}
 	}
 }
 

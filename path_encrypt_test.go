@@ -202,8 +202,10 @@ func TestEncryptBatch(t *testing.T) {
 		dec = append(dec, map[string]interface{}{"ciphertext": res["ciphertext"], "reference": want})
 	}
 	data = e.mustWrite(t, "decrypt/k", map[string]interface{}{"batch_input": dec})
+	decrypted := data["batch_results"].([]interface{})
+	require.Len(t, decrypted, 3)
 	for i, want := range []string{"one", "two", "three"} {
-		res := data["batch_results"].([]interface{})[i].(map[string]interface{})
+		res := decrypted[i].(map[string]interface{})
 		require.Equal(t, want, unb64(t, res["plaintext"].(string)), "order is kept")
 		require.Equal(t, dec[i].(map[string]interface{})["reference"], res["reference"])
 	}
@@ -219,7 +221,10 @@ func TestEncryptBatchPartialFailure(t *testing.T) {
 	r := e.write(t, "encrypt/k", map[string]interface{}{"batch_input": items})
 	requireStatus(t, r, 400, "")
 	results := r.data["batch_results"].([]interface{})
+	require.Len(t, results, 2)
+	require.Equal(t, "good", results[0].(map[string]interface{})["reference"])
 	require.NotEmpty(t, results[0].(map[string]interface{})["ciphertext"], "the good item is still encrypted")
+	require.NotContains(t, results[1].(map[string]interface{}), "ciphertext", "the bad item has no ciphertext")
 	require.Equal(t, "bad", results[1].(map[string]interface{})["reference"])
 	require.Contains(t, results[1].(map[string]interface{})["error"], "illegal base64")
 
@@ -242,6 +247,24 @@ func TestEncryptBatchPartialFailure(t *testing.T) {
 	allBad := []interface{}{map[string]interface{}{"plaintext": "%%"}}
 	r = e.write(t, "encrypt/k", map[string]interface{}{"batch_input": allBad, "partial_failure_response_code": 207})
 	requireStatus(t, r, 400, "")
+	require.Len(t, r.data["batch_results"], 1)
+	require.Contains(t, batchItemErrors(t, r), "illegal base64")
+	require.NotContains(t, r.data["batch_results"].([]interface{})[0], "ciphertext")
+}
+
+// batchItemErrors joins the errors of a batch response's items: a batch
+// answers its errors there, not at the top.
+func batchItemErrors(t *testing.T, r result) string {
+	t.Helper()
+	items, ok := r.data["batch_results"].([]interface{})
+	require.True(t, ok, "a batch response: %#v", r.data)
+	var errs []string
+	for _, it := range items {
+		if msg, ok := it.(map[string]interface{})["error"].(string); ok && msg != "" {
+			errs = append(errs, msg)
+		}
+	}
+	return strings.Join(errs, "; ")
 }
 
 func TestDecryptErrors(t *testing.T) {
@@ -277,11 +300,16 @@ func TestDecryptErrors(t *testing.T) {
 		{"missing key", "none", map[string]interface{}{"ciphertext": ct}, "encryption key not found"},
 		{"context not base64", "k", map[string]interface{}{"ciphertext": ct, "context": "%%"}, "illegal base64"},
 		{"batch item without ciphertext", "k", map[string]interface{}{"batch_input": []interface{}{map[string]interface{}{"context": ""}}}, "missing ciphertext to decrypt"},
-		{"batch item empty ciphertext", "k", map[string]interface{}{"batch_input": []interface{}{map[string]interface{}{"ciphertext": ""}}}, ""},
+		{"batch item empty ciphertext", "k", map[string]interface{}{"batch_input": []interface{}{map[string]interface{}{"ciphertext": ""}}}, "missing ciphertext to decrypt"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			r := e.write(t, "decrypt/"+tc.key, tc.data)
+			if _, batch := tc.data["batch_input"]; batch && r.errorMessage() == "" {
+				requireStatus(t, r, 400, "")
+				require.Contains(t, batchItemErrors(t, r), tc.msg)
+				return
+			}
 			requireStatus(t, r, 400, tc.msg)
 		})
 	}
@@ -298,6 +326,7 @@ func TestDecryptBatchPartialFailure(t *testing.T) {
 	r := e.write(t, "decrypt/k", map[string]interface{}{"batch_input": items})
 	requireStatus(t, r, 400, "")
 	results := r.data["batch_results"].([]interface{})
+	require.Len(t, results, 2)
 	require.Equal(t, "fine", unb64(t, results[0].(map[string]interface{})["plaintext"].(string)))
 	require.Equal(t, "invalid ciphertext: no prefix", results[1].(map[string]interface{})["error"])
 	require.Equal(t, "", results[1].(map[string]interface{})["plaintext"], "plaintext is always present")
@@ -365,6 +394,7 @@ func TestLargeBatchesKeepOrder(t *testing.T) {
 			}
 			r = e.write(t, "decrypt/k", map[string]interface{}{"batch_input": dec, "partial_failure_response_code": 207})
 			requireStatus(t, r, 207, "")
+			require.Len(t, r.data["batch_results"], n)
 			for i, x := range r.data["batch_results"].([]interface{}) {
 				m := x.(map[string]interface{})
 				require.Equal(t, fmt.Sprint(i), m["reference"])
@@ -377,6 +407,7 @@ func TestLargeBatchesKeepOrder(t *testing.T) {
 			e.mustWrite(t, "keys/k/rotate", nil)
 			r = e.write(t, "rewrap/k", map[string]interface{}{"batch_input": dec})
 			requireStatus(t, r, 200, "")
+			require.Len(t, r.data["batch_results"], n)
 			for i, x := range r.data["batch_results"].([]interface{}) {
 				m := x.(map[string]interface{})
 				if i%97 == 13 {

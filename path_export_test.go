@@ -291,7 +291,7 @@ func TestExportErrors(t *testing.T) {
 		{"cmac", "export/cmac-key/aes", 400, "only available in enterprise"},
 		{"encryption key of signing-only key", "export/encryption-key/ec", 400, "encryption not supported for the key"},
 		{"signing key of aes", "export/signing-key/aes", 400, "signing not supported for the key"},
-		{"public key of aes", "export/public-key/aes", 400, ""},
+		{"public key of aes", "export/public-key/aes", 400, "unknown key type aes256-gcm96 for export type public-key"},
 		{"below min_decryption_version", "export/encryption-key/old/1", 400, "below minimum decryption version"},
 		{"missing version", "export/encryption-key/aes/7", 400, "version does not exist or cannot be found"},
 		{"bad version string", "export/encryption-key/aes/vx", 400, "invalid key version"},

@@ -346,7 +346,7 @@ func TestImportVersion(t *testing.T) {
 	})
 	t.Run("v1 material under the v2 label fails", func(t *testing.T) {
 		r := e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": importLocalCiphertext(t, first, "v2", "x")})
-		requireStatus(t, r, 400, "")
+		requireStatus(t, r, 400, "message authentication failed")
 	})
 }
 

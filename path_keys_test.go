@@ -192,7 +192,8 @@ func TestKeysInvalidNames(t *testing.T) {
 	for _, name := range []string{"a/b", "-lead", "trail-", "sp ace"} {
 		t.Run(name, func(t *testing.T) {
 			r := e.write(t, "keys/"+name, nil)
-			require.NotEqual(t, 200, r.status)
+			requireStatus(t, r, 404, "unsupported path")
+			requireStatus(t, e.read(t, "keys/"+name), 404, "unsupported path")
 		})
 	}
 }

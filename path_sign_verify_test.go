@@ -311,7 +311,8 @@ func TestSignPrehashed(t *testing.T) {
 		r := e.write(t, "sign/rsa", map[string]interface{}{
 			"input": svB64([]byte("not a sha2-256 digest")), "prehashed": true, "hash_algorithm": "sha2-256",
 		})
-		requireStatus(t, r, 400, "")
+		requireStatus(t, r, 400, "input must be hashed with given hash")
+		require.Nil(t, r.data["signature"])
 	})
 }
 

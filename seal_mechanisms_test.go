@@ -430,7 +430,7 @@ func TestSealHSMTimeout(t *testing.T) {
 	} {
 		r, took := timedWriteStatus(t, e, req.path, req.data)
 		t.Logf("%s with the token hung: %d after %s: %s", req.path, r.status, took.Round(time.Millisecond), r.errorMessage())
-		requireStatus(t, r, 503, "")
+		requireStatus(t, r, 503, "did not answer within 1s; try again later")
 		require.Less(t, took, limit, "%s waited past hsm_timeout", req.path)
 		require.GreaterOrEqual(t, took, 900*time.Millisecond, "%s gave up before hsm_timeout", req.path)
 
@@ -525,7 +525,7 @@ func TestSealOpenCryptoki(t *testing.T) {
 		}
 		require.NoError(t, openOCK(t).DestroyKey("kek-cbc"))
 		e = e.restart(t)
-		requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 503, "")
+		requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 503, `no AES key labelled "kek-cbc"`)
 		restored := e.mustWrite(t, "seal/recovery/restore", map[string]interface{}{
 			"shares": shares[1:], "key_label": "kek-cbc-2", "generate_key": true,
 		})
