@@ -243,8 +243,7 @@ func (b *bucket) without(drop func(rec uint64) bool) (*bucket, int) {
 // uvarint bytes shared with the previous path, uvarint length of the rest,
 // the rest, uvarint record.
 func (b *bucket) encode() []byte {
-	out := make([]byte, 0, 16+int(b.size)/2)
-	out = append(out, 1)
+	out := []byte{1}
 	out = binary.AppendUvarint(out, uint64(len(b.paths)))
 	prev := ""
 	for i, p := range b.paths {
@@ -332,8 +331,7 @@ func (r *manifestRoot) anchor() uint64 {
 }
 
 func (r *manifestRoot) encode() []byte {
-	out := make([]byte, 0, 1+3*binary.MaxVarintLen64+bucketCount*5)
-	out = append(out, 1)
+	out := []byte{1}
 	out = binary.AppendUvarint(out, r.counter)
 	out = binary.AppendUvarint(out, uint64(r.activeVersion))
 	out = binary.AppendUvarint(out, r.activeSince)
