@@ -791,18 +791,53 @@ func (n *clusterNode) waitHealth(timeout time.Duration, codes ...int) error {
 	return fmt.Errorf("%s: sys/health answers %d, not %v, after %v", n.id, last, codes, timeout)
 }
 
-// unseal gives the node the unseal key until it is unsealed. A node that
-// has not yet joined through retry_join refuses it; it is tried again.
+// unseal gives the node the unseal key, and waits for it to be unsealed. A
+// node that has not yet joined through retry_join refuses the key (not
+// initialised); it is given it again. A key that was accepted is not given
+// again while the node finishes unsealing: a node joining through
+// retry_join accepts it, completes the join, and answers "sealed" while a
+// goroutine of Vault's (unsealWithRaft, vault/core.go) waits for the
+// keyring to arrive and then unseals it. Had the key been given again in
+// that time, Vault 1.21 unseals the node twice over (once in that call,
+// the join being over, and once from that goroutine, which does not check
+// whether the node is still sealed): two runStandby loops, each with its
+// own manual step-down channel, of which sys/step-down sends only to the
+// second's (c.manualStepDownCh). When the first loop is the one that wins
+// the Raft leadership, every step-down of that node answers success and
+// does nothing (once the channel's one slot is full: "manual step-down
+// operation already queued"). unsealedOnce checks for a second unseal.
 func (n *clusterNode) unseal(timeout time.Duration) error {
 	client := n.client()
 	deadline := time.Now().Add(timeout)
 	var last error
+	var accepted time.Time
 	for time.Now().Before(deadline) {
+		if !accepted.IsZero() {
+			st, err := client.Sys().SealStatus()
+			if err == nil && !st.Sealed {
+				return n.unsealedOnce()
+			}
+			if err == nil {
+				err = fmt.Errorf("still sealed %v after the key was accepted", time.Since(accepted).Round(time.Millisecond))
+			}
+			last = err
+			// Give the key again only if the node has plainly not
+			// gone on with it.
+			if time.Since(accepted) < 30*time.Second {
+				if !n.running() {
+					break
+				}
+				time.Sleep(250 * time.Millisecond)
+				continue
+			}
+			accepted = time.Time{}
+		}
 		st, err := client.Sys().Unseal(n.c.unsealKey)
 		if err == nil && !st.Sealed {
-			return nil
+			return n.unsealedOnce()
 		}
 		if err == nil {
+			accepted = time.Now()
 			err = fmt.Errorf("still sealed (progress %d/%d)", st.Progress, st.T)
 		}
 		last = err
@@ -812,6 +847,41 @@ func (n *clusterNode) unseal(timeout time.Duration) error {
 		time.Sleep(250 * time.Millisecond)
 	}
 	return fmt.Errorf("unsealing %s: %v; log:\n%s", n.id, last, n.logTail(8000))
+}
+
+// unsealedOnce checks that, since the harness last started it, Vault
+// entered standby mode (started its HA loop, runStandby) once: a node
+// unsealed twice over has two such loops, and ignores step-downs (see
+// unseal). It waits a little for a late second unseal to show.
+func (n *clusterNode) unsealedOnce() error {
+	time.Sleep(1500 * time.Millisecond)
+	b, _ := os.ReadFile(filepath.Join(n.dir, "vault.log"))
+	if i := bytes.LastIndex(b, []byte("==== harness: starting ")); i >= 0 {
+		b = b[i:]
+	}
+	var standbys []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "core: entering standby mode") {
+			standbys = append(standbys, l)
+		}
+	}
+	if len(standbys) > 1 {
+		return fmt.Errorf("%s: Vault entered standby mode %d times since it was started (unsealed twice over):\n%s",
+			n.id, len(standbys), strings.Join(standbys, "\n"))
+	}
+	return nil
+}
+
+// logLines are the node's log lines (of every start) that contain substr.
+func (n *clusterNode) logLines(substr string) []string {
+	b, _ := os.ReadFile(filepath.Join(n.dir, "vault.log"))
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // isActive asks the node's sys/leader whether it is the active node.

@@ -539,6 +539,10 @@ func TestSoak(t *testing.T) {
 	t.Logf("  all %d sampled ciphertexts (1%% of acknowledged encryptions) decrypt after the soak", len(samples))
 
 	require.NotEmpty(t, samples)
+	// Each step-down moves leadership (the one stepping down waits 10 s
+	// before contending again). One that does not is a node deaf to
+	// step-downs, as a node unsealed twice over was (clusterNode.unseal).
+	require.Equalf(t, len(stepLog), leaderChanges, "step-downs that did not move leadership: %s", strings.Join(stepLog, "; "))
 	require.Emptyf(t, outside, "%d requests failed outside leader changes", len(outside))
 	bad := 0
 	for _, f := range st.failures {
