@@ -122,6 +122,7 @@ $(BIN)/vault-$(VAULT_MATRIX):
 # issue 15, then on the root package's lines changed since MUTATION_DIFF
 # (gremlins --diff: git diff --merge-base; nothing to test on a clean main).
 # Not part of make test: hsm/ alone takes most of an hour on 2 cores.
+# Tests run with -short (GOFLAGS), where the slowest take fewer rounds.
 # gremlins' --test-cpu is not used: v0.6.0 passes "-cpu N" to go test as
 # one argument, which fails every run and so reports every mutant killed.
 # A threshold must be exceeded, not met (gremlins compares with <=).
@@ -134,9 +135,9 @@ MUTATION_FLAGS   ?= --workers 2 --timeout-coefficient 10 --threshold-efficacy 95
 mutation:
 	@go version -m $(GREMLINS) 2>/dev/null | grep -qP '^\s+mod\s+github.com/go-gremlins/gremlins\s+$(GREMLINS_VERSION)\s' || \
 		go install github.com/go-gremlins/gremlins/cmd/gremlins@$(GREMLINS_VERSION)
-	$(GREMLINS) unleash ./seal $(MUTATION_FLAGS)
-	$(GREMLINS) unleash ./hsm $(MUTATION_FLAGS)
-	$(GREMLINS) unleash . --diff $(MUTATION_DIFF) $(MUTATION_FLAGS) \
+	GOFLAGS=-short $(GREMLINS) unleash ./seal $(MUTATION_FLAGS)
+	GOFLAGS=-short $(GREMLINS) unleash ./hsm $(MUTATION_FLAGS)
+	GOFLAGS=-short $(GREMLINS) unleash . --diff $(MUTATION_DIFF) $(MUTATION_FLAGS) \
 		-E '^(seal|hsm|e2e|internal|cmd|bench|plugin|tools|scripts)/'
 
 # soak runs the cluster for SOAK_DURATION at about 70% of its measured
