@@ -100,7 +100,7 @@ bench-go:
 # Vault gets an older github.com/hashicorp/vault/sdk than its own tree
 # (plugincatalog needs pluginutil's Download field); the sdk must be pinned
 # to the release's, as tools/vault/go.mod does for v1.21.0.
-VAULT_MATRIX ?= v1.20.4
+VAULT_MATRIX ?= v1.21.2
 
 .PHONY: test-matrix
 test-matrix: build $(BIN)/vault-$(VAULT_MATRIX)

@@ -92,14 +92,12 @@ func (k *Keyring) Rotated(key []byte) (*Keyring, error) {
 	if err != nil {
 		return nil, err
 	}
-	next := &Keyring{versions: make(map[uint32]*rootKey, len(k.versions)+1), manifest: k.manifest}
+	next := &Keyring{versions: make(map[uint32]*rootKey), manifest: k.manifest}
 	for v, r := range k.versions {
 		next.versions[v] = r
-		if v > next.active {
-			next.active = v
-		}
 	}
-	next.active++
+	vs := k.Versions()
+	next.active = vs[len(vs)-1] + 1 // after the latest, active or not
 	next.versions[next.active] = rk
 	return next, nil
 }

@@ -252,3 +252,34 @@ func TestCheckAbsentDistinguishesTheRecordSeen(t *testing.T) {
 	require.NoError(t, man.checkAbsent(m.ctx, m.s, m.under, key, seen))
 	require.NoError(t, man.checkAbsent(m.ctx, m.s, m.under, "policy/never", seen))
 }
+
+// The manifest's rule at its boundaries: a tombstone at the entry's own
+// generation or later refuses it, one before it does not; a live record
+// refuses only an older entry.
+func TestCheckRecordBoundaries(t *testing.T) {
+	require.ErrorIs(t, checkRecord("p", 5, tombstone(5)), ErrEntryRefused)
+	require.ErrorIs(t, checkRecord("p", 5, tombstone(6)), ErrEntryRefused)
+	require.NoError(t, checkRecord("p", 5, tombstone(4)))
+	require.NoError(t, checkRecord("p", 5, liveRec(5)))
+	require.NoError(t, checkRecord("p", 6, liveRec(5)))
+	require.ErrorIs(t, checkRecord("p", 4, liveRec(5)), ErrEntryRefused)
+}
+
+// A rotation's new version comes after the latest held, even when the
+// active one is older (a keyring gone back).
+func TestRotatedAfterTheLatestVersion(t *testing.T) {
+	k, err := NewKeyring(randomKey(t))
+	require.NoError(t, err)
+	k2, err := k.Rotated(randomKey(t))
+	require.NoError(t, err)
+	k3, err := k2.Rotated(randomKey(t))
+	require.NoError(t, err)
+	require.Equal(t, []uint32{1, 2, 3}, k3.Versions())
+	require.Equal(t, uint32(3), k3.Active())
+	back := &Keyring{active: 1, versions: k3.versions}
+	k4, err := back.Rotated(randomKey(t))
+	require.NoError(t, err)
+	require.Equal(t, uint32(4), k4.Active())
+	require.Equal(t, []uint32{1, 2, 3, 4}, k4.Versions())
+	require.Equal(t, []uint32{1, 2, 3}, k3.Versions(), "the keyring rotated is not changed")
+}
