@@ -283,3 +283,81 @@ func TestRotatedAfterTheLatestVersion(t *testing.T) {
 	require.Equal(t, []uint32{1, 2, 3, 4}, k4.Versions())
 	require.Equal(t, []uint32{1, 2, 3}, k3.Versions(), "the keyring rotated is not changed")
 }
+
+// A bucket's size, what the cache bound counts, is the same whichever way
+// the bucket was built (added to, compacted, decoded) and covers its
+// encoding.
+func TestBucketSizeIsConsistent(t *testing.T) {
+	paths := []string{"policy/a", "policy/ab", "policy/abc", "lifecycle/k", "x"}
+	var ups []update
+	for i, p := range paths {
+		ups = append(ups, update{p, liveRec(uint64(i + 1))})
+	}
+	b := (&bucket{size: 64}).with(ups...)
+	want := int64(64)
+	for _, p := range paths {
+		want += int64(len(p)) + recordOverhead
+	}
+	require.Equal(t, want, b.size)
+	require.GreaterOrEqual(t, b.size, int64(len(b.encode())))
+
+	// Writing a path again does not count it twice.
+	require.Equal(t, want, b.with(update{"policy/a", liveRec(9)}).size)
+
+	dec, _, err := decodeBucket(b.encode())
+	require.NoError(t, err)
+	require.Equal(t, b.paths, dec.paths)
+	require.Equal(t, b.recs, dec.recs)
+	require.Equal(t, b.size, dec.size)
+
+	kept, dropped := b.without(func(rec uint64) bool { return recGen(rec) == 2 || recGen(rec) == 4 })
+	require.Equal(t, 2, dropped)
+	require.Equal(t, want-int64(len("policy/ab")+len("lifecycle/k"))-2*recordOverhead, kept.size)
+	none, dropped := b.without(func(uint64) bool { return false })
+	require.Equal(t, 0, dropped)
+	require.Equal(t, b.size, none.size)
+}
+
+// The bucket encoding stores each path as the bytes it shares with the
+// one before and the rest: paths with long common prefixes (as every
+// mount's are) take little room, paths that are prefixes of the next
+// decode back.
+func TestBucketEncodingSharesPrefixes(t *testing.T) {
+	long := "policy/" + strings.Repeat("k", 100)
+	paths := []string{long, long + "1", long + "12", long + "2"}
+	var ups []update
+	total := 0
+	for i, p := range paths {
+		ups = append(ups, update{p, liveRec(uint64(i + 1))})
+		total += len(p)
+	}
+	b := (&bucket{size: 64}).with(ups...)
+	enc := b.encode()
+	require.Less(t, len(enc), len(long)+40, "%d bytes for %d bytes of paths", len(enc), total)
+	dec, _, err := decodeBucket(enc)
+	require.NoError(t, err)
+	require.Equal(t, b.paths, dec.paths)
+	require.Equal(t, b.recs, dec.recs)
+}
+
+// Compaction writes a bucket only if it drops a tombstone from it.
+func TestCompactionWritesOnlyBucketsWithTombstones(t *testing.T) {
+	m := newMount(t)
+	for i := range 30 {
+		m.put(fmt.Sprintf("policy/k%02d", i), "v")
+	}
+	require.NoError(t, m.v.Delete(m.ctx, "policy/k07"))
+	m.rotate() // reseals everything, then compacts: the tombstone goes
+
+	cs := &countingStorage{Storage: m.under}
+	require.NoError(t, m.s.CompactManifest(m.ctx, cs))
+	require.Equal(t, int64(0), cs.puts.Load(), "nothing left to compact, nothing written")
+
+	require.NoError(t, m.v.Delete(m.ctx, "policy/k08"))
+	m.rotate()
+	require.NoError(t, m.s.CompactManifest(m.ctx, cs))
+	require.Equal(t, int64(0), cs.puts.Load())
+	v, err := m.get("policy/k09")
+	require.NoError(t, err)
+	require.Equal(t, "v", v)
+}
