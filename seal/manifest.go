@@ -264,7 +264,7 @@ func (b *bucket) encode() []byte {
 // generation recorded.
 func decodeBucket(in []byte) (*bucket, uint64, error) {
 	bad := errors.New("malformed manifest bucket")
-	if len(in) < 1 || in[0] != 1 {
+	if !bytes.HasPrefix(in, []byte{1}) { // format 1
 		return nil, 0, bad
 	}
 	r := in[1:]
@@ -344,7 +344,7 @@ func (r *manifestRoot) encode() []byte {
 func decodeRoot(in []byte) (manifestRoot, error) {
 	var root manifestRoot
 	bad := errors.New("malformed manifest root")
-	if len(in) < 1 || in[0] != 1 {
+	if !bytes.HasPrefix(in, []byte{1}) { // format 1
 		return root, bad
 	}
 	r := in[1:]
