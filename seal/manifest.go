@@ -292,7 +292,7 @@ func decodeBucket(in []byte) (*bucket, uint64, error) {
 		p := append(prev[:shared:shared], r[:rest]...)
 		r = r[rest:]
 		rec, ok := next()
-		if !ok || (len(b.paths) > 0 && bytes.Compare(p, prev) <= 0) {
+		if !ok || bytes.Compare(p, prev) <= 0 { // in order; the first not empty
 			return nil, 0, bad
 		}
 		b.paths = append(b.paths, string(p))

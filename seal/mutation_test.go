@@ -361,3 +361,22 @@ func TestCompactionWritesOnlyBucketsWithTombstones(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "v", v)
 }
+
+// A bucket whose paths are out of order, repeated or empty is malformed.
+func TestDecodeBucketRefusesDisorder(t *testing.T) {
+	enc := func(paths ...string) []byte {
+		out := []byte{1, byte(len(paths))}
+		for _, p := range paths {
+			out = append(out, 0, byte(len(p)))
+			out = append(out, p...)
+			out = append(out, 2)
+		}
+		return out
+	}
+	_, _, err := decodeBucket(enc("a", "b"))
+	require.NoError(t, err)
+	for _, bad := range [][]string{{"b", "a"}, {"a", "a"}, {""}, {"", "a"}} {
+		_, _, err := decodeBucket(enc(bad...))
+		require.Error(t, err, "%q", bad)
+	}
+}
