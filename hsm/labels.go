@@ -33,21 +33,28 @@ func CheckTokenLabel(label string) error {
 // CheckKeyLabel refuses a key label that is empty, longer than 128 bytes,
 // not UTF-8, or has characters that are not printable.
 func CheckKeyLabel(label string) error {
-	if err := checkLabel(label, maxKeyLabel, func(r rune) bool { return !unicode.IsPrint(r) }); err != nil {
+	err := checkLabel(label, maxKeyLabel, notPrintable)
+	if err != nil {
 		return newError(Configuration, "check key label", fmt.Errorf("key label: %w", err))
 	}
 	return nil
 }
 
+// notPrintable is true of the runes key labels must not have.
+func notPrintable(r rune) bool {
+	return !unicode.IsPrint(r)
+}
+
 // checkLabel says what is wrong with label, never quoting more than its
 // start: a label may be a megabyte long.
 func checkLabel(label string, max int, bad func(rune) bool) error {
-	switch {
-	case label == "":
+	if label == "" {
 		return errors.New("is required")
-	case len(label) > max:
+	}
+	if len(label) > max {
 		return fmt.Errorf("is %d bytes long; use at most %d bytes", len(label), max)
-	case !utf8.ValidString(label):
+	}
+	if !utf8.ValidString(label) {
 		return errors.New("is not valid UTF-8")
 	}
 	for i, r := range label {

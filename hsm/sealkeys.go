@@ -57,12 +57,12 @@ func (t *Token) EnsureSealKeys(k SealKeys, generate bool) error {
 		if err != nil {
 			return err
 		}
-		switch {
-		case pub != priv:
+		if pub != priv {
 			return newError(Configuration, "find KEK", fmt.Errorf(
 				"token %s holds only the %s of the RSA key pair labelled %q; both halves are needed",
 				t.Describe(), map[bool]string{true: "public key", false: "private key"}[pub], k.Label))
-		case !pub:
+		}
+		if !pub {
 			if err := missing("RSA key pair", k.Label); err != nil {
 				return err
 			}

@@ -337,12 +337,12 @@ func (c *connection) login(ctx *pkcs11.Ctx, slot uint, limit loginKey, s pkcs11.
 	loginCalls.Add(1)
 	err := ctx.Login(s, pkcs11.CKU_USER, c.cfg.PIN)
 	var rv pkcs11.Error
-	switch {
-	case err == nil:
+	if err == nil {
 		st.loggedIn, st.pin = true, c.key.pin
 		c.verified = true
 		return nil
-	case errors.As(err, &rv) && rv == pkcs11.CKR_USER_ALREADY_LOGGED_IN:
+	}
+	if errors.As(err, &rv) && rv == pkcs11.CKR_USER_ALREADY_LOGGED_IN {
 		if st.loggedIn {
 			c.verified = true
 			return nil // with this PIN: checked above
@@ -352,7 +352,8 @@ func (c *connection) login(ctx *pkcs11.Ctx, slot uint, limit loginKey, s pkcs11.
 		// sticky: the login may end, and this costs the token nothing.
 		return newError(Credentials, "login", fmt.Errorf(
 			"token %s is logged in by this process with a PIN it cannot verify; refused", c.cfg.tokenName()))
-	case KindOf(classify("login", err)) == Credentials:
+	}
+	if KindOf(classify("login", err)) == Credentials {
 		failedLogin(limit)
 		c.verified = false
 		c.credErr = newError(Credentials, "login", fmt.Errorf("PIN refused by token %s (%v); it is not retried", c.cfg.tokenName(), err))
