@@ -49,6 +49,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"sort"
@@ -277,7 +278,9 @@ func decodeBucket(in []byte) (*bucket, uint64, error) {
 		return v, true
 	}
 	count, ok := next()
-	if !ok || count > uint64(len(r))/3 {
+	// A record takes 4 bytes at least (shared, length, a byte of path,
+	// record): a count beyond that is malformed, not an allocation.
+	if !ok || count > uint64(len(r))/4 {
 		return nil, 0, bad
 	}
 	b := &bucket{paths: make([]string, 0, count), recs: make([]uint64, 0, count), size: 64}
@@ -356,7 +359,7 @@ func decodeRoot(in []byte) (manifestRoot, error) {
 		}
 		vals[i], r = v, r[n:]
 	}
-	if len(r) != 0 || vals[1] > 1<<32-1 {
+	if len(r) != 0 || vals[1] > math.MaxUint32 {
 		return root, bad
 	}
 	root.counter, root.activeVersion, root.activeSince = vals[0], uint32(vals[1]), vals[2]

@@ -1,7 +1,9 @@
 package seal
 
 import (
+	"encoding/binary"
 	"errors"
+	"math"
 	"fmt"
 	"strings"
 	"testing"
@@ -378,5 +380,86 @@ func TestDecodeBucketRefusesDisorder(t *testing.T) {
 	for _, bad := range [][]string{{"b", "a"}, {"a", "a"}, {""}, {"", "a"}} {
 		_, _, err := decodeBucket(enc(bad...))
 		require.Error(t, err, "%q", bad)
+	}
+}
+
+// The decoders' bounds: a bucket of the smallest records possible decodes,
+// a count beyond what the bytes can hold is malformed (and allocates
+// nothing), and a root's version must fit 32 bits.
+func TestDecoderBounds(t *testing.T) {
+	// Records of 4 bytes each: shared 0, length 1, one byte, record 2.
+	small := []byte{1, 3, 0, 1, 'a', 2, 0, 1, 'b', 2, 0, 1, 'c', 2}
+	b, _, err := decodeBucket(small)
+	require.NoError(t, err)
+	require.Equal(t, []string{"a", "b", "c"}, b.paths)
+	_, _, err = decodeBucket([]byte{1, 4, 0, 1, 'a', 2, 0, 1, 'b', 2, 0, 1, 'c', 2})
+	require.Error(t, err, "one record more than the bytes hold")
+	huge := binary.AppendUvarint([]byte{1}, 1<<40)
+	_, _, err = decodeBucket(append(huge, 0, 1, 'a', 2))
+	require.Error(t, err)
+
+	root := manifestRoot{counter: 7, activeVersion: math.MaxUint32, activeSince: 3}
+	got, err := decodeRoot(root.encode())
+	require.NoError(t, err)
+	require.Equal(t, root, got)
+	enc := []byte{1, 7}
+	enc = binary.AppendUvarint(enc, 1<<32)
+	enc = append(enc, make([]byte, 1+bucketCount)...)
+	_, err = decodeRoot(enc)
+	require.Error(t, err, "a version beyond 32 bits")
+}
+
+// Resealing counts what it re-encrypted.
+func TestResealAllCountsWhatItChanged(t *testing.T) {
+	m := newMount(t)
+	for i := range 7 {
+		m.put(fmt.Sprintf("policy/k%d", i), "v")
+	}
+	ring, err := m.s.Keyring().Rotated(randomKey(t))
+	require.NoError(t, err)
+	m.s.SetKeyring(ring)
+	n, err := m.s.ResealAll(m.ctx, m.under)
+	require.NoError(t, err)
+	require.Equal(t, 7, n)
+	n, err = m.s.ResealAll(m.ctx, m.under)
+	require.NoError(t, err)
+	require.Equal(t, 0, n, "nothing left under the old version")
+}
+
+// A bucket exactly the size of the bound is cached, and two buckets
+// exactly filling it both stay.
+func TestCacheBoundIsInclusive(t *testing.T) {
+	m := newMount(t)
+	keys := map[int]string{}
+	for i := 0; len(keys) < 2; i++ {
+		k := fmt.Sprintf("policy/b%d", i)
+		if _, ok := keys[bucketIndex(k)]; !ok {
+			keys[bucketIndex(k)] = k
+			m.put(k, "v")
+		}
+	}
+	man := m.s.man.Load()
+	var total int64
+	sizes := map[int]int64{}
+	for idx := range keys {
+		sizes[idx] = man.slots[idx].cached.Load().size
+		total += sizes[idx]
+	}
+	m.s.SetManifestCacheBytes(total)
+	for _, k := range keys {
+		_, err := m.get(k)
+		require.NoError(t, err)
+	}
+	require.Equal(t, 2, cachedBuckets(man))
+	require.Equal(t, total, man.cacheBytes.Load())
+
+	for idx, k := range keys {
+		m.s.SetManifestCacheBytes(0)
+		m.s.SetManifestCacheBytes(sizes[idx])
+		_, err := m.get(k)
+		require.NoError(t, err)
+		require.Equal(t, 1, cachedBuckets(man), "a bucket of exactly the bound is cached")
+		m.s.SetManifestCacheBytes(sizes[idx] - 1)
+		require.Equal(t, 0, cachedBuckets(man), "one byte less and it is not")
 	}
 }
