@@ -92,19 +92,24 @@ bench: build vault
 bench-go:
 	go test -run '^$$' -bench . -benchtime 2s .
 
-# test-matrix runs the end-to-end suite against another Vault release,
-# VAULT_MATRIX (default the latest 1.20.x), built once from the Go module
-# proxy into bin/vault-$(VAULT_MATRIX) (its own module under bin/, as
-# tools/vault is for the pinned one). Not part of make test: the first build
-# takes a long while. NOT WORKING YET for v1.20.4: built as a dependency,
-# Vault gets an older github.com/hashicorp/vault/sdk than its own tree
-# (plugincatalog needs pluginutil's Download field); the sdk must be pinned
-# to the release's, as tools/vault/go.mod does for v1.21.0.
-VAULT_MATRIX ?= v1.21.2
+# test-matrix runs the end-to-end suite against another Vault: a binary you
+# have (VAULT_MATRIX_BIN=/path/to/vault, e.g. a release from
+# releases.hashicorp.com), or else release VAULT_MATRIX built once from the
+# Go module proxy into bin/vault-$(VAULT_MATRIX) (its own module under bin/,
+# as tools/vault is for the pinned one). Not part of make test. Built from
+# the proxy, a release only builds when its tree's sdk/ equals a published
+# github.com/hashicorp/vault/sdk version (Vault's go.mod replaces sdk and
+# api by its own directories, which a dependency build ignores): of those
+# tried, v1.21.0 (sdk v0.20.0) builds; v1.20.0, v1.20.4 (sdk v0.18.0 too old,
+# v0.19.0 too new), v1.21.2 (v0.20.0 too old) and v1.21.4 (v0.21.0 too new)
+# do not.
+VAULT_MATRIX     ?= v1.19.0
+VAULT_MATRIX_BIN ?= $(BIN)/vault-$(VAULT_MATRIX)
 
 .PHONY: test-matrix
-test-matrix: build $(BIN)/vault-$(VAULT_MATRIX)
-	HSM_TRANSIT_VAULT=$(BIN)/vault-$(VAULT_MATRIX) HSM_TRANSIT_PLUGIN=$(BIN)/$(PLUGIN) \
+test-matrix: build $(VAULT_MATRIX_BIN)
+	$(VAULT_MATRIX_BIN) version
+	HSM_TRANSIT_VAULT=$(VAULT_MATRIX_BIN) HSM_TRANSIT_PLUGIN=$(BIN)/$(PLUGIN) \
 		go test -count=1 -timeout $(E2E_TIMEOUT) -v ./e2e/
 
 $(BIN)/vault-$(VAULT_MATRIX):

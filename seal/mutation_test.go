@@ -3,8 +3,8 @@ package seal
 import (
 	"encoding/binary"
 	"errors"
-	"math"
 	"fmt"
+	"math"
 	"strings"
 	"testing"
 
