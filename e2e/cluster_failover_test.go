@@ -127,7 +127,7 @@ func (l *clusterLoad) encrypt(ctx context.Context, key, pt string) (string, int,
 	if err := r.SetJSONBody(map[string]interface{}{"plaintext": b64(pt)}); err != nil {
 		return "", 0, err
 	}
-	//nolint:staticcheck // the status of an answer that is not an error is wanted
+	//lint:ignore SA1019 the status of an answer that is not an error is wanted (and the body must survive a redirect)
 	resp, err := l.client.RawRequestWithContext(ctx, r)
 	if resp != nil {
 		defer resp.Body.Close()

@@ -57,7 +57,7 @@ func soakDo(ctx context.Context, client *api.Client, method, path string, body m
 			return nil, 0, err
 		}
 	}
-	//nolint:staticcheck // the status of an answer that is not an error is wanted
+	//lint:ignore SA1019 the status of an answer that is not an error is wanted (and the body must survive a redirect)
 	resp, err := client.RawRequestWithContext(ctx, r)
 	if resp != nil {
 		defer resp.Body.Close()
