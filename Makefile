@@ -100,9 +100,10 @@ bench-go:
 # the proxy, a release only builds when its tree's sdk/ equals a published
 # github.com/hashicorp/vault/sdk version (Vault's go.mod replaces sdk and
 # api by its own directories, which a dependency build ignores): of those
-# tried, v1.21.0 (sdk v0.20.0) builds; v1.20.0, v1.20.4 (sdk v0.18.0 too old,
-# v0.19.0 too new), v1.21.2 (v0.20.0 too old) and v1.21.4 (v0.21.0 too new)
-# do not.
+# tried, v1.19.0 (sdk v0.15.2) and v1.21.0 (v0.20.0) build; v1.20.0,
+# v1.20.4 (sdk v0.18.0 too old, v0.19.0 too new), v1.21.2 (v0.20.0 too old)
+# and v1.21.4 (v0.21.0 too new) do not. The first build takes 40 minutes on
+# 2 busy cores.
 VAULT_MATRIX     ?= v1.19.0
 VAULT_MATRIX_BIN ?= $(BIN)/vault-$(VAULT_MATRIX)
 
