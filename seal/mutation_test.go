@@ -463,3 +463,34 @@ func TestCacheBoundIsInclusive(t *testing.T) {
 		require.Equal(t, 0, cachedBuckets(man), "one byte less and it is not")
 	}
 }
+
+// Deleting an entry the manifest does not record (written before the
+// manifest existed) removes it and leaves a tombstone: its copy is refused.
+func TestDeleteOfAnUnrecordedEntry(t *testing.T) {
+	m := newMount(t)
+	old, err := m.ring.Seal("policy/legacy", []byte("from before the manifest"))
+	require.NoError(t, err)
+	m.plant("policy/legacy", old)
+	require.NoError(t, m.v.Delete(m.ctx, "policy/legacy"))
+	require.Nil(t, m.raw("policy/legacy"), "the entry is deleted")
+	m.plant("policy/legacy", old)
+	_, err = m.get("policy/legacy")
+	require.ErrorIs(t, err, ErrEntryRefused)
+}
+
+// A delete stores the manifest root before it returns: after a restart
+// that followed it at once, the bucket from before the delete and the
+// entry's copy, put back together, are refused.
+func TestDeleteStoresTheRootBeforeReturning(t *testing.T) {
+	m := newMount(t)
+	m.put("policy/d", "v")
+	bucketPath := bucketPathOf("policy/d")
+	oldBucket, oldEntry := m.raw(bucketPath), m.raw("policy/d")
+	require.NoError(t, m.v.Delete(m.ctx, "policy/d"))
+	m.restart()
+	m.plant(bucketPath, oldBucket)
+	m.plant("policy/d", oldEntry)
+	m.restart()
+	_, err := m.get("policy/d")
+	require.ErrorIs(t, err, ErrEntryRefused)
+}
