@@ -494,3 +494,22 @@ func TestDeleteStoresTheRootBeforeReturning(t *testing.T) {
 	_, err := m.get("policy/d")
 	require.ErrorIs(t, err, ErrEntryRefused)
 }
+
+// A manifest bucket that cannot be resealed fails the rotation's reseal,
+// whichever worker met it.
+func TestResealAllReportsAFailedBucket(t *testing.T) {
+	m := newMount(t)
+	m.put("policy/a", "v")
+	other := bucketPaths[(bucketIndex("policy/a")+1)%bucketCount]
+	ring, err := m.s.Keyring().Rotated(randomKey(t))
+	require.NoError(t, err)
+	m.s.SetKeyring(ring)
+	fs := &failingStorage{Storage: m.under}
+	fs.failOn(func(key string) bool { return key == other })
+	_, err = m.s.ResealAll(m.ctx, fs)
+	require.ErrorContains(t, err, "resealing the storage manifest")
+	require.ErrorContains(t, err, "simulated crash before writing "+other)
+	fs.failOn(nil)
+	_, err = m.s.ResealAll(m.ctx, fs)
+	require.NoError(t, err)
+}
