@@ -513,3 +513,31 @@ func TestResealAllReportsAFailedBucket(t *testing.T) {
 	_, err = m.s.ResealAll(m.ctx, fs)
 	require.NoError(t, err)
 }
+
+// A restart under the keyring the root names keeps knowing since when its
+// version is active: compaction after the restart drops the tombstones
+// from before it.
+func TestCompactionAfterARestart(t *testing.T) {
+	m := newMount(t)
+	m.put("policy/t", "v")
+	require.NoError(t, m.v.Delete(m.ctx, "policy/t"))
+	ring, err := m.s.Keyring().Rotated(randomKey(t))
+	require.NoError(t, err)
+	m.s.SetKeyring(ring)
+	_, err = m.s.ResealAll(m.ctx, m.under)
+	require.NoError(t, err)
+	m.s.SetKeyring(ring.ActiveOnly())
+	m.restart()
+
+	b, err := m.s.man.Load().bucketFor(m.ctx, m.s, m.under, "policy/t")
+	require.NoError(t, err)
+	_, has := b.lookup("policy/t")
+	require.True(t, has, "the tombstone is there before compaction")
+	cs := &countingStorage{Storage: m.under}
+	require.NoError(t, m.s.CompactManifest(m.ctx, cs))
+	require.Positive(t, cs.puts.Load(), "the bucket holding the tombstone is rewritten")
+	b, err = m.s.man.Load().bucketFor(m.ctx, m.s, m.under, "policy/t")
+	require.NoError(t, err)
+	_, has = b.lookup("policy/t")
+	require.False(t, has, "the tombstone is gone")
+}
