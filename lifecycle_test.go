@@ -318,10 +318,10 @@ func TestRecoveryWithShares(t *testing.T) {
 	// new token; no share and no plaintext is in it.
 	secrets := secretSet{}
 	for i, share := range shares {
-		secrets.addString(t, fmt.Sprint("recovery share ", i), share)
+		secrets.AddString(t, fmt.Sprint("recovery share ", i), share)
 	}
-	secrets.add(t, "plaintext 1", []byte("before recovery init"))
-	secrets.add(t, "plaintext 2", []byte("after rotation"))
+	secrets.Add(t, "plaintext 1", []byte("before recovery init"))
+	secrets.Add(t, "plaintext 2", []byte("after rotation"))
 	requireMountSealed(t, e, secrets)
 }
 

@@ -134,10 +134,10 @@ func TestStorageHoldsNoKeyMaterial(t *testing.T) {
 	e.encrypt(t, "hk", "plaintext for the HSM key", nil)
 	secrets := secretSet{}
 	for v, k := range exportKeys(t, e, "encryption-key/exp") {
-		secrets.addExported(t, "exp v"+v, k)
+		secrets.AddExported(t, "exp v"+v, k)
 	}
-	secrets.addExported(t, "mac v1", exportKeys(t, e, "hmac-key/mac")["1"])
-	secrets.add(t, "the HSM key's plaintext", []byte("plaintext for the HSM key"))
+	secrets.AddExported(t, "mac v1", exportKeys(t, e, "hmac-key/mac")["1"])
+	secrets.Add(t, "the HSM key's plaintext", []byte("plaintext for the HSM key"))
 
 	check := requireMountSealed(t, e, secrets)
 	require.Contains(t, check.opened, "policy/exp")
@@ -240,7 +240,7 @@ func TestSealRotate(t *testing.T) {
 	require.Equal(t, false, st["rotation_pending"])
 	secrets := secretSet{}
 	for k := range cts {
-		secrets.add(t, "plaintext of "+k, []byte("data of "+k))
+		secrets.Add(t, "plaintext of "+k, []byte("data of "+k))
 	}
 	check := requireMountSealed(t, e, secrets)
 	require.Len(t, check.opened, 11, "every resealed entry opens under the new root key")

@@ -100,8 +100,8 @@ func TestExportSymmetricEncryptionKey(t *testing.T) {
 
 			// What export hands out is nowhere in raw storage.
 			secrets := secretSet{}
-			secrets.addExported(t, "k v1", keys["1"])
-			secrets.add(t, "the plaintext", []byte("exported plaintext"))
+			secrets.AddExported(t, "k v1", keys["1"])
+			secrets.Add(t, "the plaintext", []byte("exported plaintext"))
 			requireMountSealed(t, e, secrets)
 		})
 	}
@@ -142,7 +142,7 @@ func TestExportRSAKeys(t *testing.T) {
 		})
 	}
 	secrets := secretSet{}
-	secrets.addExported(t, "rsa v1", exportKeys(t, e, "encryption-key/rsa")["1"])
+	secrets.AddExported(t, "rsa v1", exportKeys(t, e, "encryption-key/rsa")["1"])
 	requireMountSealed(t, e, secrets)
 }
 
@@ -176,7 +176,7 @@ func TestExportECDSAKeys(t *testing.T) {
 	require.NotNil(t, pubPub)
 	require.True(t, privPub.Equal(pubPub))
 	secrets := secretSet{}
-	secrets.addExported(t, "ec v1", exportKeys(t, e, "signing-key/ec")["1"])
+	secrets.AddExported(t, "ec v1", exportKeys(t, e, "signing-key/ec")["1"])
 	requireMountSealed(t, e, secrets)
 }
 
@@ -201,8 +201,8 @@ func TestExportEd25519Keys(t *testing.T) {
 	require.True(t, ed25519.Verify(pub, input, sig))
 	require.Equal(t, sig, ed25519.Sign(priv, input), "ed25519 signatures are deterministic")
 	secrets := secretSet{}
-	secrets.add(t, "ed v1", priv)
-	secrets.add(t, "ed v1 (seed)", priv.Seed())
+	secrets.Add(t, "ed v1", priv)
+	secrets.Add(t, "ed v1 (seed)", priv.Seed())
 	requireMountSealed(t, e, secrets)
 }
 
@@ -263,7 +263,7 @@ func TestExportVersions(t *testing.T) {
 
 	secrets := secretSet{}
 	for v, k := range all {
-		secrets.addExported(t, "k v"+v, k)
+		secrets.AddExported(t, "k v"+v, k)
 	}
 	requireMountSealed(t, e, secrets)
 }

@@ -260,7 +260,7 @@ func TestAttack1bPlantedRecoveryKeyWithRecovery(t *testing.T) {
 	require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
 	secrets := secretSet{"the victim's plaintext": []byte("victim data")}
 	for i, share := range shares {
-		secrets.addString(t, fmt.Sprint("recovery share ", i), share)
+		secrets.AddString(t, fmt.Sprint("recovery share ", i), share)
 	}
 	requireMountSealed(t, e, secrets)
 }

@@ -15,18 +15,12 @@ package hsmtransit
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/rsa"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"reflect"
 	"runtime"
 	"sort"
@@ -36,6 +30,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/sealcheck"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
 	sealpkg "github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
@@ -87,85 +83,8 @@ var propProbes = func() (p [propBucketCount]string) {
 	return p
 }()
 
-// secretSet names values that must not be found in raw storage: key bytes,
-// plaintexts, data keys, recovery shares. Each is looked for as it is and
-// in the usual text encodings, in every entry and in every base64 string of
-// a JSON entry.
-type secretSet map[string][]byte
-
-// add records a secret; it must be long enough not to turn up in random
-// ciphertext by chance.
-func (s secretSet) add(t testing.TB, what string, value []byte) {
-	t.Helper()
-	require.GreaterOrEqualf(t, len(value), 8, "secret %q is too short to look for", what)
-	s[what] = bytes.Clone(value)
-}
-
-// addString records a text secret and, if it is base64, what it decodes to.
-func (s secretSet) addString(t testing.TB, what, value string) {
-	t.Helper()
-	s.add(t, what, []byte(value))
-	if b, err := base64.StdEncoding.DecodeString(value); err == nil && len(b) >= 8 {
-		s.add(t, what+" (decoded)", b)
-	}
-}
-
-// addExported records a key as export/ returns it: base64 key bytes, or a
-// PEM private key, whose private scalar or exponent is recorded too, as
-// bytes and in decimal (keysutil stores big integers as JSON numbers).
-func (s secretSet) addExported(t testing.TB, what, value string) {
-	t.Helper()
-	block, _ := pem.Decode([]byte(value))
-	if block == nil {
-		b, err := base64.StdEncoding.DecodeString(value)
-		require.NoErrorf(t, err, "exported %s is neither PEM nor base64", what)
-		s.add(t, what, b)
-		if len(b) == ed25519.PrivateKeySize {
-			s.add(t, what+" (seed)", ed25519.PrivateKey(b).Seed())
-		}
-		return
-	}
-	s.add(t, what+" (DER)", block.Bytes)
-	var key any
-	var err error
-	switch block.Type {
-	case "EC PRIVATE KEY":
-		key, err = x509.ParseECPrivateKey(block.Bytes)
-	case "RSA PRIVATE KEY":
-		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-	default:
-		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-	}
-	require.NoErrorf(t, err, "exported %s", what)
-	switch k := key.(type) {
-	case *ecdsa.PrivateKey:
-		b, err := k.Bytes()
-		require.NoError(t, err)
-		s.add(t, what+" (D)", b)
-		s.add(t, what+" (D, decimal)", []byte(new(big.Int).SetBytes(b).String()))
-	case *rsa.PrivateKey:
-		s.add(t, what+" (D)", k.D.Bytes())
-		s.add(t, what+" (D, decimal)", []byte(k.D.String()))
-		for i, p := range k.Primes {
-			s.add(t, fmt.Sprintf("%s (prime %d, decimal)", what, i), []byte(p.String()))
-		}
-	case ed25519.PrivateKey:
-		s.add(t, what+" (seed)", k.Seed())
-	}
-}
-
-// needles returns every form under which the secrets are looked for.
-func (s secretSet) needles() map[string][]byte {
-	out := make(map[string][]byte, 5*len(s))
-	for what, v := range s {
-		out[what] = v
-		out[what+" (base64)"] = []byte(base64.StdEncoding.EncodeToString(v))
-		out[what+" (base64, unpadded)"] = []byte(base64.RawStdEncoding.EncodeToString(v))
-		out[what+" (base64url)"] = []byte(base64.RawURLEncoding.EncodeToString(v))
-		out[what+" (hex)"] = []byte(hex.EncodeToString(v))
-	}
-	return out
-}
+// secretSet names values that must not be found in raw storage.
+type secretSet = sealcheck.Secrets
 
 // propertyStorage lets the property read storage and refuses every write:
 // checking the mount must not change it. over, when set, replaces one
@@ -204,30 +123,6 @@ func (r *propertyStorage) with(key string, value []byte) *propertyStorage {
 
 // flipPositions are the bytes of a sealed value the property flips: the
 // magic, the root key version, the generation (hst\x02), the nonce, the
-// ciphertext and the tag.
-func flipPositions(value []byte) []int {
-	header := 8
-	if bytes.HasPrefix(value, []byte("hst\x02")) {
-		header = 16
-	}
-	n := len(value)
-	seen := map[int]bool{}
-	var out []int
-	for _, p := range []int{0, 3, 5, 7, header - 1, header, header + 11, header + 12, (header + 12 + n) / 2, n - 16, n - 1} {
-		if p >= 0 && p < n && !seen[p] {
-			seen[p] = true
-			out = append(out, p)
-		}
-	}
-	return out
-}
-
-func flipped(value []byte, pos int) []byte {
-	out := bytes.Clone(value)
-	out[pos] ^= 0x01
-	return out
-}
-
 // sealedCheck is what requireAllSealed found, for callers that check more.
 type sealedCheck struct {
 	// opened holds the plaintext of every sealed entry.
@@ -261,7 +156,7 @@ func requireAllSealed(t testing.TB, raw logical.Storage, ring *sealpkg.Keyring, 
 		all[k] = v
 	}
 	addRootKeys(t, all, ring)
-	needles := all.needles()
+	needles := all.Needles()
 
 	values := map[string][]byte{}
 	require.NoError(t, walkStorage(ctx, ro, "", func(key string, value []byte) { values[key] = bytes.Clone(value) }))
@@ -308,8 +203,8 @@ func requireAllSealed(t testing.TB, raw logical.Storage, ring *sealpkg.Keyring, 
 		pt, err := ring.Open(path, value)
 		require.NoErrorf(t, err, "%s does not open with the root keyring", path)
 		res.opened[path] = pt
-		for _, pos := range flipPositions(value) {
-			_, err := ring.Open(path, flipped(value, pos))
+		for _, pos := range sealcheck.FlipPositions(value) {
+			_, err := ring.Open(path, sealcheck.Flipped(value, pos))
 			require.Errorf(t, err, "%s opens with byte %d of %d flipped", path, pos, len(value))
 		}
 		other := "moved/" + path
@@ -352,8 +247,8 @@ func requireManifestSealed(t testing.TB, ro *propertyStorage, ring *sealpkg.Keyr
 		require.Equalf(t, opened[path], e.Value, "%s reads differently through the manifest", path)
 	}
 
-	for _, pos := range flipPositions(root) {
-		_, err := load(ro.with(propManifestRoot, flipped(root, pos)))
+	for _, pos := range sealcheck.FlipPositions(root) {
+		_, err := load(ro.with(propManifestRoot, sealcheck.Flipped(root, pos)))
 		require.Errorf(t, err, "the manifest loads with byte %d of its root flipped", pos)
 	}
 
@@ -379,10 +274,10 @@ func requireManifestSealed(t testing.TB, ro *propertyStorage, ring *sealpkg.Keyr
 		value := values[path]
 		probe := propProbes[idx]
 		// Flipped, a bucket is refused...
-		for _, pos := range flipPositions(value) {
-			s, err := load(ro.with(path, flipped(value, pos)))
+		for _, pos := range sealcheck.FlipPositions(value) {
+			s, err := load(ro.with(path, sealcheck.Flipped(value, pos)))
 			require.NoError(t, err)
-			_, err = s.Wrap(ro.with(path, flipped(value, pos))).Get(ctx, probe)
+			_, err = s.Wrap(ro.with(path, sealcheck.Flipped(value, pos))).Get(ctx, probe)
 			require.Errorf(t, err, "bucket %s is accepted with byte %d flipped", path, pos)
 		}
 		// ...and so is another bucket's value put in its place.
@@ -438,7 +333,7 @@ func addRootKeys(t testing.TB, s secretSet, ring *sealpkg.Keyring) {
 	require.NoError(t, json.Unmarshal(b, &stored))
 	require.NotEmpty(t, stored.Keys)
 	for v, k := range stored.Keys {
-		s.add(t, "root key v"+v, k)
+		s.Add(t, "root key v"+v, k)
 	}
 }
 
@@ -486,9 +381,9 @@ func requireMountSealed(t testing.TB, e *testEnv, secrets secretSet) sealedCheck
 	for k, v := range secrets {
 		all[k] = v
 	}
-	all.add(t, "the serialised root keyring", raw)
+	all.Add(t, "the serialised root keyring", raw)
 	if snap := e.b.seal.state.Load(); snap.meta != nil && len(snap.meta.RecoveryMACKey) > 0 {
-		all.add(t, "the recovery MAC key", snap.meta.RecoveryMACKey)
+		all.Add(t, "the recovery MAC key", snap.meta.RecoveryMACKey)
 	}
 	return requireAllSealed(t, e.storage, ring, all)
 }
@@ -502,12 +397,12 @@ func propertyScenario(t *testing.T) (*testEnv, secretSet) {
 	tag := newMountUUID(t)[:8]
 	plaintext := func(key string) string {
 		p := "property plaintext for " + key + " " + tag
-		s.add(t, "plaintext given to "+key, []byte(p))
+		s.Add(t, "plaintext given to "+key, []byte(p))
 		return p
 	}
 	export := func(kind, name string) {
 		for v, k := range exportKeys(t, e, kind+"/"+name) {
-			s.addExported(t, fmt.Sprintf("%s v%s", name, v), k)
+			s.AddExported(t, fmt.Sprintf("%s v%s", name, v), k)
 		}
 	}
 
@@ -536,10 +431,10 @@ func propertyScenario(t *testing.T) (*testEnv, secretSet) {
 	e.encrypt(t, "conv", plaintext("conv"), map[string]interface{}{"context": b64("ctx-" + tag)})
 	export("encryption-key", "conv")
 	dk := e.mustWrite(t, "datakey/plaintext/sw-aes256-gcm96", nil)
-	s.addString(t, "data key of sw-aes256-gcm96", dk["plaintext"].(string))
+	s.AddString(t, "data key of sw-aes256-gcm96", dk["plaintext"].(string))
 	// Imported key material (BYOK), known to the test byte for byte.
 	material := importRandom(t, 32)
-	s.add(t, "imported key material", material)
+	s.Add(t, "imported key material", material)
 	e.mustWrite(t, "keys/imported/import", map[string]interface{}{"type": "aes256-gcm96", "ciphertext": importWrap(t, e, material, sha256.New())})
 	e.encrypt(t, "imported", plaintext("imported"), nil)
 	// Versions: minimums, trim.
@@ -549,7 +444,7 @@ func propertyScenario(t *testing.T) (*testEnv, secretSet) {
 
 	// Backup and restore under another name.
 	backup := backupOf(t, e, "sw-aes128-gcm96")
-	s.addString(t, "backup of sw-aes128-gcm96", backup)
+	s.AddString(t, "backup of sw-aes128-gcm96", backup)
 	e.mustWrite(t, "restore/restored", map[string]interface{}{"backup": backup})
 	e.encrypt(t, "restored", plaintext("restored"), nil)
 
@@ -562,7 +457,7 @@ func propertyScenario(t *testing.T) (*testEnv, secretSet) {
 	e.mustWrite(t, "keys/hk/config", map[string]interface{}{"min_decryption_version": 1, "min_encryption_version": 2, "auto_rotate_period": "24h"})
 	require.Equal(t, p, e.decrypt(t, "hk", ct, nil))
 	hdk := e.mustWrite(t, "datakey/plaintext/hk", nil)
-	s.addString(t, "data key of hk", hdk["plaintext"].(string))
+	s.AddString(t, "data key of hk", hdk["plaintext"].(string))
 	e.mustWrite(t, "keys/hk-gone", map[string]interface{}{"hsm": true})
 	e.mustWrite(t, "keys/hk-gone/config", map[string]interface{}{"deletion_allowed": true})
 	requireStatus(t, e.del(t, "keys/hk-gone"), 204, "")
@@ -593,7 +488,7 @@ func propertyScenario(t *testing.T) (*testEnv, secretSet) {
 	e.mustWrite(t, "config/seal", map[string]interface{}{"anti_rollback": true})
 	r := e.mustWrite(t, "seal/recovery/init", map[string]interface{}{"shares": 3, "threshold": 2})
 	for i, share := range r["shares"].([]interface{}) {
-		s.addString(t, fmt.Sprintf("recovery share %d", i), share.(string))
+		s.AddString(t, fmt.Sprintf("recovery share %d", i), share.(string))
 	}
 	require.Equal(t, float64(2), e.mustWrite(t, "seal/rotate", nil)["root_key_version"])
 	e.mustWrite(t, "config/seal", map[string]interface{}{"key_label": uniq(t, "kek-prop"), "generate_key": true})
@@ -691,8 +586,8 @@ func TestSealedPropertyCatchesTampering(t *testing.T) {
 	requireStatus(t, e.del(t, "keys/gone"), 204, "")
 	ring, _ := mountKeyring(t, e)
 	secrets := secretSet{}
-	secrets.addExported(t, "k v1", exportKeys(t, e, "encryption-key/k")["1"])
-	secrets.add(t, "the plaintext", []byte("tamper-test plaintext"))
+	secrets.AddExported(t, "k v1", exportKeys(t, e, "encryption-key/k")["1"])
+	secrets.Add(t, "the plaintext", []byte("tamper-test plaintext"))
 
 	require.Empty(t, propertyFails(t, e.storage, ring, secrets), "the property holds on the plugin's own storage")
 
@@ -767,7 +662,7 @@ func TestSealedPropertyCatchesTampering(t *testing.T) {
 		{"an entry modified", func(s logical.Storage) {
 			entry, err := s.Get(ctx, "policy/k")
 			require.NoError(t, err)
-			put(s, "policy/k", flipped(entry.Value, len(entry.Value)-1))
+			put(s, "policy/k", sealcheck.Flipped(entry.Value, len(entry.Value)-1))
 		}, "policy/k does not open with the root keyring"},
 		{"an entry moved to another path", func(s logical.Storage) {
 			entry, err := s.Get(ctx, "archive/k")
@@ -791,7 +686,7 @@ func TestSealedPropertyCatchesTampering(t *testing.T) {
 		{"the manifest root modified", func(s logical.Storage) {
 			entry, err := s.Get(ctx, propManifestRoot)
 			require.NoError(t, err)
-			put(s, propManifestRoot, flipped(entry.Value, len(entry.Value)-1))
+			put(s, propManifestRoot, sealcheck.Flipped(entry.Value, len(entry.Value)-1))
 		}, "the manifest does not load with the root keyring"},
 		{"a stray entry under the manifest's prefix", func(s logical.Storage) {
 			put(s, "manifest/extra", []byte("x"))

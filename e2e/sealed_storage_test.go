@@ -14,18 +14,12 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/rsa"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"sort"
 	"strings"
 	"testing"
@@ -34,6 +28,8 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/sealcheck"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
@@ -55,83 +51,7 @@ var rawSealConfigFields = map[string]bool{
 }
 
 // rawSecrets are values that must not be found in raw storage.
-type rawSecrets map[string][]byte
-
-func (s rawSecrets) add(t testing.TB, what string, value []byte) {
-	t.Helper()
-	require.GreaterOrEqualf(t, len(value), 8, "secret %q is too short to look for", what)
-	s[what] = bytes.Clone(value)
-}
-
-// addString records a text secret and, if it is base64, what it decodes to.
-func (s rawSecrets) addString(t testing.TB, what, value string) {
-	t.Helper()
-	s.add(t, what, []byte(value))
-	if b, err := base64.StdEncoding.DecodeString(value); err == nil && len(b) >= 8 {
-		s.add(t, what+" (decoded)", b)
-	}
-}
-
-// addExported records a key as export/ returns it: base64 key bytes or a
-// PEM private key, whose private scalar, exponent and primes are recorded
-// too, as bytes and in decimal (keysutil stores big integers as JSON
-// numbers).
-func (s rawSecrets) addExported(t testing.TB, what, value string) {
-	t.Helper()
-	block, _ := pem.Decode([]byte(value))
-	if block == nil {
-		b, err := base64.StdEncoding.DecodeString(value)
-		require.NoErrorf(t, err, "exported %s is neither PEM nor base64", what)
-		s.add(t, what, b)
-		if len(b) == ed25519.PrivateKeySize {
-			s.add(t, what+" (seed)", ed25519.PrivateKey(b).Seed())
-		}
-		return
-	}
-	s.add(t, what+" (DER)", block.Bytes)
-	var key any
-	var err error
-	switch block.Type {
-	case "EC PRIVATE KEY":
-		key, err = x509.ParseECPrivateKey(block.Bytes)
-	case "RSA PRIVATE KEY":
-		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-	default:
-		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-	}
-	require.NoErrorf(t, err, "exported %s", what)
-	switch k := key.(type) {
-	case *ecdsa.PrivateKey:
-		b, err := k.Bytes()
-		require.NoError(t, err)
-		s.add(t, what+" (D)", b)
-		s.add(t, what+" (D, decimal)", []byte(new(big.Int).SetBytes(b).String()))
-	case *rsa.PrivateKey:
-		s.add(t, what+" (D)", k.D.Bytes())
-		s.add(t, what+" (D, decimal)", []byte(k.D.String()))
-		for i, p := range k.Primes {
-			s.add(t, fmt.Sprintf("%s (prime %d)", what, i), p.Bytes())
-			s.add(t, fmt.Sprintf("%s (prime %d, decimal)", what, i), []byte(p.String()))
-		}
-	case ed25519.PrivateKey:
-		s.add(t, what+" (seed)", k.Seed())
-	default:
-		t.Fatalf("exported %s: unexpected key type %T", what, key)
-	}
-}
-
-// needles returns every form under which the secrets are looked for.
-func (s rawSecrets) needles() map[string][]byte {
-	out := make(map[string][]byte, 5*len(s))
-	for what, v := range s {
-		out[what] = v
-		out[what+" (base64)"] = []byte(base64.StdEncoding.EncodeToString(v))
-		out[what+" (base64, unpadded)"] = []byte(base64.RawStdEncoding.EncodeToString(v))
-		out[what+" (base64url)"] = []byte(base64.RawURLEncoding.EncodeToString(v))
-		out[what+" (hex)"] = []byte(hex.EncodeToString(v))
-	}
-	return out
-}
+type rawSecrets = sealcheck.Secrets
 
 // rawByteFields returns the value itself and every string of a JSON value
 // that decodes as base64, by where it is.
@@ -235,31 +155,6 @@ func rawBucketOf(path string) int {
 	return int(h[0])
 }
 
-// rawFlipPositions are the bytes of a sealed value that are flipped: the
-// magic, the version, the generation, the nonce, the ciphertext, the tag.
-func rawFlipPositions(value []byte) []int {
-	header := 8
-	if bytes.HasPrefix(value, []byte("hst\x02")) {
-		header = 16
-	}
-	n := len(value)
-	seen := map[int]bool{}
-	var out []int
-	for _, p := range []int{0, 3, 5, 7, header - 1, header, header + 11, header + 12, (header + 12 + n) / 2, n - 16, n - 1} {
-		if p >= 0 && p < n && !seen[p] {
-			seen[p] = true
-			out = append(out, p)
-		}
-	}
-	return out
-}
-
-func rawFlipped(value []byte, pos int) []byte {
-	out := bytes.Clone(value)
-	out[pos] ^= 0x01
-	return out
-}
-
 // rawSealedReport is what checkRawSealed found: problems (empty when the
 // property holds) and what was checked.
 type rawSealedReport struct {
@@ -336,8 +231,8 @@ func checkRawSealed(values map[string][]byte, ring *seal.Keyring, needles map[st
 			continue
 		}
 		r.opened[path] = pt
-		for _, pos := range rawFlipPositions(value) {
-			if _, err := ring.Open(path, rawFlipped(value, pos)); err == nil {
+		for _, pos := range sealcheck.FlipPositions(value) {
+			if _, err := ring.Open(path, sealcheck.Flipped(value, pos)); err == nil {
 				r.failf("%s opens with byte %d of %d flipped", path, pos, len(value))
 			} else {
 				r.flips++
@@ -425,8 +320,8 @@ func (r *rawSealedReport) checkManifest(values map[string][]byte, ring *seal.Key
 			r.failf("%s reads differently through the manifest", path)
 		}
 	}
-	for _, pos := range rawFlipPositions(root) {
-		if _, err := load(store.with(rawManifestRoot, rawFlipped(root, pos))); err == nil {
+	for _, pos := range sealcheck.FlipPositions(root) {
+		if _, err := load(store.with(rawManifestRoot, sealcheck.Flipped(root, pos))); err == nil {
 			r.failf("the manifest loads with byte %d of its root flipped", pos)
 		} else {
 			r.flips++
@@ -440,7 +335,7 @@ func (r *rawSealedReport) checkManifest(values map[string][]byte, ring *seal.Key
 			r.failf("%s has no manifest bucket (%s absent)", path, bpath)
 			continue
 		}
-		flippedStore := store.with(bpath, rawFlipped(bucket, len(bucket)-1))
+		flippedStore := store.with(bpath, sealcheck.Flipped(bucket, len(bucket)-1))
 		s, err := load(flippedStore)
 		if err != nil {
 			r.failf("the manifest does not load with bucket %s flipped (the root alone should): %v", bpath, err)
@@ -509,7 +404,7 @@ func rawMountKeyring(t *testing.T, cfgValue []byte, backendUUID string) (*seal.K
 // form, and the recovery MAC key of the opened seal state.
 func rawRootKeySecrets(t *testing.T, s rawSecrets, ring *seal.Keyring, raw []byte, opened map[string][]byte) {
 	t.Helper()
-	s.add(t, "the serialised root keyring", raw)
+	s.Add(t, "the serialised root keyring", raw)
 	b, err := ring.Marshal()
 	require.NoError(t, err)
 	var stored struct {
@@ -518,7 +413,7 @@ func rawRootKeySecrets(t *testing.T, s rawSecrets, ring *seal.Keyring, raw []byt
 	require.NoError(t, json.Unmarshal(b, &stored))
 	require.NotEmpty(t, stored.Keys)
 	for v, k := range stored.Keys {
-		s.add(t, "root key v"+v, k)
+		s.Add(t, "root key v"+v, k)
 	}
 	if st, ok := opened["config/seal-state"]; ok {
 		var meta struct {
@@ -526,7 +421,7 @@ func rawRootKeySecrets(t *testing.T, s rawSecrets, ring *seal.Keyring, raw []byt
 		}
 		require.NoError(t, json.Unmarshal(st, &meta))
 		if len(meta.RecoveryMACKey) > 0 {
-			s.add(t, "the recovery MAC key", meta.RecoveryMACKey)
+			s.Add(t, "the recovery MAC key", meta.RecoveryMACKey)
 		}
 	}
 }
@@ -564,7 +459,7 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 	}
 	plaintext := func(key string) string {
 		p := "e2e sealed plaintext for " + key + " " + tag
-		secrets.add(t, "plaintext given to "+key, []byte(p))
+		secrets.Add(t, "plaintext given to "+key, []byte(p))
 		return b64(p)
 	}
 	roundTrip := func(key string) string {
@@ -579,7 +474,7 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 		keys := read("export/" + kind + "/" + name).Data["keys"].(map[string]interface{})
 		require.NotEmpty(t, keys)
 		for ver, k := range keys {
-			secrets.addExported(t, fmt.Sprintf("%s %s v%s", name, kind, ver), k.(string))
+			secrets.AddExported(t, fmt.Sprintf("%s %s v%s", name, kind, ver), k.(string))
 		}
 	}
 
@@ -606,14 +501,14 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 		}
 	}
 	backup := read("backup/sw-aes256-gcm96").Data["backup"].(string)
-	secrets.addString(t, "backup of sw-aes256-gcm96", backup)
+	secrets.AddString(t, "backup of sw-aes256-gcm96", backup)
 	write("restore/restored", map[string]interface{}{"backup": backup})
 	roundTrip("restored")
 	write("keys/sw-aes256-gcm96/rotate", nil)
 	write("keys/sw-aes256-gcm96/config", map[string]interface{}{"min_decryption_version": 2, "min_encryption_version": 3})
 	write("keys/sw-aes256-gcm96/trim", map[string]interface{}{"min_available_version": 2})
 	dk := write("datakey/plaintext/sw-chacha20-poly1305", nil)
-	secrets.addString(t, "data key of sw-chacha20-poly1305", dk.Data["plaintext"].(string))
+	secrets.AddString(t, "data key of sw-chacha20-poly1305", dk.Data["plaintext"].(string))
 
 	// HSM-resident keys: rotated, used, a data key, one deleted.
 	write("keys/hk", map[string]interface{}{"hsm": true})
@@ -623,7 +518,7 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 	write("keys/hk/config", map[string]interface{}{"min_decryption_version": 1, "min_encryption_version": 2})
 	roundTrip("hk")
 	hdk := write("datakey/plaintext/hk", nil)
-	secrets.addString(t, "data key of hk", hdk.Data["plaintext"].(string))
+	secrets.AddString(t, "data key of hk", hdk.Data["plaintext"].(string))
 	write("keys/hk-gone", map[string]interface{}{"hsm": true})
 	roundTrip("hk-gone")
 	write("keys/hk-gone/config", map[string]interface{}{"deletion_allowed": true})
@@ -657,7 +552,7 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 	shares := rec.Data["shares"].([]interface{})
 	require.Len(t, shares, 3)
 	for i, share := range shares {
-		secrets.addString(t, fmt.Sprintf("recovery share %d", i), share.(string))
+		secrets.AddString(t, fmt.Sprintf("recovery share %d", i), share.(string))
 	}
 	require.Equal(t, "2", fmt.Sprint(write("seal/rotate", nil).Data["root_key_version"]))
 	write("config/seal", map[string]interface{}{"key_label": "e2e-sealed-kek-" + tag, "generate_key": true})
@@ -687,14 +582,14 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 		ring, raw := rawMountKeyring(t, values["seal/config"], backendUUID)
 		// The opened seal state gives the recovery MAC key: a first pass
 		// opens it, the second looks for it too.
-		first := checkRawSealed(values, ring, secrets.needles())
+		first := checkRawSealed(values, ring, secrets.Needles())
 		all := rawSecrets{}
 		for k, v := range secrets {
 			all[k] = v
 		}
 		rawRootKeySecrets(t, all, ring, raw, first.opened)
 		require.Contains(t, all, "the recovery MAC key", "%s: the opened seal state holds the recovery MAC key", stage)
-		needles := all.needles()
+		needles := all.Needles()
 		rep := checkRawSealed(values, ring, needles)
 		if len(rep.problems) > 0 {
 			t.Fatalf("%s: the sealed-storage property does not hold (%d problems):\n%s", stage, len(rep.problems), strings.Join(rep.problems, "\n"))
@@ -745,7 +640,7 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 	mutate("plain entry under seal/", "seal/extra", []byte(`{"note":"plain"}`), "seal/extra is stored in plaintext")
 	policy := values["policy/capped"]
 	require.NotNil(t, policy)
-	mutate("flipped entry", "policy/capped", rawFlipped(policy, len(policy)-1), "policy/capped does not open with the root keyring")
+	mutate("flipped entry", "policy/capped", sealcheck.Flipped(policy, len(policy)-1), "policy/capped does not open with the root keyring")
 	mutate("moved entry", "policy/off", policy, "policy/off does not open with the root keyring")
 	require.Contains(t, rep.opened, "hsm/keys/hk")
 	mutate("HSM key metadata stored unencrypted", "hsm/keys/hk", rep.opened["hsm/keys/hk"], "hsm/keys/hk is stored in plaintext")
@@ -779,7 +674,7 @@ func TestEveryRawEntryIsSealed(t *testing.T) {
 	mutate("unknown field in seal/config", "seal/config", leaky, "holds a field the seal configuration does not have: recovery_mac_key")
 	mutate("stray manifest entry", "manifest/extra", []byte("x"), "manifest/extra is under the manifest's reserved prefix")
 	mroot := values[rawManifestRoot]
-	mutate("flipped manifest root", rawManifestRoot, rawFlipped(mroot, len(mroot)-1), "the manifest does not load with the root keyring")
+	mutate("flipped manifest root", rawManifestRoot, sealcheck.Flipped(mroot, len(mroot)-1), "the manifest does not load with the root keyring")
 	// A manifest bucket replaced by another bucket's value.
 	ownBucket := fmt.Sprintf("%s%02x", rawManifestBucket, rawBucketOf("policy/capped"))
 	var otherBucket string
