@@ -225,6 +225,9 @@ func TestPlaintextEntriesErrorMessage(t *testing.T) {
 	require.True(t, strings.HasPrefix(msg, "13 storage entries are not sealed by this mount's root key and were not adopted (written outside the plugin?): p0, p1,"), msg)
 	require.Contains(t, msg, "p9, ... (3 more)")
 	require.NotContains(t, msg, "p10")
+	// Exactly ten are all shown, with no count of more.
+	msg = (&PlaintextEntriesError{Paths: paths[:10]}).Error()
+	require.True(t, strings.HasSuffix(msg, ": p0, p1, p2, p3, p4, p5, p6, p7, p8, p9"), msg)
 	require.Equal(t, "1 storage entry is not sealed by this mount's root key and was not adopted (written outside the plugin?): x",
 		(&PlaintextEntriesError{Paths: []string{"x"}}).Error())
 	var wrapped error = fmt.Errorf("rotating: %w", &PlaintextEntriesError{Paths: paths})

@@ -248,8 +248,8 @@ func (b *bucket) encode() []byte {
 	out = binary.AppendUvarint(out, uint64(len(b.paths)))
 	prev := ""
 	for i, p := range b.paths {
-		shared := 0
-		for shared < len(prev) && shared < len(p) && prev[shared] == p[shared] {
+		shared, n := 0, min(len(prev), len(p))
+		for shared < n && prev[shared] == p[shared] {
 			shared++
 		}
 		out = binary.AppendUvarint(out, uint64(shared))

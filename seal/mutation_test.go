@@ -541,3 +541,49 @@ func TestCompactionAfterARestart(t *testing.T) {
 	_, has = b.lookup("policy/t")
 	require.False(t, has, "the tombstone is gone")
 }
+
+// initAfterLoss builds a mount whose key policy/k was written many times
+// (its bucket reaching a generation above the 256 that a fresh manifest's
+// buckets take) and then deleted, and returns it with the attacker's copies
+// of k's last entry and of its bucket from while k was live. lose then
+// removes part of the manifest from storage before InitManifest rebuilds it.
+func initAfterLoss(t *testing.T, lose func(m *mount)) (m *mount, entry, bucket []byte) {
+	m = newMount(t)
+	for i := range 200 {
+		m.put("policy/k", fmt.Sprintf("v%d", i))
+	}
+	entry, bucket = m.raw("policy/k"), m.raw(bucketPathOf("policy/k"))
+	require.NoError(t, m.v.Delete(m.ctx, "policy/k"))
+	lose(m)
+	require.NoError(t, m.s.InitManifest(m.ctx, m.under))
+	m.v = m.s.Wrap(m.under)
+	return m, entry, bucket
+}
+
+// InitManifest starts above the generations the stored root had reserved,
+// even when the buckets are gone: otherwise the rebuilt buckets take low
+// generations, and a bucket copied from before (which records a deleted
+// key as live) passes as current, bringing the deleted value back.
+func TestInitManifestStartsAboveTheStoredRoot(t *testing.T) {
+	m, entry, bucket := initAfterLoss(t, func(m *mount) {
+		for _, p := range bucketPaths {
+			require.NoError(t, m.under.Delete(m.ctx, p))
+		}
+	})
+	m.plant(bucketPathOf("policy/k"), bucket)
+	m.plant("policy/k", entry)
+	v, err := m.get("policy/k")
+	require.ErrorContains(t, err, "older than the manifest root records", "got %q", v)
+}
+
+// The same with the root gone and the buckets there: their generations
+// (and those of the tombstones they hold) are the floor.
+func TestInitManifestStartsAboveTheStoredBuckets(t *testing.T) {
+	m, entry, bucket := initAfterLoss(t, func(m *mount) {
+		require.NoError(t, m.under.Delete(m.ctx, manifestRootPath))
+	})
+	m.plant(bucketPathOf("policy/k"), bucket)
+	m.plant("policy/k", entry)
+	v, err := m.get("policy/k")
+	require.ErrorContains(t, err, "older than the manifest root records", "got %q", v)
+}

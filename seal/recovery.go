@@ -11,6 +11,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/hashicorp/vault/shamir"
 )
@@ -128,10 +129,7 @@ func SealForRecoveryWithMAC(public, macKey, info []byte, ring *Keyring) ([]byte,
 	if err != nil || macKey == nil {
 		return ct, err
 	}
-	out := make([]byte, 0, len(recoveryCopyMagic)+recoveryTagSize+len(ct))
-	out = append(out, recoveryCopyMagic...)
-	out = append(out, recoveryTag(macKey, info, ct)...)
-	return append(out, ct...), nil
+	return slices.Concat(recoveryCopyMagic, recoveryTag(macKey, info, ct), ct), nil
 }
 
 // ErrSharesDoNotOpen means the shares given do not rebuild the recovery key:
