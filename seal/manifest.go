@@ -170,7 +170,7 @@ func checkEntry(path string, h header, rec uint64, has bool) error {
 // whose path the bucket records as rec.
 func checkRecord(path string, gen, rec uint64) error {
 	if recDeleted(rec) {
-		if recGen(rec) >= gen {
+		if coveredBy(gen, rec) {
 			return refusedf("storage entry %q was deleted (the manifest records its deletion at generation %d, this copy is generation %d): a copy replayed or left behind is refused", path, recGen(rec), gen)
 		}
 		return nil
@@ -180,6 +180,10 @@ func checkRecord(path string, gen, rec uint64) error {
 	}
 	return nil
 }
+
+// coveredBy reports whether rec is a tombstone that covers a copy of its
+// path of generation gen: one of the deletion's generation or before it.
+func coveredBy(gen, rec uint64) bool { return recDeleted(rec) && recGen(rec) >= gen }
 
 // bucket is one decoded bucket. It is never modified once published:
 // writers build a new one (with, without).
@@ -515,31 +519,28 @@ func (m *manifest) loadLocked(ctx context.Context, under logical.Storage, ring *
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest bucket %02x: %w", idx, err)
 	}
-	var b *bucket
 	if e == nil {
-		if want > 0 {
-			return nil, refusedf("manifest bucket %02x is missing from storage though the manifest root records it at generation %d (deleted outside the plugin?): the entries it covers are refused", idx, want)
-		}
-		b = &bucket{size: 64}
-	} else {
-		h, ok := parseHeader(e.Value)
-		if !ok || h.format != 2 {
-			return nil, refusedf("manifest bucket %02x is not sealed by this mount's root key", idx)
-		}
-		if h.gen < want {
-			return nil, refusedf("manifest bucket %02x is older than the manifest root records (generation %d, the root records %d): replayed or rolled back, refused", idx, h.gen, want)
-		}
-		pt, err := ring.open(purposeManifest, path, h, e.Value)
-		if err != nil {
-			return nil, err
-		}
-		var maxGen uint64
-		if b, maxGen, err = decodeBucket(pt); err != nil {
-			return nil, fmt.Errorf("manifest bucket %02x: %w", idx, err)
-		}
-		b.gen, b.version = h.gen, h.version
-		m.observe(max(h.gen, maxGen))
+		// InitManifest stores every bucket, and the root records each at a
+		// generation of 1 or more: an absent bucket was removed.
+		return nil, refusedf("manifest bucket %02x is missing from storage though the manifest root records it at generation %d (deleted outside the plugin?): the entries it covers are refused", idx, want)
 	}
+	h, ok := parseHeader(e.Value)
+	if !ok || h.format != 2 {
+		return nil, refusedf("manifest bucket %02x is not sealed by this mount's root key", idx)
+	}
+	if h.gen < want {
+		return nil, refusedf("manifest bucket %02x is older than the manifest root records (generation %d, the root records %d): replayed or rolled back, refused", idx, h.gen, want)
+	}
+	pt, err := ring.open(purposeManifest, path, h, e.Value)
+	if err != nil {
+		return nil, err
+	}
+	b, maxGen, err := decodeBucket(pt)
+	if err != nil {
+		return nil, fmt.Errorf("manifest bucket %02x: %w", idx, err)
+	}
+	b.gen, b.version = h.gen, h.version
+	m.observe(max(h.gen, maxGen))
 	m.cache(idx, b)
 	return b, nil
 }
@@ -588,9 +589,8 @@ func (m *manifest) cache(idx int, b *bucket) {
 		old = prev.size
 	}
 	slot.used.Store(true)
-	if m.cacheBytes.Add(b.size-old) > m.cacheLimit.Load() {
-		m.evict(idx)
-	}
+	m.cacheBytes.Add(b.size - old)
+	m.evict(idx)
 }
 
 func (m *manifest) uncache(idx int) {
@@ -599,14 +599,25 @@ func (m *manifest) uncache(idx int) {
 	}
 }
 
+// fits reports whether the cached buckets are within the bound.
+func (m *manifest) fits() bool { return m.cacheBytes.Load() <= m.cacheLimit.Load() }
+
 // evict drops other buckets, least recently used first (a clock), until
-// the cache fits its bound. It takes no lock it would wait for.
+// the cache fits its bound; it does nothing if the cache fits already.
+// It takes no lock it would wait for: after two passes it gives up on
+// the buckets in use.
 func (m *manifest) evict(keep int) {
+	if m.fits() {
+		return
+	}
 	start := rand.IntN(bucketCount)
-	for pass := 0; pass < 2 && m.cacheBytes.Load() > m.cacheLimit.Load(); pass++ {
+	for pass := range 2 {
 		for i := range bucketCount {
+			if m.fits() {
+				return
+			}
 			idx := (start + i) % bucketCount
-			if idx == keep || m.cacheBytes.Load() <= m.cacheLimit.Load() {
+			if idx == keep {
 				continue
 			}
 			slot := &m.slots[idx]
@@ -756,7 +767,7 @@ func (m *manifest) resealBatch(ctx context.Context, s *Sealer, under logical.Sto
 				}
 			} else {
 				rec, has := b.lookup(key)
-				if has && recDeleted(rec) && recGen(rec) >= h.gen {
+				if has && coveredBy(h.gen, rec) {
 					if err = under.Delete(ctx, key); err != nil {
 						err = fmt.Errorf("deleting %q, which the manifest records as deleted: %w", key, err)
 						return
@@ -862,7 +873,7 @@ func (m *manifest) resealBucket(ctx context.Context, s *Sealer, under logical.St
 	defer slot.mu.Unlock()
 	ring := s.ring.Load()
 	b, err := m.loadLocked(ctx, under, ring, idx)
-	if err != nil || b.gen == 0 || b.version == ring.Active() {
+	if err != nil || b.version == ring.Active() {
 		return 0, err
 	}
 	nb := b.clone()

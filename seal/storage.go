@@ -89,9 +89,7 @@ func (s *Sealer) SetManifestCacheBytes(n int64) {
 	s.cacheLimit.Store(n)
 	if m := s.man.Load(); m != nil {
 		m.cacheLimit.Store(n)
-		if m.cacheBytes.Load() > n {
-			m.evict(-1)
-		}
+		m.evict(-1)
 	}
 }
 
