@@ -282,10 +282,13 @@ func decodeBucket(in []byte) (*bucket, uint64, error) {
 		return v, true
 	}
 	count, ok := next()
+	if !ok {
+		return nil, 0, bad
+	}
 	// A record takes 4 bytes at least (shared, length, a byte of path,
 	// record): a count beyond that is malformed, not an allocation.
-	if !ok || count > uint64(len(r))/4 {
-		return nil, 0, bad
+	if count > uint64(len(r))/4 {
+		return nil, 0, fmt.Errorf("%w: %d records cannot fit in %d bytes", bad, count, len(r))
 	}
 	b := &bucket{paths: make([]string, 0, count), recs: make([]uint64, 0, count), size: 64}
 	var prev []byte
@@ -293,13 +296,19 @@ func decodeBucket(in []byte) (*bucket, uint64, error) {
 	for range count {
 		shared, ok1 := next()
 		rest, ok2 := next()
-		if !ok1 || !ok2 || shared > uint64(len(prev)) || rest > uint64(len(r)) {
+		if !ok1 || !ok2 || shared > uint64(len(prev)) {
 			return nil, 0, bad
+		}
+		if rest > uint64(len(r)) {
+			return nil, 0, fmt.Errorf("%w: the path of record %d runs past the end", bad, len(b.paths))
 		}
 		p := append(prev[:shared:shared], r[:rest]...)
 		r = r[rest:]
 		rec, ok := next()
-		if !ok || bytes.Compare(p, prev) <= 0 { // in order; the first not empty
+		if !ok {
+			return nil, 0, fmt.Errorf("%w: record %d ends after its path", bad, len(b.paths))
+		}
+		if bytes.Compare(p, prev) <= 0 { // in order; the first not empty
 			return nil, 0, bad
 		}
 		b.paths = append(b.paths, string(p))

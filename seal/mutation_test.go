@@ -393,10 +393,18 @@ func TestDecoderBounds(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, []string{"a", "b", "c"}, b.paths)
 	_, _, err = decodeBucket([]byte{1, 4, 0, 1, 'a', 2, 0, 1, 'b', 2, 0, 1, 'c', 2})
-	require.Error(t, err, "one record more than the bytes hold")
+	require.EqualError(t, err, "malformed manifest bucket: 4 records cannot fit in 12 bytes", "one record more than the bytes hold is refused before any is read")
 	huge := binary.AppendUvarint([]byte{1}, 1<<40)
 	_, _, err = decodeBucket(append(huge, 0, 1, 'a', 2))
-	require.Error(t, err)
+	require.EqualError(t, err, "malformed manifest bucket: 1099511627776 records cannot fit in 4 bytes")
+	// A path exactly as long as what is left leaves no room for its
+	// record; one byte longer runs past the end.
+	_, _, err = decodeBucket([]byte{1, 1, 0, 3, 'a', 'b', 'c'})
+	require.EqualError(t, err, "malformed manifest bucket: record 0 ends after its path")
+	_, _, err = decodeBucket([]byte{1, 1, 0, 4, 'a', 'b', 'c'})
+	require.EqualError(t, err, "malformed manifest bucket: the path of record 0 runs past the end")
+	_, _, err = decodeBucket([]byte{1, 2, 0, 1, 'a', 2, 0, 5, 'b', 'c', 'd'})
+	require.EqualError(t, err, "malformed manifest bucket: the path of record 1 runs past the end")
 
 	root := manifestRoot{counter: 7, activeVersion: math.MaxUint32, activeSince: 3}
 	got, err := decodeRoot(root.encode())

@@ -177,7 +177,11 @@ func OpenRecovery(parts []string, info, sealed []byte) (ring *Keyring, authentic
 		return nil, false, ErrSharesDoNotOpen
 	}
 	ct := sealed
-	if rest, ok := bytes.CutPrefix(sealed, recoveryCopyMagic); ok && len(rest) > recoveryTagSize {
+	if rest, ok := bytes.CutPrefix(sealed, recoveryCopyMagic); ok {
+		if len(rest) <= recoveryTagSize {
+			// A tag and no ciphertext, or less: nothing this set made.
+			return nil, false, ErrRecoveryCopyForged
+		}
 		authenticated, ct = true, rest[recoveryTagSize:]
 		macKey, err := recoveryMACKey(seed)
 		if err != nil {

@@ -325,6 +325,15 @@ func TestRecoveryCopyAuthenticated(t *testing.T) {
 		_, _, err = OpenRecovery(shares[:2], info, forged)
 		require.ErrorIs(t, err, ErrRecoveryCopyForged, name)
 	}
+	// A copy cut down to its tag (or less) is no copy this set made; with
+	// one byte of ciphertext more the tag is checked, and fails, and HPKE
+	// then cannot tell damaged ciphertext from wrong shares.
+	for n := len(recoveryCopyMagic); n <= len(recoveryCopyMagic)+recoveryTagSize; n++ {
+		_, _, err = OpenRecovery(shares[:2], info, copyOf[:n])
+		require.ErrorIs(t, err, ErrRecoveryCopyForged, "cut to %d bytes", n)
+	}
+	_, _, err = OpenRecovery(shares[:2], info, copyOf[:len(recoveryCopyMagic)+recoveryTagSize+1])
+	require.ErrorIs(t, err, ErrSharesDoNotOpen, "a tag over other bytes")
 	// Wrong shares are still told as such on a tagged copy.
 	_, _, other, err := NewAuthenticatedRecovery(3, 2)
 	require.NoError(t, err)
