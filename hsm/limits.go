@@ -35,6 +35,9 @@ var failedLogins = struct {
 	at     map[loginKey][]time.Time
 }{limit: defaultFailedLoginLimit, window: defaultFailedLoginWindow, at: map[loginKey][]time.Time{}}
 
+// loginClock is time.Now; tests put a clock they move by hand.
+var loginClock = time.Now
+
 // SetFailedLoginLimit sets how many failed logins to one token are allowed
 // within window before any new login to it is refused without trying the
 // token; n <= 0 removes the bound. It forgets the failures counted so far,
@@ -75,7 +78,7 @@ func checkLogin(key loginKey, token string) error {
 	if failedLogins.limit <= 0 {
 		return nil
 	}
-	now := time.Now()
+	now := loginClock()
 	recent := failedLogins.at[key][:0]
 	for _, t := range failedLogins.at[key] {
 		if now.Sub(t) < failedLogins.window {
@@ -104,7 +107,7 @@ func failedLogin(key loginKey) {
 	if failedLogins.limit <= 0 {
 		return
 	}
-	failedLogins.at[key] = append(failedLogins.at[key], time.Now())
+	failedLogins.at[key] = append(failedLogins.at[key], loginClock())
 }
 
 // formatWindow writes whole minutes as "15m" rather than "15m0s".

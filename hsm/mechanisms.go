@@ -364,8 +364,7 @@ func errNotAuthentic(op string, cause error) error {
 // padding on.
 func kwpBody(plaintext, aad []byte) ([]byte, error) {
 	d := sha256.Sum256(aad)
-	b := make([]byte, 0, len(kwpMagic)+len(d)+kwpSaltSize+4+len(plaintext))
-	b = append(append(b, kwpMagic...), d[:]...)
+	b := append([]byte(kwpMagic), d[:]...)
 	salt := make([]byte, kwpSaltSize)
 	if _, err := rand.Read(salt); err != nil {
 		return nil, err

@@ -256,3 +256,42 @@ func TestMutantDataStagingDroppedAfterSet(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, found)
 }
+
+// A failed login counts for exactly the window: at the instant the refusal
+// message names ("until ..."), the token is tried again.
+func TestFailedLoginLeavesTheWindowAtItsEnd(t *testing.T) {
+	defer SetFailedLoginLimit(1, time.Minute)()
+	t0 := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	clock := t0
+	loginClock = func() time.Time { return clock }
+	defer func() { loginClock = time.Now }()
+	key := loginKey{slot: 7, serial: "window"}
+	failedLogin(key)
+	clock = t0.Add(time.Minute - time.Nanosecond)
+	err := checkLogin(key, "t")
+	require.True(t, IsLoginLimited(err), "%v", err)
+	require.Contains(t, err.Error(), "until 12:01:00 UTC")
+	clock = t0.Add(time.Minute)
+	require.NoError(t, checkLogin(key, "t"))
+}
+
+// With the bound removed, failures are not kept: a process that tries a
+// wrong PIN in a loop does not grow a list of times.
+func TestNoLoginBoundKeepsNoFailures(t *testing.T) {
+	defer SetFailedLoginLimit(0, time.Minute)()
+	key := loginKey{slot: 8, serial: "unbounded"}
+	for range 5 {
+		failedLogin(key)
+		require.NoError(t, checkLogin(key, "t"))
+	}
+	failedLogins.Lock()
+	defer failedLogins.Unlock()
+	require.Empty(t, failedLogins.at)
+}
+
+// Every label of a seal key set is checked, not only the first.
+func TestSealKeysCheckEveryLabel(t *testing.T) {
+	require.NoError(t, SealKeys{Mechanism: AESCBCHMAC, Label: "kek", HMACLabel: "mac"}.checkLabels())
+	require.Error(t, SealKeys{Mechanism: AESCBCHMAC, Label: "kek", HMACLabel: ""}.checkLabels())
+	require.Error(t, SealKeys{Mechanism: AESCBCHMAC, Label: "", HMACLabel: "mac"}.checkLabels())
+}
