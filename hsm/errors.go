@@ -2,6 +2,62 @@
 // library file per process, shared connections to tokens with a bounded
 // session pool and a single login, a bound on failed logins, AES keys kept in
 // the token, AES-GCM inside it, and its random generator.
+//
+// # Modules and their generations
+//
+// A PKCS#11 library is loaded once per process and file (by device and
+// inode, so two paths to one file are one module) and never unloaded: some
+// libraries crash when loaded again after a dlclose. C_Initialize is called
+// once and shared by every Token and mount of the process. Each
+// initialisation starts a new generation of the module: sessions, object
+// handles and logins belong to the generation they were made in, and are void
+// after the next one. The module is finalised and initialised again only when
+// a token vanished or the library says its state is lost (a device removed,
+// CKR_CRYPTOKI_NOT_INITIALIZED, and the like), so that its slots are listed
+// anew; these rescans are spaced, doubling from minRescanInterval up to
+// maxRescanInterval while no operation succeeds in between. Every PKCS#11
+// call holds the module's lock shared; finalising holds it exclusively, since
+// C_Finalize under another goroutine's call crashes most libraries.
+//
+// # Connections, sessions and the per-process login
+//
+// Open returns a Token handle; handles with the same library file, token and
+// PIN share one connection: one login and a pool of at most
+// Config.MaxSessions sessions, opened lazily and opened again in a new
+// generation. PKCS#11 logs in per process and token, not per session: a
+// second C_Login answers CKR_USER_ALREADY_LOGGED_IN whatever PIN it carries,
+// and the login lasts until the last session to the token is closed,
+// whichever handle opened it. The package therefore records, per slot, the
+// hash of the PIN the process logged in with, and refuses (without asking the
+// token) a connection that brings another PIN while that login lasts: it
+// would otherwise ride on a login it never proved. A login made by code of
+// the process that does not go through this package cannot be checked, and
+// is refused the same way.
+//
+// # The sticky PIN error and the failed-login bound
+//
+// A PIN the token refused is never tried again by its connection: the error
+// (Kind Credentials) is kept and returned by every later operation, since a
+// retry loop would lock the token's user PIN (real HSMs do after a few
+// failures). Only a connection with another PIN, that is a new
+// configuration, tries again. On top of that, failed logins are counted per
+// token (library file, slot and serial number) for the life of the process,
+// not of a mount: after SetFailedLoginLimit's number of failures (3 in 15
+// minutes by default) any new login to that token is refused without trying
+// it (IsLoginLimited), so that mounts created in a loop cannot guess PINs.
+// Every new handle is admitted through that bound once, even when it joins a
+// connection already logged in, so that joining does not reveal which guess
+// was right.
+//
+// # Deadlines and errors
+//
+// Every call has a deadline (Config.CallTimeout): a token that hangs makes
+// operations fail as Unavailable instead of holding their callers, and the
+// hung call is left to finish on its own goroutine. Errors carry a Kind that
+// says what the caller should do (KindOf): wait and retry (Unavailable), fix
+// the PIN (Credentials), create or name another key (NotFound), fix the
+// configuration (Configuration), or accept that the token refused these
+// inputs (Failed).
 package hsm
 
 import (
