@@ -4,6 +4,7 @@ package hsm
 // each names the site it is for.
 
 import (
+	"bytes"
 	"crypto/rand"
 	"crypto/rsa"
 	"math/big"
@@ -294,4 +295,31 @@ func TestSealKeysCheckEveryLabel(t *testing.T) {
 	require.NoError(t, SealKeys{Mechanism: AESCBCHMAC, Label: "kek", HMACLabel: "mac"}.checkLabels())
 	require.Error(t, SealKeys{Mechanism: AESCBCHMAC, Label: "kek", HMACLabel: ""}.checkLabels())
 	require.Error(t, SealKeys{Mechanism: AESCBCHMAC, Label: "", HMACLabel: "mac"}.checkLabels())
+}
+
+// The aes-kwp body opens at every plaintext length, with RFC 5649's zero
+// padding (up to 7 bytes) that some tokens leave on, and not with 8 bytes
+// of it, a non-zero byte of it, a length beyond the body, or another AAD.
+func TestKWPBodyBounds(t *testing.T) {
+	aad := []byte("seal/keyring")
+	for n := range 20 {
+		pt := bytes.Repeat([]byte{0xa5}, n)
+		body, err := kwpBody(pt, aad)
+		require.NoError(t, err)
+		for pad := range 8 {
+			got, ok := kwpPlaintext(append(bytes.Clone(body), make([]byte, pad)...), aad)
+			require.True(t, ok, "length %d, padding %d", n, pad)
+			require.Equal(t, pt, got)
+		}
+		_, ok := kwpPlaintext(append(bytes.Clone(body), make([]byte, 8)...), aad)
+		require.False(t, ok, "length %d: 8 bytes of padding are not RFC 5649's", n)
+		_, ok = kwpPlaintext(append(bytes.Clone(body), 0, 1), aad)
+		require.False(t, ok, "length %d: padding that is not zero", n)
+		_, ok = kwpPlaintext(body, []byte("seal/other"))
+		require.False(t, ok, "length %d: another AAD", n)
+		if n > 0 {
+			_, ok = kwpPlaintext(body[:len(body)-1], aad)
+			require.False(t, ok, "length %d: a body one byte short of its length", n)
+		}
+	}
 }
