@@ -113,7 +113,9 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 			// Key material is marked for seal wrapping, as built-in transit does.
 			SealWrapStorage: []string{archivePrefix, policyPrefix},
 		},
-		Paths: strictPaths(b.gatePaths(framework.PathAppend(
+		Paths: strictPaths(framework.PathAppend(
+			// Served while the root key is sealed: the seal's own paths,
+			// and those that use no key.
 			[]*framework.Path{
 				b.pathConfigSeal(),
 				b.pathSealStatus(),
@@ -122,10 +124,13 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 				b.pathRecoveryRestore(),
 				b.pathEmergencySeal(),
 				b.pathUnseal(),
+				b.pathHash(),
+				b.pathRandom(),
 			},
-			// Paths with a fixed suffix come before keys/:name, whose
-			// handler would otherwise be tried first.
-			[]*framework.Path{
+			// Refused with a 503 until the root key is unsealed. Paths with
+			// a fixed suffix come before keys/:name, whose handler would
+			// otherwise be tried first.
+			b.gatePaths([]*framework.Path{
 				b.pathRotate(),
 				b.pathKeysConfig(),
 				b.pathScheduleDeletion(),
@@ -145,16 +150,14 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 				b.pathSign(),
 				b.pathVerify(),
 				b.pathHMAC(),
-				b.pathHash(),
-				b.pathRandom(),
 				b.pathExport(),
 				b.pathBYOKExport(),
 				b.pathBackup(),
 				b.pathRestore(),
 				b.pathCacheConfig(),
 				b.pathConfigKeys(),
-			},
-		))),
+			}),
+		)),
 		InitializeFunc: b.initialize,
 		Invalidate:     b.invalidate,
 		PeriodicFunc:   b.periodic,

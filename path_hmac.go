@@ -70,10 +70,7 @@ func hmacHash(name string) (func() hash.Hash, error) {
 // pathHMACWrite computes the HMAC of each item. A batch answers 200 with
 // per-item errors, as in built-in transit.
 func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	algorithm := d.Get("urlalgorithm").(string)
-	if algorithm == "" {
-		algorithm = d.Get("algorithm").(string)
-	}
+	algorithm := hashAlgorithmName(d, true)
 	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
 	defer unlock()
 	if err != nil {
@@ -143,16 +140,7 @@ func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *fr
 // verifyHMAC checks HMACs made by hmac/; verify/ sends here items that carry
 // hmac.
 func (b *backend) verifyHMAC(ctx context.Context, req *logical.Request, d *framework.FieldData, items []map[string]string, isBatch bool) (*logical.Response, error) {
-	algorithm := d.Get("urlalgorithm").(string)
-	if algorithm == "" {
-		if v, ok := d.GetOk("hash_algorithm"); ok {
-			algorithm = v.(string)
-		} else if v, ok := d.GetOk("algorithm"); ok {
-			algorithm = v.(string)
-		} else {
-			algorithm = d.Get("hash_algorithm").(string)
-		}
-	}
+	algorithm := hashAlgorithmName(d, true)
 	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
 	defer unlock()
 	if err != nil {

@@ -121,10 +121,25 @@ type signArgs struct {
 	saltLength    int
 }
 
-// hashAlgorithmName picks the URL's algorithm, else hash_algorithm, else the
-// deprecated algorithm.
-func hashAlgorithmName(d *framework.FieldData) string {
-	for _, f := range []string{"urlalgorithm", "hash_algorithm", "algorithm"} {
+// hashAlgorithmName resolves the hash algorithm a request names, by the two
+// rules of built-in transit, which clients rely on. The URL's comes first.
+// Then, for sign and for verify of a signature (mac false), the first
+// non-empty of hash_algorithm and algorithm with their defaults: the
+// deprecated algorithm counts only when hash_algorithm is sent empty. For
+// hmac and for verify of an HMAC (mac true), the first of hash_algorithm and
+// algorithm that the request sends (an empty one is sent, and refused by the
+// caller). Else sha2-256.
+func hashAlgorithmName(d *framework.FieldData, mac bool) string {
+	if s := d.Get("urlalgorithm").(string); s != "" {
+		return s
+	}
+	if mac {
+		if v, ok := d.GetFirst("hash_algorithm", "algorithm"); ok {
+			return v.(string)
+		}
+		return defaultHashAlgorithm
+	}
+	for _, f := range []string{"hash_algorithm", "algorithm"} {
 		if s := d.Get(f).(string); s != "" {
 			return s
 		}
@@ -133,7 +148,7 @@ func hashAlgorithmName(d *framework.FieldData) string {
 }
 
 func parseSignArgs(d *framework.FieldData) (signArgs, error) {
-	name := hashAlgorithmName(d)
+	name := hashAlgorithmName(d, false)
 	ht, ok := keysutil.HashTypeMap[name]
 	if !ok {
 		return signArgs{}, fmt.Errorf("invalid hash algorithm %q", name)

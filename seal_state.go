@@ -955,14 +955,10 @@ func (b *backend) gateExistence(f framework.ExistenceFunc) framework.ExistenceFu
 	}
 }
 
-// gatePaths wraps every operation of every path but the seal's own, and
-// hash and random, which use no key.
+// gatePaths wraps every operation and existence check of paths so that
+// they are refused until the root key is unsealed.
 func (b *backend) gatePaths(paths []*framework.Path) []*framework.Path {
 	for _, p := range paths {
-		if strings.HasPrefix(p.Pattern, "config/seal") || strings.HasPrefix(p.Pattern, "seal/") ||
-			strings.HasPrefix(p.Pattern, "hash") || strings.HasPrefix(p.Pattern, "random") {
-			continue
-		}
 		for _, op := range p.Operations {
 			if po, ok := op.(*framework.PathOperation); ok {
 				po.Callback = b.gate(po.Callback)
