@@ -308,6 +308,35 @@ func (o batchOutcome) respond(d *framework.FieldData, req *logical.Request, resp
 	return logical.RespondWithStatusCode(resp, req, code)
 }
 
+// batchResult is a pointer to a result of encrypt, decrypt or rewrap: one
+// per item.
+type batchResult[R any] interface {
+	*R
+	setReference(ref string)
+	failure() string
+}
+
+func (r *encryptResult) setReference(ref string) { r.Reference = ref }
+func (r *encryptResult) failure() string         { return r.Error }
+func (r *decryptResult) setReference(ref string) { r.Reference = ref }
+func (r *decryptResult) failure() string         { return r.Error }
+
+// itemsResponse answers a request of items: a batch gets batch_results, each
+// result with its item's reference; a single request gets fields of its one
+// result, or its error (a 500 when internal says it is ours, else a 400).
+func itemsResponse[R any, P batchResult[R]](d *framework.FieldData, items []batchItem, results []R, internal bool, fields func(r *R) map[string]interface{}) (*logical.Response, error) {
+	if d.Raw["batch_input"] != nil {
+		for i := range items {
+			P(&results[i]).setReference(items[i].Reference)
+		}
+		return &logical.Response{Data: map[string]interface{}{"batch_results": results}}, nil
+	}
+	if msg := P(&results[0]).failure(); msg != "" {
+		return singleItemError(msg, internal)
+	}
+	return &logical.Response{Data: fields(&results[0])}, nil
+}
+
 // singleItemError answers a non-batch request whose one item failed.
 func singleItemError(msg string, internal bool) (*logical.Response, error) {
 	if internal {

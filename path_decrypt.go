@@ -130,17 +130,11 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 		return nil, err
 	}
 
-	resp := &logical.Response{}
-	if d.Raw["batch_input"] != nil {
-		for i := range items {
-			results[i].Reference = items[i].Reference
-		}
-		resp.Data = map[string]interface{}{"batch_results": results}
-	} else {
-		if results[0].Error != "" {
-			return singleItemError(results[0].Error, outcome.internalErr)
-		}
-		resp.Data = map[string]interface{}{"plaintext": results[0].Plaintext}
+	resp, err := itemsResponse(d, items, results, outcome.internalErr, func(r *decryptResult) map[string]interface{} {
+		return map[string]interface{}{"plaintext": r.Plaintext}
+	})
+	if err != nil {
+		return resp, err
 	}
 	return outcome.respond(d, req, resp)
 }

@@ -189,25 +189,19 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 		return nil, err
 	}
 
-	resp := &logical.Response{}
-	if d.Raw["batch_input"] != nil {
-		for i := range items {
-			results[i].Reference = items[i].Reference
-		}
-		resp.Data = map[string]interface{}{"batch_results": results}
-	} else {
-		if results[0].Error != "" {
-			return singleItemError(results[0].Error, outcome.internalErr)
-		}
-		resp.Data = map[string]interface{}{
-			"ciphertext":  results[0].Ciphertext,
-			"key_version": results[0].KeyVersion,
-		}
+	resp, err := itemsResponse(d, items, results, outcome.internalErr, encryptFields)
+	if err != nil {
+		return resp, err
 	}
 	if req.Operation == logical.CreateOperation && !upserted {
 		resp.AddWarning("Attempted creation of the key during the encrypt operation, but it was created beforehand")
 	}
 	return outcome.respond(d, req, resp)
+}
+
+// encryptFields is the answer to a single encrypt or rewrap.
+func encryptFields(r *encryptResult) map[string]interface{} {
+	return map[string]interface{}{"ciphertext": r.Ciphertext, "key_version": r.KeyVersion}
 }
 
 // encryptPolicyRequest is the key lookup for an encrypt: on a create

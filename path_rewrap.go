@@ -117,19 +117,9 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		}
 	}
 
-	if d.Raw["batch_input"] != nil {
-		for i := range items {
-			results[i].Reference = items[i].Reference
-		}
-		return &logical.Response{Data: map[string]interface{}{"batch_results": results}}, nil
-	}
-	if results[0].Error != "" {
-		return logical.ErrorResponse(results[0].Error), logical.ErrInvalidRequest
-	}
-	return &logical.Response{Data: map[string]interface{}{
-		"ciphertext":  results[0].Ciphertext,
-		"key_version": results[0].KeyVersion,
-	}}, nil
+	// Internal errors failed the request above: an item's error is the
+	// caller's, and a batch is a 200 whatever its items' errors.
+	return itemsResponse(d, items, results, false, encryptFields)
 }
 
 // rewrapItem decrypts and re-encrypts one item with p, held locked by the
