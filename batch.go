@@ -1,6 +1,7 @@
 package hsmtransit
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,8 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
 )
 
 // batchItem is one element of batch_input for encrypt, decrypt, rewrap and
@@ -314,12 +317,76 @@ type batchResult[R any] interface {
 	*R
 	setReference(ref string)
 	failure() string
+	// appendJSON appends the result as encoding/json writes it.
+	appendJSON(dst []byte) []byte
 }
 
 func (r *encryptResult) setReference(ref string) { r.Reference = ref }
 func (r *encryptResult) failure() string         { return r.Error }
 func (r *decryptResult) setReference(ref string) { r.Reference = ref }
 func (r *decryptResult) failure() string         { return r.Error }
+
+func (r *encryptResult) appendJSON(dst []byte) []byte {
+	dst = append(dst, '{')
+	if r.Ciphertext != "" {
+		dst = boundary.AppendString(append(dst, `"ciphertext":`...), r.Ciphertext)
+		dst = append(dst, ',')
+	}
+	if r.KeyVersion != 0 {
+		dst = strconv.AppendInt(append(dst, `"key_version":`...), int64(r.KeyVersion), 10)
+		dst = append(dst, ',')
+	}
+	if r.Error != "" {
+		dst = boundary.AppendString(append(dst, `"error":`...), r.Error)
+		dst = append(dst, ',')
+	}
+	dst = boundary.AppendString(append(dst, `"reference":`...), r.Reference)
+	return append(dst, '}')
+}
+
+func (r *decryptResult) appendJSON(dst []byte) []byte {
+	dst = boundary.AppendString(append(dst, `{"plaintext":`...), r.Plaintext)
+	if r.Error != "" {
+		dst = boundary.AppendString(append(dst, `,"error":`...), r.Error)
+	}
+	dst = boundary.AppendString(append(dst, `,"reference":`...), r.Reference)
+	return append(dst, '}')
+}
+
+// appendBatch appends {"batch_results": results} as encoding/json writes it.
+func appendBatch[R any, P batchResult[R]](dst []byte, results []R) []byte {
+	dst = append(dst, `{"batch_results":`...)
+	if results == nil {
+		dst = append(dst, "null"...)
+	} else {
+		dst = append(dst, '[')
+		for i := range results {
+			if i > 0 {
+				dst = append(dst, ',')
+			}
+			dst = P(&results[i]).appendJSON(dst)
+		}
+		dst = append(dst, ']')
+	}
+	return append(dst, '}')
+}
+
+// preEncode writes a batch's answer to Vault as JSON here (see
+// boundary.PreEncode) rather than by the SDK's reflection, which was most
+// of the plugin's own CPU per item left. The bytes are encoding/json's
+// (TestBatchJSONIsEncodingJSONs, TestPreEncodedAnswersAreTheSDKs). Only a
+// plain batch answer is: one with a status code set is encoded by the SDK.
+func preEncode(ctx context.Context, resp *logical.Response) {
+	if resp == nil || len(resp.Data) != 1 {
+		return
+	}
+	switch results := resp.Data["batch_results"].(type) {
+	case []encryptResult:
+		boundary.PreEncode(ctx, resp, func(dst []byte) []byte { return appendBatch(dst, results) })
+	case []decryptResult:
+		boundary.PreEncode(ctx, resp, func(dst []byte) []byte { return appendBatch(dst, results) })
+	}
+}
 
 // itemsResponse answers a request of items: a batch gets batch_results, each
 // result with its item's reference; a single request gets fields of its one

@@ -140,7 +140,8 @@ var diffSession = []step{
 	{method: "POST", path: "config/keys", body: map[string]interface{}{"disable_upsert": false}},
 
 	// Batches. A body of 1 KiB or more is decoded by the plugin's fast path
-	// (grpc_fastpath.go); the smaller ones by the SDK.
+	// (internal/boundary); the smaller ones by the SDK. Plain batch answers
+	// are encoded by the plugin.
 	{method: "POST", path: "encrypt/aes", body: largeBatch(40, 7), capture: map[string]string{"lct": "batch_results.39.ciphertext"}},
 	{method: "POST", path: "encrypt/aes", body: withField(largeBatch(20, -1), "key_version", "not a number")},
 	{method: "POST", path: "encrypt/new-from-large-batch", body: withField(largeBatch(20, -1), "key_version", "not a number")},

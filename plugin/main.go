@@ -5,7 +5,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"math"
 	"net"
 	"net/http"
 	_ "net/http/pprof" // served only when HSM_TRANSIT_PPROF_ADDR is set
@@ -14,13 +13,10 @@ import (
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
-	goplugin "github.com/hashicorp/go-plugin"
 	"github.com/hashicorp/vault/api"
-	"github.com/hashicorp/vault/sdk/helper/pluginutil"
-	"github.com/hashicorp/vault/sdk/plugin"
-	"google.golang.org/grpc"
 
 	hsmtransit "github.com/hsm-transit/vault-plugin-secrets-hsm-transit"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
 )
 
 // pprofEnv names a loopback address (e.g. 127.0.0.1:6061) on which the
@@ -42,7 +38,7 @@ func main() {
 	if err := flags.Parse(os.Args[1:]); err != nil {
 		fatal(err)
 	}
-	if err := serve(logger, api.VaultPluginTLSProvider(meta.GetTLSConfig())); err != nil {
+	if err := boundary.Serve(hsmtransit.Factory, logger, api.VaultPluginTLSProvider(meta.GetTLSConfig())); err != nil {
 		fatal(err)
 	}
 	// Serve returns when Vault stopped the plugin (go-plugin's controller
@@ -78,41 +74,6 @@ func handleSignals(logger hclog.Logger) {
 		sig := <-stop
 		hsmtransit.ShutdownAndExit(logger, "received "+sig.String(), 0, os.Exit)
 	}()
-}
-
-// serve does what the SDK's plugin.ServeMultiplex does, as of
-// github.com/hashicorp/vault/sdk v0.20.0 (the same protocol versions,
-// multiplexing, logger, message size limits, mlock and handshake): check it
-// against sdk/plugin/serve.go when the SDK is upgraded. It adds
-// hsmtransit.GRPCUnaryInterceptor to the gRPC server, which ServeMultiplex
-// has no option for.
-func serve(logger hclog.Logger, tlsProvider plugin.TLSProviderFunc) error {
-	backend := func(multiplex bool) goplugin.PluginSet {
-		return goplugin.PluginSet{plugin.BackendPluginName: &plugin.GRPCBackendPlugin{
-			Factory:             hsmtransit.Factory,
-			MultiplexingSupport: multiplex,
-			Logger:              logger,
-		}}
-	}
-	if err := pluginutil.OptionallyEnableMlock(); err != nil {
-		return err
-	}
-	goplugin.Serve(&goplugin.ServeConfig{
-		HandshakeConfig: plugin.HandshakeConfig,
-		// Versions 3 and 4 serve Vaults older than multiplexing (they
-		// need TLSProvider); Vault 1.12 and later speak version 5.
-		VersionedPlugins: map[int]goplugin.PluginSet{3: backend(false), 4: backend(false), 5: backend(true)},
-		Logger:           logger,
-		TLSProvider:      tlsProvider,
-		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
-			opts = append(opts,
-				grpc.MaxRecvMsgSize(math.MaxInt32),
-				grpc.MaxSendMsgSize(math.MaxInt32),
-				grpc.ChainUnaryInterceptor(hsmtransit.GRPCUnaryInterceptor))
-			return goplugin.DefaultGRPCServer(opts)
-		},
-	})
-	return nil
 }
 
 // servePprof serves the profiling endpoints on a loopback address only.

@@ -1,14 +1,18 @@
-package hsmtransit
+package boundary
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
-	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/hashicorp/vault/sdk/plugin/pb"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -87,7 +91,7 @@ func intercept(t *testing.T, method string, msg interface{}) (context.Context, i
 	t.Helper()
 	var gotCtx context.Context
 	var gotMsg interface{}
-	_, err := GRPCUnaryInterceptor(context.Background(), msg, &grpc.UnaryServerInfo{FullMethod: method},
+	_, err := UnaryInterceptor(context.Background(), msg, &grpc.UnaryServerInfo{FullMethod: method},
 		func(ctx context.Context, req interface{}) (interface{}, error) {
 			gotCtx, gotMsg = ctx, req
 			return nil, nil
@@ -137,69 +141,50 @@ func TestInterceptorHandsTheDecodedBodyToTheBackend(t *testing.T) {
 	}
 }
 
-// TestExistenceCheckWithDecodedBody: the existence check answers the same,
-// with the same error, whether the body came in the request or in the
-// context, for a key that exists and one that does not, for a valid body
-// and one the framework refuses.
-func TestExistenceCheckWithDecodedBody(t *testing.T) {
-	e := getTestBackend(t)
-	e.mustWrite(t, "keys/present", nil)
-	for _, name := range []string{"present", "absent"} {
-		for _, body := range []string{
-			`{"plaintext":"eA==","reference":"` + strings.Repeat("r", 1100) + `"}`,
-			`{"batch_input":[{"plaintext":"eA=="}],"pad":"` + strings.Repeat("p", 1100) + `"}`,
-			`{"plaintext":"eA==","key_version":"not a number","pad":"` + strings.Repeat("p", 1100) + `"}`,
-		} {
-			data, _ := stdDecode(body)
-			stock := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/" + name, Data: data, Storage: e.storage}
-			f1, x1, err1 := e.b.HandleExistenceCheck(context.Background(), stock)
+// stringCorpus holds strings whose JSON encodings differ between encoders:
+// HTML characters, control characters, quotes, invalid UTF-8, U+2028.
+var stringCorpus = []string{
+	"", "aGVsbG8=", "vault:v1:abc+/=", "ref-1", "<script>&amp;</script>", "a\"b\\c",
+	"\x00\x01\x1f\x7f", "\b\f\n\r\t", "caf\u00e9 \u4e2d \U0001F600", "\u2028\u2029",
+	"\xff\xfe", "\xe2\x82", "trailing \xc3", strings.Repeat("QUJD", 1000),
+}
 
-			args := &pb.HandleExistenceCheckArgs{Request: &pb.Request{Path: "encrypt/" + name, Data: body}}
-			ctx, _ := intercept(t, pb.Backend_HandleExistenceCheck_FullMethodName, args)
-			require.Equal(t, emptyBody, args.Request.Data)
-			fast := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/" + name, Data: map[string]interface{}{}, Storage: e.storage}
-			f2, x2, err2 := e.b.HandleExistenceCheck(ctx, fast)
-
-			require.Equal(t, []bool{f1, x1}, []bool{f2, x2}, "%s %.60s", name, body)
-			require.Equal(t, fmt.Sprint(err1), fmt.Sprint(err2), "%s %.60s", name, body)
-			if strings.Contains(body, "not a number") {
-				require.Error(t, err2, "the framework validates the body in the existence check")
-			} else {
-				require.NoError(t, err2)
-				require.True(t, f2)
-				require.Equal(t, name == "present", x2)
-			}
-		}
+// AppendString writes every string byte for byte as encoding/json does.
+func TestAppendStringIsEncodingJSONs(t *testing.T) {
+	for _, s := range stringCorpus {
+		want, err := json.Marshal(s)
+		require.NoError(t, err)
+		require.Equal(t, string(want), string(AppendString(nil, s)), "%q", s)
+		require.Equal(t, "x"+string(want), string(AppendString([]byte("x"), s)), "appends")
+	}
+	for c := 0; c < 256; c++ {
+		s := string([]byte{byte(c)})
+		want, _ := json.Marshal(s)
+		require.Equal(t, string(want), string(AppendString(nil, s)), "byte %#x", c)
 	}
 }
 
-// TestHandleRequestUsesTheDecodedBody: a batch whose body came in the
-// context encrypts every item, in order, and decrypts back.
-func TestHandleRequestUsesTheDecodedBody(t *testing.T) {
-	e := getTestBackend(t)
-	e.mustWrite(t, "keys/k", nil)
-	var items []string
-	for i := 0; i < 200; i++ {
-		items = append(items, fmt.Sprintf(`{"plaintext":%q,"reference":"r%d"}`, b64(fmt.Sprint("item ", i)), i))
+func FuzzAppendString(f *testing.F) {
+	for _, s := range stringCorpus {
+		f.Add(s)
 	}
-	args := &pb.HandleRequestArgs{Request: &pb.Request{Path: "encrypt/k", Data: `{"batch_input":[` + strings.Join(items, ",") + `]}`}}
-	ctx, _ := intercept(t, pb.Backend_HandleRequest_FullMethodName, args)
-	require.Equal(t, emptyBody, args.Request.Data)
+	f.Fuzz(func(t *testing.T, s string) {
+		want, _ := json.Marshal(s)
+		if got := AppendString(nil, s); string(got) != string(want) {
+			t.Fatalf("%q: encoding/json %s, AppendString %s", s, want, got)
+		}
+	})
+}
 
-	req := &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/k", Data: map[string]interface{}{}, Storage: e.storage}
-	resp, err := e.b.HandleRequest(ctx, req)
+// TestServeMatchesTheSDK fails when the SDK in go.mod is not the one Serve
+// was checked against: see the package doc for what to re-check.
+func TestServeMatchesTheSDK(t *testing.T) {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}} {{.Dir}}", "github.com/hashicorp/vault/sdk").Output()
 	require.NoError(t, err)
-	results := resp.Data["batch_results"].([]encryptResult)
-	require.Len(t, results, 200)
-	for i, r := range results {
-		require.Empty(t, r.Error)
-		require.Equal(t, fmt.Sprint("r", i), r.Reference)
-		require.Equal(t, fmt.Sprint("item ", i), e.decrypt(t, "k", r.Ciphertext, nil))
-	}
-
-	// A request that carries its own body keeps it.
-	req = &logical.Request{Operation: logical.UpdateOperation, Path: "encrypt/k", Data: map[string]interface{}{"plaintext": b64("own")}, Storage: e.storage}
-	resp, err = e.b.HandleRequest(ctx, req)
+	version, dir, _ := strings.Cut(strings.TrimSpace(string(out)), " ")
+	require.Equal(t, sdkChecked, version, "go.mod has another SDK than Serve follows: re-check Serve and the interceptor (package doc), then update sdkChecked and serveSHA256")
+	src, err := os.ReadFile(filepath.Join(dir, "plugin", "serve.go"))
 	require.NoError(t, err)
-	require.Equal(t, "own", e.decrypt(t, "k", resp.Data["ciphertext"].(string), nil))
+	sum := sha256.Sum256(src)
+	require.Equal(t, serveSHA256, hex.EncodeToString(sum[:]), "the SDK's plugin/serve.go is not the one Serve follows")
 }

@@ -1,0 +1,47 @@
+// Package boundary is hsm-transit's side of the plugin boundary: the gRPC
+// server Vault talks to, and the JSON that crosses it in both directions.
+//
+// Vault hands each request to an external plugin as a protobuf message whose
+// body is a JSON string, and takes the response's data back as a JSON
+// string. The SDK decodes the body into a map with encoding/json (twice for a
+// write: once for the existence check, once for the request) and encodes the
+// response's data with encoding/json, by reflection. For a batch of 1000
+// items both were most of the plugin's CPU outside the cryptography (pprof,
+// see BENCHMARKS.md). UnaryInterceptor, installed on the plugin's gRPC
+// server by Serve, makes both cheaper without changing what a handler sees
+// or what Vault and its audit log receive:
+//
+//   - Requests: a body of 1 KiB or more, nested no deeper than a batch is,
+//     is decoded by a faster decoder that gives the same map as encoding/json
+//     (TestFastDecodeMatchesStdlib, FuzzFastDecode) and handed to the backend
+//     in the context (DecodedBody); the SDK then decodes only "{}".
+//   - Responses: a handler that can write its response's data as JSON itself
+//     (PreEncode) gives the bytes to the interceptor, which puts them in the
+//     reply in place of the small stand-in the SDK encoded. The bytes must be
+//     exactly what encoding/json gives for the same data (AppendString
+//     writes strings as encoding/json does; the callers' tests compare).
+//
+// Serve does what the SDK's plugin.ServeMultiplex does, plus the
+// interceptor, which ServeMultiplex has no option for.
+//
+// # When the SDK is upgraded
+//
+// TestServeMatchesTheSDK fails when github.com/hashicorp/vault/sdk in go.mod
+// is not the version Serve was checked against (sdkChecked) or its
+// plugin/serve.go changed. Then re-check, against the new SDK:
+//   - plugin/serve.go, ServeMultiplex: protocol versions and plugin sets,
+//     multiplexing, logger, mlock, handshake, message size limits, TLS;
+//     Serve must do the same;
+//   - plugin/grpc_backend_server.go: HandleRequest and HandleExistenceCheck
+//     still decode the body with pb.ProtoRequestToLogicalRequest, keep the
+//     context's values (pbMetadataCtxToLogicalCtx), and encode the
+//     response's data with pb.LogicalResponseToProtoResponse into
+//     Response.Data; the method names the interceptor matches
+//     (pb.Backend_HandleRequest_FullMethodName and
+//     pb.Backend_HandleExistenceCheck_FullMethodName) are unchanged;
+//   - plugin/pb/translation.go: the data is still encoded with encoding/json
+//     (whose output PreEncode's bytes must equal) and decoded into
+//     map[string]interface{};
+//
+// then update sdkChecked and serveSHA256.
+package boundary

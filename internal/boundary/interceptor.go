@@ -1,0 +1,42 @@
+package boundary
+
+import (
+	"context"
+
+	"github.com/hashicorp/vault/sdk/plugin/pb"
+	"google.golang.org/grpc"
+)
+
+// UnaryInterceptor is installed on the plugin's gRPC server (Serve). For
+// HandleRequest and HandleExistenceCheck it decodes a large request body
+// itself (DecodedBody) and replaces it by "{}"; for HandleRequest it also
+// lets the handler pre-encode the response's data (PreEncode) and puts
+// those bytes in the reply. Every other call passes through untouched.
+func UnaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (interface{}, error) {
+	var r *pb.Request
+	var s *slot
+	switch args := req.(type) {
+	case *pb.HandleRequestArgs:
+		if info.FullMethod == pb.Backend_HandleRequest_FullMethodName {
+			r, s = args.Request, &slot{}
+		}
+	case *pb.HandleExistenceCheckArgs:
+		if info.FullMethod == pb.Backend_HandleExistenceCheck_FullMethodName {
+			r = args.Request
+		}
+	}
+	if r != nil && len(r.Data) >= fastDecodeMin {
+		if data, ok := fastDecode(r.Data); ok {
+			r.Data = emptyBody
+			ctx = context.WithValue(ctx, decodedBodyKey{}, data)
+		}
+	}
+	if s == nil {
+		return handler(ctx, req)
+	}
+	out, err := handler(context.WithValue(ctx, slotKey{}, s), req)
+	if reply, ok := out.(*pb.HandleRequestReply); ok && s.data != nil && reply.Response != nil && reply.Response.Data == standInJSON {
+		reply.Response.Data = string(s.data)
+	}
+	return out, err
+}

@@ -1,0 +1,77 @@
+package boundary
+
+import (
+	"context"
+
+	segjson "github.com/segmentio/encoding/json"
+)
+
+const emptyBody = "{}"
+
+// fastDecodeMin is the body size from which the fast decoder is used; below
+// it the SDK's decoding costs too little to matter.
+const fastDecodeMin = 1024
+
+// fastDecodeMaxDepth is the deepest nesting the fast decoder is given: a
+// batch, {"batch_input":[{"plaintext":...}]}, is 3 deep. The fast decoder
+// rescans a value's subtree at every level, so its cost grows with depth
+// times size; deeper bodies are left to encoding/json, which scans once.
+const fastDecodeMaxDepth = 4
+
+// decodedBodyKey carries a request body decoded by UnaryInterceptor to the
+// backend.
+type decodedBodyKey struct{}
+
+// DecodedBody returns the request body UnaryInterceptor decoded for this
+// call, if it did (the SDK then decoded "{}" into the request's Data).
+func DecodedBody(ctx context.Context) (map[string]interface{}, bool) {
+	data, ok := ctx.Value(decodedBodyKey{}).(map[string]interface{})
+	return data, ok
+}
+
+// fastDecode decodes a JSON object as encoding/json.Unmarshal into a
+// map[string]interface{} does, or reports false, and then the SDK decodes
+// it: for a body nested deeper than fastDecodeMaxDepth, one the decoder
+// refuses, and (defensively: every mount shares this process) a panic in the
+// decoder.
+func fastDecode(body string) (data map[string]interface{}, ok bool) {
+	if nestingDepth(body) > fastDecodeMaxDepth {
+		return nil, false
+	}
+	defer func() {
+		if recover() != nil {
+			data, ok = nil, false
+		}
+	}()
+	data = map[string]interface{}{}
+	if err := segjson.Unmarshal([]byte(body), &data); err != nil {
+		return nil, false
+	}
+	return data, true
+}
+
+// nestingDepth is the deepest nesting of objects and arrays in a JSON text,
+// by one linear scan that skips strings. It does not validate the text.
+func nestingDepth(body string) int {
+	depth, deepest, inString := 0, 0, false
+	for i := 0; i < len(body); i++ {
+		c := body[i]
+		if inString {
+			if c == '\\' {
+				i++ // the escaped byte cannot end the string
+			} else if c == '"' {
+				inString = false
+			}
+			continue
+		}
+		if c == '"' {
+			inString = true
+		} else if c == '{' || c == '[' {
+			depth++
+			deepest = max(deepest, depth)
+		} else if c == '}' || c == ']' {
+			depth--
+		}
+	}
+	return deepest
+}

@@ -1,0 +1,53 @@
+package boundary
+
+import (
+	"math"
+
+	"github.com/hashicorp/go-hclog"
+	goplugin "github.com/hashicorp/go-plugin"
+	"github.com/hashicorp/vault/sdk/helper/pluginutil"
+	"github.com/hashicorp/vault/sdk/logical"
+	"github.com/hashicorp/vault/sdk/plugin"
+	"google.golang.org/grpc"
+)
+
+// sdkChecked is the SDK version whose plugin.ServeMultiplex Serve follows,
+// and serveSHA256 the SHA-256 of that version's plugin/serve.go: see the
+// package doc for what to re-check when either changes.
+const (
+	sdkChecked  = "v0.20.0"
+	serveSHA256 = "f69219a95e5b9a20774b6e000d063102f53209d3b706695e646767391c37757b"
+)
+
+// Serve serves factory's backend to Vault as the SDK's plugin.ServeMultiplex
+// does (the same protocol versions, multiplexing, logger, message size
+// limits, mlock and handshake), with UnaryInterceptor on the gRPC server. It
+// returns when Vault stops the plugin.
+func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSProviderFunc) error {
+	backend := func(multiplex bool) goplugin.PluginSet {
+		return goplugin.PluginSet{plugin.BackendPluginName: &plugin.GRPCBackendPlugin{
+			Factory:             factory,
+			MultiplexingSupport: multiplex,
+			Logger:              logger,
+		}}
+	}
+	if err := pluginutil.OptionallyEnableMlock(); err != nil {
+		return err
+	}
+	goplugin.Serve(&goplugin.ServeConfig{
+		HandshakeConfig: plugin.HandshakeConfig,
+		// Versions 3 and 4 serve Vaults older than multiplexing (they
+		// need TLSProvider); Vault 1.12 and later speak version 5.
+		VersionedPlugins: map[int]goplugin.PluginSet{3: backend(false), 4: backend(false), 5: backend(true)},
+		Logger:           logger,
+		TLSProvider:      tlsProvider,
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			opts = append(opts,
+				grpc.MaxRecvMsgSize(math.MaxInt32),
+				grpc.MaxSendMsgSize(math.MaxInt32),
+				grpc.ChainUnaryInterceptor(UnaryInterceptor))
+			return goplugin.DefaultGRPCServer(opts)
+		},
+	})
+	return nil
+}
