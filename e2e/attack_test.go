@@ -629,7 +629,7 @@ func attackLibrarySpellings(t *testing.T) (link, target string) {
 // attackPluginPIDs lists the plugin processes Vault started.
 func attackPluginPIDs(t *testing.T, v *vaultServer) []int {
 	t.Helper()
-	pids := childPluginPIDs(v.cmd.Process.Pid)
+	pids := childPluginPIDs(v.pid())
 	sort.Ints(pids)
 	return pids
 }

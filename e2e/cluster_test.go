@@ -10,7 +10,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -24,11 +23,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/api"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/vaultproc"
 )
 
 // clusterTB is what the harness needs of a test.
@@ -53,9 +53,9 @@ type clusterOptions struct {
 	// env is added to every Vault's environment, and so to the plugin's
 	// (the suite's SOFTHSM2_CONF is already there).
 	env []string
-	// registerFlags are extra `vault plugin register` flags, such as
-	// -env=HSM_TRANSIT_PKCS11_LIBRARIES=... or -env=HSM_PIN=....
-	registerFlags []string
+	// registerEnv is added to the plugin's environment at registration,
+	// such as HSM_TRANSIT_PKCS11_LIBRARIES=... or HSM_PIN=....
+	registerEnv []string
 	// sealArgs replace the `config/seal` arguments (default: the suite's
 	// token, PIN and library, a new KEK of a label unique to the cluster,
 	// generate_key=true).
@@ -92,11 +92,12 @@ type clusterNode struct {
 	clusterPort int
 	addr        string // http://127.0.0.1:port
 
-	mu      sync.Mutex
-	cmd     *exec.Cmd
-	done    chan struct{} // closed when cmd exits
-	logFile *os.File
-	pgids   []int // process groups of every start, for cleanup
+	mu sync.Mutex
+	// proc is the Vault process of the last start; procs are those of
+	// every start, each stopped at cleanup with the plugins left in its
+	// process group.
+	proc  *vaultproc.Process
+	procs []*vaultproc.Process
 	// orphans are plugin processes that outlived a kill().
 	orphans []int
 	// killedAt is when kill() last sent SIGKILL, diedAt when the process
@@ -133,8 +134,9 @@ func startCluster(t clusterTB, opts clusterOptions) *cluster {
 		phases = append(phases, fmt.Sprintf("%s %.1fs", what, time.Since(begin).Seconds()))
 	}
 	c.kekLabel = "cluster-kek-" + randomHex(6)
+	var sum string // the plugin's SHA-256, as installed on every node
 
-	ports, err := freePorts(2 * opts.nodes)
+	ports, err := vaultproc.ReservePorts(2*opts.nodes, 1)
 	if err != nil {
 		t.Fatalf("cluster: %v", err)
 	}
@@ -153,7 +155,7 @@ func startCluster(t clusterTB, opts clusterOptions) *cluster {
 				t.Fatalf("cluster: %v", err)
 			}
 		}
-		if _, err := copyExecutable(pluginBin, filepath.Join(n.pluginDir, pluginName)); err != nil {
+		if sum, err = vaultproc.InstallPlugin(pluginBin, n.pluginDir, pluginName); err != nil {
 			t.Fatalf("cluster: %v", err)
 		}
 		c.nodes = append(c.nodes, n)
@@ -171,7 +173,7 @@ func startCluster(t clusterTB, opts clusterOptions) *cluster {
 		}
 	}
 	for _, n := range c.nodes {
-		if err := n.waitListening(60 * time.Second); err != nil {
+		if err := n.waitListening(); err != nil {
 			t.Fatalf("cluster: %v", err)
 		}
 	}
@@ -230,14 +232,12 @@ func startCluster(t clusterTB, opts clusterOptions) *cluster {
 
 	// The plugin catalog and mount table are replicated: register and
 	// enable once, on the active node.
-	sum, err := fileSHA256(pluginBin)
-	if err != nil {
-		t.Fatalf("cluster: %v", err)
+	catalog := vaultproc.API{Addr: first.addr, Token: c.rootToken}
+	if err := catalog.RegisterPlugin(vaultproc.Plugin{
+		Name: pluginName, Command: pluginName, SHA256: sum, Version: pluginVersion, Env: opts.registerEnv,
+	}); err != nil {
+		t.Fatalf("cluster: registering the plugin: %v", err)
 	}
-	args := []string{"plugin", "register", "-sha256=" + sum, "-version=" + pluginVersion, "-command=" + pluginName}
-	args = append(args, opts.registerFlags...)
-	args = append(args, "secret", pluginName)
-	c.mustCLI(first, args...)
 	c.mustCLI(first, "secrets", "enable", "-path="+opts.mount, "-plugin-version="+pluginVersion, pluginName)
 	seal := opts.sealArgs
 	if seal == nil {
@@ -561,76 +561,69 @@ ui               = false
 func (n *clusterNode) startProcess() error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	logFile, err := os.OpenFile(filepath.Join(n.dir, "vault.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	proc, err := vaultproc.Start(vaultproc.Command{
+		Vault:   vaultBin,
+		Args:    []string{"server", "-config", filepath.Join(n.dir, "vault.hcl")},
+		Env:     append(append([]string(nil), n.c.opts.env...), "VAULT_LOG_LEVEL="+n.c.opts.logLevel),
+		LogPath: filepath.Join(n.dir, "vault.log"),
+		Banner:  fmt.Sprintf("==== harness: starting %s at %s", n.id, time.Now().UTC().Format(time.RFC3339Nano)),
+	})
 	if err != nil {
-		return err
-	}
-	fmt.Fprintf(logFile, "==== harness: starting %s at %s\n", n.id, time.Now().UTC().Format(time.RFC3339Nano))
-	cmd := exec.Command(vaultBin, "server", "-config", filepath.Join(n.dir, "vault.hcl"))
-	cmd.Env = append(os.Environ(), n.c.opts.env...)
-	cmd.Env = append(cmd.Env, "VAULT_LOG_LEVEL="+n.c.opts.logLevel)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		logFile.Close()
 		return fmt.Errorf("starting %s: %w", n.id, err)
 	}
-	done := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(done)
-	}()
-	n.cmd, n.done, n.logFile = cmd, done, logFile
-	n.pgids = append(n.pgids, cmd.Process.Pid)
+	n.proc = proc
+	n.procs = append(n.procs, proc)
 	return nil
+}
+
+// process is the Vault process of the node's last start, nil before it.
+func (n *clusterNode) process() *vaultproc.Process {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.proc
 }
 
 // running reports whether the node's Vault process is alive.
 func (n *clusterNode) running() bool {
-	n.mu.Lock()
-	done := n.done
-	n.mu.Unlock()
-	if done == nil {
-		return false
-	}
-	select {
-	case <-done:
-		return false
-	default:
-		return true
-	}
+	p := n.process()
+	return p != nil && p.Running()
 }
 
 // pid is the Vault process's id, 0 when none runs.
 func (n *clusterNode) pid() int {
-	if !n.running() {
+	p := n.process()
+	if p == nil || !p.Running() {
 		return 0
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.cmd.Process.Pid
+	return p.Pid()
 }
 
 // kill ends the Vault process with SIGKILL, as a crash would. Only Vault:
 // its plugin processes are left to themselves, and listed in orphans.
 func (n *clusterNode) kill() {
-	n.mu.Lock()
-	cmd, done, logFile := n.cmd, n.done, n.logFile
-	n.mu.Unlock()
-	if cmd == nil || !n.running() {
+	p := n.process()
+	if p == nil || !p.Running() {
 		return
 	}
 	plugins := n.pluginPIDs()
 	at := time.Now()
-	_ = cmd.Process.Signal(syscall.SIGKILL)
-	<-done
+	p.Crash()
 	n.mu.Lock()
 	n.killedAt, n.diedAt = at, time.Now()
 	n.orphans = append(n.orphans, plugins...)
 	n.mu.Unlock()
-	fmt.Fprintf(logFile, "==== harness: SIGKILL of vault (pid %d) at %s; plugin processes %v\n",
-		cmd.Process.Pid, n.killedAt.UTC().Format(time.RFC3339Nano), plugins)
-	_ = logFile.Close()
+	n.logf("==== harness: SIGKILL of vault (pid %d) at %s; plugin processes %v",
+		p.Pid(), n.killedAt.UTC().Format(time.RFC3339Nano), plugins)
+}
+
+// logf appends a line of the harness's to the node's log.
+func (n *clusterNode) logf(format string, args ...any) {
+	f, err := os.OpenFile(filepath.Join(n.dir, "vault.log"), os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fmt.Fprintf(f, format+"\n", args...)
 }
 
 // restart starts Vault again on the same data directory and ports, and
@@ -643,7 +636,7 @@ func (n *clusterNode) restart(t clusterTB) {
 	if err := n.startProcess(); err != nil {
 		t.Fatalf("cluster: %v", err)
 	}
-	if err := n.waitListening(60 * time.Second); err != nil {
+	if err := n.waitListening(); err != nil {
 		t.Fatalf("cluster: %v", err)
 	}
 	if err := n.unseal(60 * time.Second); err != nil {
@@ -654,30 +647,14 @@ func (n *clusterNode) restart(t clusterTB) {
 	}
 }
 
-// stop ends the node's processes: SIGTERM to each process group it had,
-// then SIGKILL after 15 s.
+// stop ends the node's processes of every start, with the plugins left in
+// their process groups.
 func (n *clusterNode) stop() {
 	n.mu.Lock()
-	pgids := append([]int(nil), n.pgids...)
-	done, logFile := n.done, n.logFile
+	procs := append([]*vaultproc.Process(nil), n.procs...)
 	n.mu.Unlock()
-	for _, g := range pgids {
-		_ = syscall.Kill(-g, syscall.SIGTERM)
-	}
-	if done != nil {
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-		}
-	}
-	for _, g := range pgids {
-		_ = syscall.Kill(-g, syscall.SIGKILL)
-	}
-	if done != nil {
-		<-done
-	}
-	if logFile != nil {
-		_ = logFile.Close()
+	for _, p := range procs {
+		p.Stop(vaultproc.StopGrace)
 	}
 }
 
@@ -760,19 +737,17 @@ func (n *clusterNode) health() int {
 	return resp.StatusCode
 }
 
-// waitListening waits for the listener to answer at all.
-func (n *clusterNode) waitListening(timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		if n.health() != 0 {
-			return nil
-		}
-		if !n.running() {
-			return fmt.Errorf("%s exited; log:\n%s", n.id, n.logTail(8000))
-		}
-		time.Sleep(100 * time.Millisecond)
+// waitListening waits for the node's listener to answer
+// (vaultproc.Process.WaitUp).
+func (n *clusterNode) waitListening() error {
+	p := n.process()
+	if p == nil {
+		return fmt.Errorf("%s was not started", n.id)
 	}
-	return fmt.Errorf("%s did not listen at %s in %v; log:\n%s", n.id, n.addr, timeout, n.logTail(8000))
+	if err := p.WaitUp(n.addr); err != nil {
+		return fmt.Errorf("%s: %v; log:\n%s", n.id, err, n.logTail(8000))
+	}
+	return nil
 }
 
 // waitHealth waits for sys/health to answer one of codes.
@@ -937,44 +912,6 @@ func (n *clusterNode) logTimes(substr string) []time.Time {
 		}
 	}
 	return out
-}
-
-// freePorts reserves n distinct free loopback ports at once, none handed
-// out before to any server of this process (reservePorts).
-func freePorts(n int) ([]int, error) {
-	return reservePorts(n, 1)
-}
-
-// copyExecutable copies a binary, returning its SHA-256.
-func copyExecutable(from, to string) (string, error) {
-	src, err := os.Open(from)
-	if err != nil {
-		return "", err
-	}
-	defer src.Close()
-	dst, err := os.OpenFile(to, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
-	if err != nil {
-		return "", err
-	}
-	h := sha256.New()
-	if _, err := io.Copy(io.MultiWriter(dst, h), src); err != nil {
-		dst.Close()
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), dst.Close()
-}
-
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 func randomHex(n int) string {

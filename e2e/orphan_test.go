@@ -71,7 +71,7 @@ func orphanPlugin(t *testing.T, readStderr bool) string {
 
 	pids := attackPluginPIDs(t, v)
 	require.NotEmpty(t, pids, "the plugin runs")
-	vaultPID := v.cmd.Process.Pid
+	vaultPID := v.pid()
 
 	orphanSubreaper(t, true)
 	t.Cleanup(func() {
@@ -110,8 +110,9 @@ func orphanPlugin(t *testing.T, readStderr bool) string {
 	// SIGKILL Vault alone, not its process group: the plugin is orphaned.
 	require.NoError(t, syscall.Kill(vaultPID, syscall.SIGKILL))
 	killed := time.Now()
-	_ = v.cmd.Wait() // vaultServer.stop sees the process gone and does nothing
-	_ = v.logFile.Close()
+	// Left unreaped: vaultServer.stop reaps it, after ending whatever is
+	// still in its process group.
+	<-v.srv.Process().Exited()
 	t.Logf("SIGKILLed Vault (PID %d); plugin process(es) %v", vaultPID, pids)
 
 	const limit = 5 * time.Second

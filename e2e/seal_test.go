@@ -125,7 +125,7 @@ func rawWalk(t *testing.T, c *api.Logical, prefix string, f func(path string, va
 func TestLibraryAllowlistFromRegistration(t *testing.T) {
 	t.Parallel()
 	v := startVault(t, serverOptions{})
-	v.registerPlugin(pluginName, "-env=HSM_TRANSIT_PKCS11_LIBRARIES=/opt/vendor/libcs_pkcs11.so")
+	v.registerPlugin(pluginName, "HSM_TRANSIT_PKCS11_LIBRARIES=/opt/vendor/libcs_pkcs11.so")
 	v.mustCLI("secrets", "enable", "-path=transit", "-plugin-version="+pluginVersion, pluginName)
 	out, err := v.cli("write", "transit/config/seal", "library="+softhsmLib, "token_label="+hsmToken,
 		"pin="+hsmPIN, "key_label="+hsmKEK)

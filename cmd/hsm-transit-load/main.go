@@ -9,16 +9,12 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -26,10 +22,11 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/vaultproc"
 )
 
 type options struct {
@@ -44,6 +41,8 @@ type options struct {
 	only                 string
 }
 
+// main exits only after run returned, so that run's deferred stop of Vault
+// (and removal of its directory) has happened.
 func main() {
 	var o options
 	flag.StringVar(&o.vault, "vault", "bin/vault", "vault binary")
@@ -74,7 +73,7 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
-	defer v.stop()
+	defer v.Stop()
 	if err := v.setup(); err != nil {
 		return err
 	}
@@ -131,30 +130,17 @@ func machine() string {
 	return fmt.Sprintf("%s, %s cores, %s, %s", cpu, strings.TrimSpace(string(out)), mem, time.Now().UTC().Format("2006-01-02"))
 }
 
-// vault is the Vault server of the run.
+// vault is the Vault server of the run: a dev server with the root token,
+// and the SoftHSM2 configuration of the run's token.
 type vault struct {
-	cmd       *exec.Cmd
-	addr      string
-	client    *http.Client
-	softhsm   string
-	pluginDir string
-	o         options
+	*vaultproc.Server
+	softhsm string
+	o       options
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
+// startVault sets up the run's SoftHSM2 token and starts Vault, its
+// directories under dir. On error, nothing is left running.
 func startVault(o options, dir string) (*vault, error) {
-	port, err := freePort()
-	if err != nil {
-		return nil, err
-	}
 	conf, err := softhsm.Configure(filepath.Join(dir, "softhsm"))
 	if err != nil {
 		return nil, err
@@ -162,137 +148,62 @@ func startVault(o options, dir string) (*vault, error) {
 	if err := softhsm.InitToken(conf, "bench", "1234"); err != nil {
 		return nil, err
 	}
-	pluginDir := filepath.Join(dir, "plugins")
-	if err := os.MkdirAll(pluginDir, 0o755); err != nil {
-		return nil, err
-	}
-	cfg := filepath.Join(dir, "vault.hcl")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("plugin_directory = %q\ndisable_mlock = true\n", pluginDir)), 0o600); err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(o.vault, "server", "-dev", "-dev-root-token-id=root",
-		fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port), "-config", cfg)
-	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+conf, "VAULT_LOG_LEVEL=warn")
-	logf, err := os.Create(filepath.Join(dir, "vault.log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	v := &vault{
-		cmd: cmd, addr: fmt.Sprintf("http://127.0.0.1:%d", port), softhsm: conf, pluginDir: pluginDir, o: o,
-		client: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, MaxConnsPerHost: 64}},
-	}
-	for i := 0; i < 300; i++ {
-		if resp, err := http.Get(v.addr + "/v1/sys/health"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return v, nil
-			}
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	v.stop()
-	return nil, fmt.Errorf("vault did not start; see %s", filepath.Join(dir, "vault.log"))
-}
-
-func (v *vault) stop() {
-	_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = v.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
-	}
-}
-
-// call sends one request and decodes the answer.
-func (v *vault) call(method, path string, body interface{}) (int, map[string]interface{}, error) {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return 0, nil, err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(context.Background(), method, v.addr+"/v1/"+path, rd)
-	if err != nil {
-		return 0, nil, err
-	}
-	req.Header.Set("X-Vault-Token", "root")
-	resp, err := v.client.Do(req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, nil, err
-	}
-	var out map[string]interface{}
-	if len(raw) > 0 {
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return resp.StatusCode, nil, fmt.Errorf("%s %s: %d %s", method, path, resp.StatusCode, raw)
-		}
-	}
-	if resp.StatusCode >= 300 {
-		return resp.StatusCode, out, fmt.Errorf("%s %s: %d %v", method, path, resp.StatusCode, out["errors"])
-	}
-	return resp.StatusCode, out, nil
-}
-
-func (v *vault) must(method, path string, body interface{}) map[string]interface{} {
-	_, out, err := v.call(method, path, body)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "hsm-transit-load:", err)
-		os.Exit(1)
-	}
-	return out
-}
-
-// register copies a plugin into the plugin directory and registers it.
-func (v *vault) register(bin, name string) error {
-	b, err := os.ReadFile(bin)
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(v.pluginDir, name), b, 0o755); err != nil {
-		return err
-	}
-	sum := sha256.Sum256(b)
-	_, _, err = v.call("PUT", "sys/plugins/catalog/secret/"+name, map[string]interface{}{
-		"sha256": hex.EncodeToString(sum[:]), "command": name,
+	srv, err := vaultproc.StartServer(vaultproc.ServerConfig{
+		Vault: o.vault, Dir: dir, Env: []string{"SOFTHSM2_CONF=" + conf}, LogLevel: "warn",
+		Logf: func(format string, args ...any) {
+			fmt.Fprintf(os.Stderr, "hsm-transit-load: "+format+"\n", args...)
+		},
 	})
-	return err
+	if err != nil {
+		return nil, err
+	}
+	srv.HTTP = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, MaxConnsPerHost: 64}}
+	return &vault{Server: srv, softhsm: conf, o: o}, nil
+}
+
+// data is the "data" object of an answer.
+func data(out map[string]interface{}, err error) (map[string]interface{}, error) {
+	if err != nil {
+		return nil, err
+	}
+	d, ok := out["data"].(map[string]interface{})
+	if !ok {
+		return nil, fmt.Errorf("an answer without data: %v", out)
+	}
+	return d, nil
 }
 
 // setup mounts built-in transit, the plugin (sealed by SoftHSM2) and the
 // floor, and creates the keys.
 func (v *vault) setup() error {
-	if err := v.register(v.o.plugin, "hsm-transit"); err != nil {
-		return err
+	if err := v.RegisterPlugin(v.o.plugin, vaultproc.Plugin{Name: "hsm-transit"}); err != nil {
+		return fmt.Errorf("registering %s: %w", v.o.plugin, err)
 	}
-	if err := v.register(v.o.floor, "floor"); err != nil {
-		return err
+	if err := v.RegisterPlugin(v.o.floor, vaultproc.Plugin{Name: "floor"}); err != nil {
+		return fmt.Errorf("registering %s: %w", v.o.floor, err)
 	}
-	v.must("POST", "sys/mounts/builtin", map[string]interface{}{"type": "transit"})
-	v.must("POST", "sys/mounts/plugin", map[string]interface{}{"type": "hsm-transit"})
-	v.must("POST", "sys/mounts/floor", map[string]interface{}{"type": "floor"})
 	lib, err := softhsm.FindLibrary()
 	if err != nil {
 		return err
 	}
-	v.must("POST", "plugin/config/seal", map[string]interface{}{
-		"library": lib, "token_label": "bench", "pin": "1234", "key_label": "bench-kek", "generate_key": true,
-	})
-	v.must("POST", "builtin/keys/bench", nil)
-	v.must("POST", "plugin/keys/bench", nil)
-	v.must("POST", "plugin/keys/bench-hsm", map[string]interface{}{"hsm": true})
+	for _, r := range []struct {
+		path string
+		body map[string]interface{}
+	}{
+		{"sys/mounts/builtin", map[string]interface{}{"type": "transit"}},
+		{"sys/mounts/plugin", map[string]interface{}{"type": "hsm-transit"}},
+		{"sys/mounts/floor", map[string]interface{}{"type": "floor"}},
+		{"plugin/config/seal", map[string]interface{}{
+			"library": lib, "token_label": "bench", "pin": "1234", "key_label": "bench-kek", "generate_key": true,
+		}},
+		{"builtin/keys/bench", nil},
+		{"plugin/keys/bench", nil},
+		{"plugin/keys/bench-hsm", map[string]interface{}{"hsm": true}},
+	} {
+		if _, err := v.Call("POST", r.path, r.body); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -346,16 +257,33 @@ func batchOf(n int, field, value string) map[string]interface{} {
 
 // hsmSessions is the concurrency of the HSM loads and of the raw PKCS#11
 // loop they are compared with: the plugin's session pool size.
-const hsmSessions = 16
+const hsmSessions = hsm.DefaultMaxSessions
 
 func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 	pt := plaintext128()
+	encrypt := func(path string) (string, error) {
+		d, err := data(v.Call("POST", path, map[string]interface{}{"plaintext": pt}))
+		if err != nil {
+			return "", err
+		}
+		ct, ok := d["ciphertext"].(string)
+		if !ok {
+			return "", fmt.Errorf("%s answered no ciphertext: %v", path, d)
+		}
+		return ct, nil
+	}
 	cts := map[string]string{}
 	for _, m := range []string{"builtin", "plugin", "floor"} {
-		out := v.must("POST", m+"/encrypt/bench", map[string]interface{}{"plaintext": pt})
-		cts[m] = out["data"].(map[string]interface{})["ciphertext"].(string)
+		ct, err := encrypt(m + "/encrypt/bench")
+		if err != nil {
+			return nil, rawResult{}, err
+		}
+		cts[m] = ct
 	}
-	hsmCT := v.must("POST", "plugin/encrypt/bench-hsm", map[string]interface{}{"plaintext": pt})["data"].(map[string]interface{})["ciphertext"].(string)
+	hsmCT, err := encrypt("plugin/encrypt/bench-hsm")
+	if err != nil {
+		return nil, rawResult{}, err
+	}
 	batch100, batch1000 := batchOf(100, "plaintext", pt), batchOf(1000, "plaintext", pt)
 	ctBatch := map[string]map[string]interface{}{}
 	for _, m := range []string{"builtin", "plugin", "floor"} {
@@ -478,7 +406,7 @@ func runOne(v *vault, l load, mount string, d time.Duration) (sample, error) {
 		firstErr error
 		wg       sync.WaitGroup
 	)
-	cpu0 := cpuNow(v.cmd.Process.Pid)
+	cpu0 := cpuNow(v.Pid())
 	deadline := time.Now().Add(d)
 	start := time.Now()
 	for w := 0; w < l.workers; w++ {
@@ -488,9 +416,9 @@ func runOne(v *vault, l load, mount string, d time.Duration) (sample, error) {
 			var lat []time.Duration
 			for time.Now().Before(deadline) {
 				t0 := time.Now()
-				req, _ := http.NewRequest("POST", v.addr+"/v1/"+path, bytes.NewReader(payload))
-				req.Header.Set("X-Vault-Token", "root")
-				resp, err := v.client.Do(req)
+				req, _ := http.NewRequest("POST", v.Addr+"/v1/"+path, bytes.NewReader(payload))
+				req.Header.Set("X-Vault-Token", v.Token)
+				resp, err := v.HTTP.Do(req)
 				if err == nil {
 					_, _ = io.Copy(io.Discard, resp.Body)
 					resp.Body.Close()
@@ -516,6 +444,6 @@ func runOne(v *vault, l load, mount string, d time.Duration) (sample, error) {
 	}
 	wg.Wait()
 	s.elapsed = time.Since(start)
-	s.cpu = cpuNow(v.cmd.Process.Pid).sub(cpu0)
+	s.cpu = cpuNow(v.Pid()).sub(cpu0)
 	return s, firstErr
 }

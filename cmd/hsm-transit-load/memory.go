@@ -25,15 +25,24 @@ func measureMemory(o options, v *vault) (string, error) {
 	var marks []int
 	for run, size := range []int{o.memoryCache, 0} {
 		mount := fmt.Sprintf("mem%d", run)
-		v.must("POST", "sys/mounts/"+mount, map[string]interface{}{"type": "hsm-transit"})
 		lib, err := softhsm.FindLibrary()
 		if err != nil {
 			return "", err
 		}
-		v.must("POST", mount+"/config/seal", map[string]interface{}{
-			"library": lib, "token_label": "bench", "pin": "1234", "key_label": "bench-kek",
-		})
-		v.must("POST", mount+"/cache-config", map[string]interface{}{"size": size})
+		for _, r := range []struct {
+			path string
+			body map[string]interface{}
+		}{
+			{"sys/mounts/" + mount, map[string]interface{}{"type": "hsm-transit"}},
+			{mount + "/config/seal", map[string]interface{}{
+				"library": lib, "token_label": "bench", "pin": "1234", "key_label": "bench-kek",
+			}},
+			{mount + "/cache-config", map[string]interface{}{"size": size}},
+		} {
+			if _, err := v.Call("POST", r.path, r.body); err != nil {
+				return "", err
+			}
+		}
 		step := o.memoryKeys / 5
 		var next atomic.Int64
 		var wg sync.WaitGroup
@@ -49,7 +58,7 @@ func measureMemory(o options, v *vault) (string, error) {
 						if i > int64(mark) {
 							return
 						}
-						_, _, err := v.call("POST", fmt.Sprintf("%s/encrypt/key-%d", mount, i), map[string]interface{}{"plaintext": "aGVsbG8="})
+						_, err := v.Call("POST", fmt.Sprintf("%s/encrypt/key-%d", mount, i), map[string]interface{}{"plaintext": "aGVsbG8="})
 						if err != nil {
 							firstErr.Store(err)
 							return
@@ -70,7 +79,9 @@ func measureMemory(o options, v *vault) (string, error) {
 			fmt.Fprintf(os.Stderr, "memory: cache size %d, %d keys: plugin RSS %d kB\n", size, mark, rss)
 		}
 		// Let the next run start from the same place: drop this mount.
-		v.must("DELETE", "sys/mounts/"+mount, nil)
+		if _, err := v.Call("DELETE", "sys/mounts/"+mount, nil); err != nil {
+			return "", err
+		}
 		time.Sleep(2 * time.Second)
 	}
 	for i, mark := range marks {

@@ -46,8 +46,15 @@ func newRawLoop(v *vault) (*rawLoop, error) {
 	if err != nil {
 		return nil, err
 	}
-	key := v.must("GET", "plugin/keys/bench-hsm", nil)["data"].(map[string]interface{})
-	label := key["hsm_labels"].(map[string]interface{})["1"].(string)
+	key, err := data(v.Call("GET", "plugin/keys/bench-hsm", nil))
+	if err != nil {
+		return nil, err
+	}
+	labels, _ := key["hsm_labels"].(map[string]interface{})
+	label, ok := labels["1"].(string)
+	if !ok {
+		return nil, fmt.Errorf("plugin/keys/bench-hsm has no HSM label for version 1: %v", key)
+	}
 	if err := os.Setenv("SOFTHSM2_CONF", v.softhsm); err != nil {
 		return nil, err
 	}
