@@ -15,7 +15,6 @@ import (
 	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/framework"
-	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
@@ -275,15 +274,11 @@ func (o *batchOutcome) record(err error) {
 
 // unavailable reports an error that makes the whole request a 503 (the
 // HSM cannot be reached): no item of a batch can succeed then.
-func unavailable(err error) bool {
-	var coded logical.HTTPCodedError
-	return errors.As(err, &coded) && coded.Code() == http.StatusServiceUnavailable
-}
+func unavailable(err error) bool { return kindOf(err) == kindUnavailable }
 
-func isInternal(err error) bool {
-	var ie errutil.InternalError
-	return errors.As(err, &ie)
-}
+// isInternal reports an item's error that is ours; any other is the
+// caller's, as keysutil has it.
+func isInternal(err error) bool { return kindOf(err) == kindInternal }
 
 // respond sets the batch's status code as built-in transit does: a user error
 // anywhere is 400, else an internal error 500; partial_failure_response_code
@@ -399,17 +394,9 @@ func itemsResponse[R any, P batchResult[R]](d *framework.FieldData, items []batc
 		return &logical.Response{Data: map[string]interface{}{"batch_results": results}}, nil
 	}
 	if msg := P(&results[0]).failure(); msg != "" {
-		return singleItemError(msg, internal)
+		return errorResponse(itemError(msg, internal))
 	}
 	return &logical.Response{Data: fields(&results[0])}, nil
-}
-
-// singleItemError answers a non-batch request whose one item failed.
-func singleItemError(msg string, internal bool) (*logical.Response, error) {
-	if internal {
-		return nil, errutil.InternalError{Err: msg}
-	}
-	return logical.ErrorResponse(msg), logical.ErrInvalidRequest
 }
 
 // staticAAD hands keysutil associated data that is already decoded.

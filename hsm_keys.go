@@ -7,7 +7,6 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -121,7 +120,7 @@ func (k *hsmKey) persist(ctx context.Context, storage logical.Storage) error {
 func (s *hsmKeyStore) token() (*hsm.Token, error) {
 	tok := s.b.seal.currentToken()
 	if tok == nil {
-		return nil, logical.CodedError(http.StatusServiceUnavailable, "the mount has no HSM token open; check seal/status")
+		return nil, unavailableErr("the mount has no HSM token open; check seal/status")
 	}
 	return tok, nil
 }
@@ -143,9 +142,8 @@ func (s *hsmKeyStore) create(ctx context.Context, storage logical.Storage, name 
 	}
 	// The label of a far later version must fit the token too.
 	if l := s.label(name, 1_000_000); hsm.CheckKeyLabel(l) != nil {
-		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf(
-			"key name %q is too long for an HSM-resident key: its object labels (%s...) must fit in 128 bytes; use a name of at most %d bytes",
-			name, s.labelPrefix(name), max(0, 128-len(s.label("", 1_000_000)))))
+		return nil, callerErr("key name %q is too long for an HSM-resident key: its object labels (%s...) must fit in 128 bytes; use a name of at most %d bytes",
+			name, s.labelPrefix(name), max(0, 128-len(s.label("", 1_000_000))))
 	}
 	// HSM-resident keys are AES-GCM inside the token: a token without it
 	// (openCryptoki 3.8, older firmware) is told apart from one that failed.
@@ -258,11 +256,11 @@ func (s *hsmKeyStore) delete(ctx context.Context, storage logical.Storage, k *hs
 func hsmCryptoError(err error) error {
 	switch hsm.KindOf(err) {
 	case hsm.Failed:
-		return errutil.UserError{Err: "cipher: message authentication failed"}
+		return callerErr("cipher: message authentication failed")
 	case hsm.NotFound:
-		return errutil.UserError{Err: "this version of the key is no longer in the HSM (it was destroyed): " + err.Error()}
+		return callerErr("this version of the key is no longer in the HSM (it was destroyed): %v", err)
 	case hsm.Unavailable, hsm.Credentials:
-		return logical.CodedError(http.StatusServiceUnavailable, "the HSM is unavailable: "+err.Error())
+		return unavailableErr("the HSM is unavailable: %v", err)
 	}
 	return err
 }
@@ -416,6 +414,5 @@ func (k *hsmKey) describe(label func(name string, version int) string) *logical.
 
 // errHSMKeyUnsupported refuses an operation an HSM-resident key lacks.
 func errHSMKeyUnsupported(name, what string) error {
-	return logical.CodedError(http.StatusBadRequest, fmt.Sprintf(
-		"key %q is HSM-resident: %s is not supported for it; HSM-resident keys support keys/:name (read, config, rotate, trim, delete), encrypt, decrypt, rewrap and datakey, and their material never leaves the HSM", name, what))
+	return callerErr("key %q is HSM-resident: %s is not supported for it; HSM-resident keys support keys/:name (read, config, rotate, trim, delete), encrypt, decrypt, rewrap and datakey, and their material never leaves the HSM", name, what)
 }

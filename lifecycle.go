@@ -185,7 +185,7 @@ func errKeyDisabled(name string, lc *keyLifecycle) error {
 	if !lc.DeletionTime.IsZero() {
 		msg = fmt.Sprintf("key %q is disabled and scheduled for destruction at %s: keys/%s/cancel-deletion restores it", name, lc.DeletionTime.Format(time.RFC3339), name)
 	}
-	return logical.CodedError(400, msg)
+	return callerErr("%s", msg)
 }
 
 // checkEnabled refuses cryptographic use of a disabled key.
@@ -224,7 +224,7 @@ func encryptionsByVersion(items []batchItem, skip func(i int) bool, latest int) 
 // errVersionSpent refuses an explicitly requested version that reached its
 // cap.
 func errVersionSpent(name string, v int, limit uint64) error {
-	return logical.CodedError(400, fmt.Sprintf("version %d of key %q has reached max_encryptions (%d): encrypt with the latest version", v, name, limit))
+	return callerErr("version %d of key %q has reached max_encryptions (%d): encrypt with the latest version", v, name, limit)
 }
 
 // cipherForEncryption returns the key for encryptions, with them counted
@@ -252,8 +252,7 @@ func (b *backend) cipherForEncryption(ctx context.Context, polReq keysutil.Polic
 		// one gets to it; what never fits is a request larger than a
 		// whole version.
 		if n := wanted[latest]; n > limit || attempt >= maxCapRotations {
-			return nil, false, func() {}, nil, logical.CodedError(400, fmt.Sprintf(
-				"%d encryptions in one request exceed max_encryptions (%d) of key %q: split the batch", n, limit, polReq.Name))
+			return nil, false, func() {}, nil, callerErr("%d encryptions in one request exceed max_encryptions (%d) of key %q: split the batch", n, limit, polReq.Name)
 		}
 		if err := b.rotateSpent(ctx, polReq.Storage, polReq.Name, latest, limit); err != nil {
 			return nil, false, func() {}, nil, err
@@ -313,7 +312,7 @@ func (b *backend) rotateSpent(ctx context.Context, s logical.Storage, name strin
 		return err
 	}
 	if p.Imported && !p.AllowImportedKeyRotation {
-		return logical.CodedError(400, fmt.Sprintf("version %d of key %q reached max_encryptions (%d), and the imported key does not allow rotation: import a new version or raise max_encryptions", spentVersion, name, limit))
+		return callerErr("version %d of key %q reached max_encryptions (%d), and the imported key does not allow rotation: import a new version or raise max_encryptions", spentVersion, name, limit)
 	}
 	b.Logger().Info("rotating key: its latest version reached max_encryptions", "name", name, "version", spentVersion, "max_encryptions", limit)
 	return p.Rotate(ctx, s, b.GetRandomReader())
@@ -383,7 +382,7 @@ func (b *backend) checkLifecycleChange(ctx context.Context, s logical.Storage, n
 	lc.mu.Lock()
 	defer lc.mu.Unlock()
 	if !lc.DeletionTime.IsZero() {
-		return errConfigRefused{fmt.Sprintf("key %q is scheduled for destruction: keys/%s/cancel-deletion restores it", name, name)}
+		return callerErr("key %q is scheduled for destruction: keys/%s/cancel-deletion restores it", name, name)
 	}
 	return nil
 }

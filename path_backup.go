@@ -61,9 +61,9 @@ func (b *backend) checkBackupAllowed(ctx context.Context, s logical.Storage, nam
 	case p == nil:
 		return logical.CodedError(404, fmt.Sprintf("key %q not found", name))
 	case !p.Exportable:
-		return logical.CodedError(400, "exporting is disallowed on the policy; set exportable on keys/"+name+"/config")
+		return callerErr("exporting is disallowed on the policy; set exportable on keys/%s/config", name)
 	case !p.AllowPlaintextBackup:
-		return logical.CodedError(400, "plaintext backup is disallowed on the policy; set allow_plaintext_backup on keys/"+name+"/config")
+		return callerErr("plaintext backup is disallowed on the policy; set allow_plaintext_backup on keys/%s/config", name)
 	}
 	return nil
 }

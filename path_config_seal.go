@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"net/http"
 	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -210,10 +209,10 @@ func (b *backend) pathConfigSealWrite(ctx context.Context, req *logical.Request,
 			// to fix; 503 is for a configured token that went away.
 			return logical.ErrorResponse("nothing was configured: %v; check library, token_label or slot", err), logical.ErrInvalidRequest
 		}
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	if err := m.applyAntiRollbackLocked(ctx, req.Storage, d); err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	resp.Data["anti_rollback"] = m.state.Load().meta.AntiRollback
 	if next.pinSource() == "value" {
@@ -496,18 +495,6 @@ func (m *sealManager) ensureSealKeys(tok *hsm.Token, keys hsm.SealKeys, generate
 		return err
 	}
 	return tok.CheckRoundTrip(keys, append([]byte("hsm-transit/canary\x00"), m.aad...))
-}
-
-// hsmErrorResponse answers an HSM failure: the caller's settings are a 400,
-// an unreachable HSM a 503, anything else a 500.
-func hsmErrorResponse(err error) (*logical.Response, error) {
-	switch hsm.KindOf(err) {
-	case hsm.Configuration, hsm.Credentials, hsm.NotFound, hsm.Failed:
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
-	case hsm.Unavailable:
-		return nil, logical.CodedError(http.StatusServiceUnavailable, err.Error())
-	}
-	return nil, err
 }
 
 // describeSealConfig is config/seal's read: everything but the PIN.

@@ -303,7 +303,7 @@ func (b *backend) createHSMKey(ctx context.Context, req *logical.Request, d *fra
 	}
 	k, err := b.hsmKeys.create(ctx, req.Storage, name, time.Duration(d.Get("auto_rotate_period").(int))*time.Second)
 	if err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	k.mu.RLock()
 	defer k.mu.RUnlock()
@@ -372,7 +372,7 @@ func (b *backend) pathKeysDelete(ctx context.Context, req *logical.Request, d *f
 			return logical.ErrorResponse(fmt.Sprintf("error deleting policy %s: deletion is not allowed for this key", name)), logical.ErrInvalidRequest
 		}
 		if err := b.hsmKeys.delete(ctx, req.Storage, k); err != nil {
-			return hsmErrorResponse(err)
+			return errorResponse(err)
 		}
 		b.Logger().Info("deleted HSM-resident key and destroyed its HSM objects", "name", name)
 		return nil, b.lifecycle.forget(ctx, req.Storage, name)

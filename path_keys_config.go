@@ -124,9 +124,10 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 		}
 		warning, err := b.configureHSMKey(ctx, req.Storage, k, change, lcChange)
 		if err != nil {
-			return configError(err)
+			return errorResponse(err)
 		}
-		return withWarning(b.describeHSMKey(ctx, req.Storage, k))(warning)
+		resp, err := b.describeHSMKey(ctx, req.Storage, k)
+		return withWarning(resp, err, warning)
 	}
 	p, unlock, err := b.readPolicy(ctx, req.Storage, name, true)
 	defer unlock()
@@ -145,7 +146,7 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	if err := b.checkLifecycleChange(ctx, req.Storage, name, lcChange); err != nil {
-		return configError(err)
+		return errorResponse(err)
 	}
 	if next != keySettingsOf(p) {
 		prev := keySettingsOf(p)
@@ -158,44 +159,29 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 	if err := b.applyLifecycleChange(ctx, req.Storage, name, lcChange); err != nil {
 		return nil, err
 	}
-	return withWarning(b.describeKey(ctx, req.Storage, p, nil))(warning)
+	resp, err := b.describeKey(ctx, req.Storage, p, nil)
+	return withWarning(resp, err, warning)
 }
 
-// withWarning adds a warning, if any, to a description.
-func withWarning(resp *logical.Response, err error) func(string) (*logical.Response, error) {
-	return func(warning string) (*logical.Response, error) {
-		if err == nil && warning != "" {
-			resp.AddWarning(warning)
-		}
-		return resp, err
+// withWarning adds warning, if any, to a description that succeeded.
+func withWarning(resp *logical.Response, err error, warning string) (*logical.Response, error) {
+	if err == nil && warning != "" {
+		resp.AddWarning(warning)
 	}
-}
-
-// errConfigRefused is a configuration change refused for the caller to fix.
-type errConfigRefused struct{ msg string }
-
-func (e errConfigRefused) Error() string { return e.msg }
-
-// configError answers a refused change with a 400 and anything else as it is.
-func configError(err error) (*logical.Response, error) {
-	var refused errConfigRefused
-	if errors.As(err, &refused) {
-		return logical.ErrorResponse(refused.msg), logical.ErrInvalidRequest
-	}
-	return nil, err
+	return resp, err
 }
 
 // configureHSMKey applies a configuration change to an HSM-resident key,
 // held exclusively: the rules of software keys, and never exportable.
 func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, change keyConfigChange, lcChange lifecycleChange) (string, error) {
 	if (change.exportable != nil && *change.exportable) || (change.allowPlaintextBackup != nil && *change.allowPlaintextBackup) {
-		return "", errConfigRefused{"HSM-resident keys cannot be exported or backed up in plaintext: their material never leaves the HSM"}
+		return "", callerErr("HSM-resident keys cannot be exported or backed up in plaintext: their material never leaves the HSM")
 	}
 	prev := k.settings()
 	next := prev
 	warning, err := next.apply(k.LatestVersion, k.MinAvailableVersion, change)
 	if err != nil {
-		return "", errConfigRefused{err.Error()}
+		return "", callerErr("%s", err)
 	}
 	if err := b.checkLifecycleChange(ctx, s, k.Name, lcChange); err != nil {
 		return "", err

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"sort"
 	"strings"
 
@@ -204,7 +203,7 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	// An older mount is upgraded under the new KEK.
 	tok, err := m.openToken(next)
 	if err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	defer func() {
 		if !adopted {
@@ -215,17 +214,17 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 		next.Mechanism = string(cur.sealedKeys().Mechanism)
 	}
 	if err := m.resolveMechanism(tok, next); err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	if err := m.ensureSealKeys(tok, next.configuredKeys(), d.Get("generate_key").(bool)); err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	// An older mount is upgraded under the new keys.
 	keys := next.configuredKeys()
 	next.SealedWith, next.SealedMechanism, next.SealedHMAC = keys.Label, string(keys.Mechanism), keys.HMACLabel
 	o, err := m.checkStorage(ctx, req.Storage, tok, next, ring)
 	if err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	meta := *o.meta
 	meta.EmergencySealed = false
@@ -234,7 +233,7 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	}
 	final := *o.cfg
 	if err := m.setKeyring(&final, tok, keys, o.sealer.Keyring(), &meta); err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	if err := writeSealConfig(ctx, req.Storage, &final); err != nil {
 		return nil, err
@@ -248,7 +247,7 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	m.b.Logger().Warn("root keyring recovered from shares and sealed by a new KEK", "token", tok.Describe(), "key_label", next.KeyLabel)
 	// The anchor lived in the lost HSM: the new one keeps it from now on.
 	if err := m.applyAntiRollbackLocked(ctx, req.Storage, d); err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 
 	resp := describeSealConfig(&final)
@@ -494,12 +493,12 @@ func (b *backend) pathUnsealWrite(ctx context.Context, req *logical.Request, _ *
 // be reached, otherwise as config/seal does.
 func unsealErrorResponse(err error) (*logical.Response, error) {
 	if hsm.IsUnavailable(err) {
-		return nil, logical.CodedError(http.StatusServiceUnavailable, err.Error())
+		return nil, unavailableErr("%v", err)
 	}
 	if errors.Is(err, errStorageNotSealed) {
 		return nil, err
 	}
-	return hsmErrorResponse(err)
+	return errorResponse(err)
 }
 
 const pathRecoveryInitHelpSyn = `Set up M-of-N recovery of the mount's root key`

@@ -39,7 +39,7 @@ func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *
 			return nil, err
 		}
 		if err := b.hsmKeys.rotate(ctx, req.Storage, k); err != nil {
-			return hsmErrorResponse(err)
+			return errorResponse(err)
 		}
 		b.Logger().Info("rotated HSM-resident key on request", "name", name, "version", k.LatestVersion)
 		return b.describeHSMKey(ctx, req.Storage, k)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -128,11 +127,11 @@ func (b *backend) pathSealRotateWrite(ctx context.Context, req *logical.Request,
 		return nil, sealUnavailable(snap)
 	}
 	if m.token == nil {
-		return nil, logical.CodedError(http.StatusServiceUnavailable, "no HSM token is open for this mount; check seal/status")
+		return nil, unavailableErr("no HSM token is open for this mount; check seal/status")
 	}
 	newKey, err := m.token.Random(seal.RootKeySize)
 	if err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	ring, err := snap.sealer.Keyring().Rotated(newKey)
 	clear(newKey)
@@ -142,7 +141,7 @@ func (b *backend) pathSealRotateWrite(ctx context.Context, req *logical.Request,
 	// Store the keyring with both versions before any entry moves: a crash
 	// from here on leaves every entry readable.
 	if err := m.storeKeyringLocked(ctx, req.Storage, snap, ring); err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	snap = m.state.Load()
 	snap.sealer.SetKeyring(ring)
@@ -155,8 +154,7 @@ func (b *backend) pathSealRotateWrite(ctx context.Context, req *logical.Request,
 			// The new keyring is stored; the entries not yet resealed
 			// stay readable, and the rotation completes at the next
 			// seal/rotate or unseal.
-			return nil, logical.CodedError(http.StatusServiceUnavailable, fmt.Sprintf(
-				"the root key rotation was interrupted (%v); every entry stays readable, and writing seal/rotate again once the HSM answers completes it", err))
+			return nil, unavailableErr("the root key rotation was interrupted (%v); every entry stays readable, and writing seal/rotate again once the HSM answers completes it", err)
 		}
 		return nil, err
 	}
@@ -174,7 +172,7 @@ var rotationStoredHook func()
 // the configuration, in one write. m.mu is held.
 func (m *sealManager) storeKeyringLocked(ctx context.Context, s logical.Storage, snap *sealSnapshot, ring *seal.Keyring) error {
 	if m.token == nil {
-		return logical.CodedError(http.StatusServiceUnavailable, "no HSM token is open for this mount; check config/seal")
+		return unavailableErr("no HSM token is open for this mount; check config/seal")
 	}
 	cfg := *snap.cfg
 	if err := m.setKeyring(&cfg, m.token, cfg.sealedKeys(), ring, snap.meta); err != nil {

@@ -339,7 +339,7 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 		return &logical.Response{Data: map[string]interface{}{"batch_results": results}}, nil
 	}
 	if r := results[0]; r.Error != "" {
-		return singleItemError(r.Error, r.internal)
+		return errorResponse(itemError(r.Error, r.internal))
 	}
 	data := map[string]interface{}{
 		"signature":   results[0].Signature,
@@ -517,7 +517,7 @@ func verifyResponse(results []verifyResult, isBatch bool) (*logical.Response, er
 		return &logical.Response{Data: map[string]interface{}{"batch_results": results}}, nil
 	}
 	if r := results[0]; r.Error != "" {
-		return singleItemError(r.Error, r.internal)
+		return errorResponse(itemError(r.Error, r.internal))
 	}
 	return &logical.Response{Data: map[string]interface{}{"valid": results[0].Valid}}, nil
 }

@@ -81,7 +81,7 @@ func (b *backend) trimHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, 
 	}
 	k.MinAvailableVersion = minAvailable
 	if err := b.hsmKeys.destroyBelow(ctx, s, k, minAvailable); err != nil {
-		return hsmErrorResponse(err)
+		return errorResponse(err)
 	}
 	return b.describeHSMKey(ctx, s, k)
 }

@@ -23,7 +23,8 @@ func withDecodedBody(ctx context.Context, req *logical.Request) {
 }
 
 // HandleRequest serves the request as the framework does, with its body
-// decoded by boundary.UnaryInterceptor, and its batch answer pre-encoded.
+// decoded by boundary.UnaryInterceptor, its batch answer pre-encoded, and an
+// error of a kind (errors.go) answered by errorResponse.
 //
 // A write refused because this node is a performance standby comes back as
 // logical.ErrReadOnly itself, whatever wrapped it on the way (a usage count,
@@ -34,6 +35,12 @@ func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*log
 	resp, err := b.Backend.HandleRequest(ctx, req)
 	if err == nil {
 		preEncode(ctx, resp)
+	}
+	var typed *kindError
+	if errors.As(err, &typed) {
+		// The SDK carries only its own error types across the boundary:
+		// a kind becomes its answer here, whichever handler returned it.
+		resp, err = errorResponse(err)
 	}
 	if err != nil && err != logical.ErrReadOnly &&
 		(errors.Is(err, logical.ErrReadOnly) || strings.Contains(err.Error(), logical.ErrReadOnly.Error())) {
