@@ -345,3 +345,26 @@ func TestRotationRewritesABucketOncePerResealBatch(t *testing.T) {
 		require.Equal(t, "v", got)
 	}
 }
+
+// The anchor is called only when a stored root's anchor grew: a root
+// stored for another reason (a higher ceiling of generations, the buckets
+// as they were) costs no call, which is an HSM write.
+func TestAnchorOnlyWhenTheBucketsMoved(t *testing.T) {
+	m := newMount(t)
+	var anchored []uint64
+	m.s.SetAnchor(func(_ context.Context, a uint64) error {
+		anchored = append(anchored, a)
+		return nil
+	})
+	m.put("policy/k", "v1")
+	require.Len(t, anchored, 1, "a write moves a bucket: anchored")
+	w := &rootWatch{Storage: m.under, t: t, ring: m.s.Keyring(), ceiling: storedCeiling(t, m.s.Keyring(), m.raw(manifestRootPath))}
+	for w.writes == 0 {
+		allocUnder(t, m, w)
+	}
+	require.Equal(t, 1, w.writes, "a root with a higher ceiling was stored")
+	require.Len(t, anchored, 1, "with the same buckets, and no anchor call")
+	m.put("policy/k", "v2")
+	require.Len(t, anchored, 2)
+	require.Greater(t, anchored[1], anchored[0])
+}
