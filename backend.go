@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -385,43 +384,23 @@ func (b *backend) autoRotateKeys(ctx context.Context, s logical.Storage) error {
 		return fmt.Errorf("listing HSM-resident keys for auto-rotation: %w", err)
 	}
 	for _, name := range hsmNames {
-		if err := b.rotateHSMKeyIfDue(ctx, s, name); err != nil {
+		if err := b.rotateIfDue(ctx, s, name); err != nil {
 			errs = append(errs, fmt.Errorf("HSM-resident key %q: %w", name, err))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// rotateHSMKeyIfDue rotates an HSM-resident key whose period has passed.
-func (b *backend) rotateHSMKeyIfDue(ctx context.Context, s logical.Storage, name string) error {
-	k, unlock, err := b.hsmKeyFor(ctx, s, name, true)
-	defer unlock()
-	if err != nil || k == nil || k.AutoRotatePeriod == 0 {
-		return err
-	}
-	if time.Now().Before(k.Versions[k.LatestVersion].Created.Add(k.AutoRotatePeriod)) {
-		return nil
-	}
-	b.Logger().Info("rotating HSM-resident key automatically", "name", name, "period", k.AutoRotatePeriod.String())
-	return b.hsmKeys.rotate(ctx, s, k)
-}
-
-// rotateIfDue rotates one key if its automatic rotation period has passed.
+// rotateIfDue rotates one key, of either residency, if its automatic
+// rotation period has passed.
 func (b *backend) rotateIfDue(ctx context.Context, s logical.Storage, name string) error {
-	p, unlock, err := b.readPolicy(ctx, s, name, true)
-	if err != nil {
+	k, unlock, err := b.lockKey(ctx, s, name, true)
+	defer unlock()
+	if err != nil || k == nil || !k.rotationDue(time.Now()) {
 		return err
 	}
-	defer unlock()
-	if p == nil || p.AutoRotatePeriod == 0 || (p.Imported && !p.AllowImportedKeyRotation) {
-		return nil
-	}
-	latest, ok := p.Keys[strconv.Itoa(p.LatestVersion)]
-	if !ok || time.Now().Before(latest.CreationTime.Add(p.AutoRotatePeriod)) {
-		return nil
-	}
-	b.Logger().Info("rotating key automatically", "name", name, "period", p.AutoRotatePeriod.String())
-	return p.Rotate(ctx, s, b.GetRandomReader())
+	b.Logger().Info("rotating key automatically", "name", name, "residency", k.residency())
+	return k.rotate(ctx, s)
 }
 
 const backendHelp = `

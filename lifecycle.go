@@ -298,24 +298,16 @@ func (b *backend) reserveEncryptions(ctx context.Context, s logical.Storage, nam
 // rotateSpent rotates a key whose latest version reached its cap, unless
 // another request already did.
 func (b *backend) rotateSpent(ctx context.Context, s logical.Storage, name string, spentVersion int, limit uint64) error {
-	if k, unlock, err := b.hsmKeyFor(ctx, s, name, true); err != nil || k != nil {
-		defer unlock()
-		if err != nil || k.LatestVersion != spentVersion {
-			return err
-		}
-		b.Logger().Info("rotating key: its latest version reached max_encryptions", "name", name, "version", spentVersion, "max_encryptions", limit)
-		return b.hsmKeys.rotate(ctx, s, k)
-	}
-	p, unlock, err := b.readPolicy(ctx, s, name, true)
+	k, unlock, err := b.lockKey(ctx, s, name, true)
 	defer unlock()
-	if err != nil || p == nil || p.LatestVersion != spentVersion {
+	if err != nil || k == nil || k.latest() != spentVersion {
 		return err
 	}
-	if p.Imported && !p.AllowImportedKeyRotation {
+	if k.refuseRotation() != "" {
 		return callerErr("version %d of key %q reached max_encryptions (%d), and the imported key does not allow rotation: import a new version or raise max_encryptions", spentVersion, name, limit)
 	}
-	b.Logger().Info("rotating key: its latest version reached max_encryptions", "name", name, "version", spentVersion, "max_encryptions", limit)
-	return p.Rotate(ctx, s, b.GetRandomReader())
+	b.Logger().Info("rotating key: its latest version reached max_encryptions", "name", name, "residency", k.residency(), "version", spentVersion, "max_encryptions", limit)
+	return k.rotate(ctx, s)
 }
 
 // describeKey describes a software key with its lifecycle; the caller holds

@@ -345,47 +345,20 @@ func (b *backend) pathKeysRead(ctx context.Context, req *logical.Request, d *fra
 			return logical.ErrorResponse("failed to base64-decode context"), logical.ErrInvalidRequest
 		}
 	}
-	if k, unlock, err := b.hsmKeyFor(ctx, req.Storage, d.Get("name").(string), false); err != nil || k != nil {
-		defer unlock()
-		if err != nil {
-			return nil, err
-		}
-		return b.describeHSMKey(ctx, req.Storage, k)
-	}
-	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), false)
+	k, unlock, err := b.lockKey(ctx, req.Storage, d.Get("name").(string), false)
 	defer unlock()
-	if err != nil || p == nil {
+	if err != nil || k == nil {
 		return nil, err
 	}
-	return b.describeKey(ctx, req.Storage, p, keyContext)
+	return k.describe(ctx, req.Storage, keyContext)
 }
 
 // pathKeysDelete deletes a key whose deletion_allowed is set.
 func (b *backend) pathKeysDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	name := d.Get("name").(string)
-	if k, unlock, err := b.hsmKeyFor(ctx, req.Storage, name, true); err != nil || k != nil {
-		defer unlock()
-		if err != nil {
-			return nil, err
-		}
-		if !k.DeletionAllowed {
-			return logical.ErrorResponse(fmt.Sprintf("error deleting policy %s: deletion is not allowed for this key", name)), logical.ErrInvalidRequest
-		}
-		if err := b.hsmKeys.delete(ctx, req.Storage, k); err != nil {
-			return errorResponse(err)
-		}
-		b.Logger().Info("deleted HSM-resident key and destroyed its HSM objects", "name", name)
-		return nil, b.lifecycle.forget(ctx, req.Storage, name)
+	if err := b.deleteKey(ctx, req.Storage, d.Get("name").(string), false); err != nil {
+		return errorResponse(err)
 	}
-	err := b.withLM(ctx, req.Storage, func(lm *keysutil.LockManager) error {
-		return lm.DeletePolicy(ctx, req.Storage, name)
-	})
-	if err != nil {
-		// keysutil reports a missing key and a refused deletion as plain
-		// errors; both are the caller's to fix.
-		return logical.ErrorResponse(fmt.Sprintf("error deleting policy %s: %s", name, err)), logical.ErrInvalidRequest
-	}
-	return nil, b.lifecycle.forget(ctx, req.Storage, name)
+	return nil, nil
 }
 
 // formatKeyPolicy describes a key as built-in transit does. The caller holds

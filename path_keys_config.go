@@ -117,49 +117,19 @@ func (b *backend) pathKeysConfigWrite(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
-	if k, unlockHSM, err := b.hsmKeyFor(ctx, req.Storage, name, true); err != nil || k != nil {
-		defer unlockHSM()
-		if err != nil {
-			return nil, err
-		}
-		warning, err := b.configureHSMKey(ctx, req.Storage, k, change, lcChange)
-		if err != nil {
-			return errorResponse(err)
-		}
-		resp, err := b.describeHSMKey(ctx, req.Storage, k)
-		return withWarning(resp, err, warning)
-	}
-	p, unlock, err := b.readPolicy(ctx, req.Storage, name, true)
+	k, unlock, err := b.lockKey(ctx, req.Storage, name, true)
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
-	if p == nil {
+	if k == nil {
 		return logical.ErrorResponse(fmt.Sprintf("no existing key named %s could be found", name)), logical.ErrInvalidRequest
 	}
-
-	// Work on a copy of the settings so that a refused change leaves the
-	// cached policy untouched.
-	next := keySettingsOf(p)
-	warning, err := next.apply(p.LatestVersion, p.MinAvailableVersion, change)
+	warning, err := k.configure(ctx, req.Storage, change, lcChange)
 	if err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
-	}
-	if err := b.checkLifecycleChange(ctx, req.Storage, name, lcChange); err != nil {
 		return errorResponse(err)
 	}
-	if next != keySettingsOf(p) {
-		prev := keySettingsOf(p)
-		next.storeIn(p)
-		if err := p.Persist(ctx, req.Storage); err != nil {
-			prev.storeIn(p)
-			return nil, fmt.Errorf("persisting key configuration: %w", err)
-		}
-	}
-	if err := b.applyLifecycleChange(ctx, req.Storage, name, lcChange); err != nil {
-		return nil, err
-	}
-	resp, err := b.describeKey(ctx, req.Storage, p, nil)
+	resp, err := k.describe(ctx, req.Storage, nil)
 	return withWarning(resp, err, warning)
 }
 

@@ -165,7 +165,7 @@ func (b *backend) destroyDueKeys(ctx context.Context, s logical.Storage, now tim
 			// Cancelled between the two writes of a cancellation.
 			_ = s.Delete(ctx, deletionPrefix+name)
 		case due:
-			if err := b.destroyKey(ctx, s, name); err != nil {
+			if err := b.deleteKey(ctx, s, name, true); err != nil {
 				failures = append(failures, fmt.Sprintf("destroying key %q: %v", name, err))
 				continue
 			}
@@ -178,39 +178,51 @@ func (b *backend) destroyDueKeys(ctx context.Context, s logical.Storage, now tim
 	return nil
 }
 
-// destroyKey deletes a key of either residency whatever its
-// deletion_allowed (the schedule was the decision), then its lifecycle.
-func (b *backend) destroyKey(ctx context.Context, s logical.Storage, name string) error {
+// deleteKey deletes a key of either residency (an HSM-resident key's
+// objects with it), then its lifecycle record. Unless force, only a key
+// whose deletion_allowed is set, and a key that does not exist is the
+// caller's mistake; with force (a scheduled destruction: the schedule was
+// the decision) whatever its deletion_allowed.
+func (b *backend) deleteKey(ctx context.Context, s logical.Storage, name string, force bool) error {
 	if k, unlock, err := b.hsmKeyFor(ctx, s, name, true); err != nil || k != nil {
 		if err != nil {
 			unlock()
 			return err
+		}
+		if !force && !k.DeletionAllowed {
+			unlock()
+			return callerErr("error deleting policy %s: deletion is not allowed for this key", name)
 		}
 		err := b.hsmKeys.delete(ctx, s, k)
 		unlock()
 		if err != nil {
 			return err
 		}
+		b.Logger().Info("deleted HSM-resident key and destroyed its HSM objects", "name", name)
 		return b.lifecycle.forget(ctx, s, name)
 	}
-	p, unlock, err := b.readPolicy(ctx, s, name, true)
-	if err != nil {
-		unlock()
-		return err
-	}
-	if p != nil && !p.DeletionAllowed {
-		p.DeletionAllowed = true
-		if err := p.Persist(ctx, s); err != nil {
-			unlock()
-			return err
+	if force {
+		p, unlock, err := b.readPolicy(ctx, s, name, true)
+		if err == nil && p != nil && !p.DeletionAllowed {
+			p.DeletionAllowed = true
+			err = p.Persist(ctx, s)
 		}
-	}
-	unlock()
-	if p != nil {
-		err := b.withLM(ctx, s, func(lm *keysutil.LockManager) error { return lm.DeletePolicy(ctx, s, name) })
+		unlock()
 		if err != nil {
 			return err
 		}
+		if p == nil {
+			return b.lifecycle.forget(ctx, s, name)
+		}
+	}
+	// keysutil takes the policy's lock itself.
+	if err := b.withLM(ctx, s, func(lm *keysutil.LockManager) error { return lm.DeletePolicy(ctx, s, name) }); err != nil {
+		if force {
+			return err
+		}
+		// keysutil reports a missing key and a refused deletion as plain
+		// errors; both are the caller's to fix.
+		return callerErr("error deleting policy %s: %s", name, err)
 	}
 	return b.lifecycle.forget(ctx, s, name)
 }

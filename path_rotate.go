@@ -2,7 +2,6 @@ package hsmtransit
 
 import (
 	"context"
-	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -33,34 +32,19 @@ func (b *backend) pathRotate() *framework.Path {
 // pathRotateWrite rotates the key and returns its new description.
 func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	if k, unlockHSM, err := b.hsmKeyFor(ctx, req.Storage, name, true); err != nil || k != nil {
-		defer unlockHSM()
-		if err != nil {
-			return nil, err
-		}
-		if err := b.hsmKeys.rotate(ctx, req.Storage, k); err != nil {
-			return errorResponse(err)
-		}
-		b.Logger().Info("rotated HSM-resident key on request", "name", name, "version", k.LatestVersion)
-		return b.describeHSMKey(ctx, req.Storage, k)
-	}
-	p, unlock, err := b.readPolicy(ctx, req.Storage, name, true)
+	k, unlock, err := b.lockKey(ctx, req.Storage, name, true)
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
-	if p == nil {
+	if k == nil {
 		return logical.ErrorResponse("key not found"), logical.ErrInvalidRequest
 	}
-	if p.Imported && !p.AllowImportedKeyRotation {
-		// keysutil refuses this with a plain error; it is the caller's to fix.
-		return logical.ErrorResponse("imported key %s does not allow rotation within Vault", name), logical.ErrInvalidRequest
+	if err := k.rotate(ctx, req.Storage); err != nil {
+		return errorResponse(err)
 	}
-	if err := p.Rotate(ctx, req.Storage, b.GetRandomReader()); err != nil {
-		return nil, fmt.Errorf("rotating key %q: %w", name, err)
-	}
-	b.Logger().Info("rotated key on request", "name", name, "version", p.LatestVersion)
-	return b.describeKey(ctx, req.Storage, p, nil)
+	b.Logger().Info("rotated key on request", "name", name, "residency", k.residency(), "version", k.latest())
+	return k.describe(ctx, req.Storage, nil)
 }
 
 const pathRotateHelpSyn = `Rotate named encryption key`

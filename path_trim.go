@@ -3,7 +3,6 @@ package hsmtransit
 import (
 	"context"
 	"errors"
-	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -39,51 +38,21 @@ func (b *backend) pathTrimWrite(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
-	if k, unlockHSM, err := b.hsmKeyFor(ctx, req.Storage, d.Get("name").(string), true); err != nil || k != nil {
-		defer unlockHSM()
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			return logical.ErrorResponse("missing min_available_version"), logical.ErrInvalidRequest
-		}
-		return b.trimHSMKey(ctx, req.Storage, k, raw.(int))
-	}
-	p, unlock, err := b.readPolicy(ctx, req.Storage, d.Get("name").(string), true)
+	k, unlock, err := b.lockKey(ctx, req.Storage, d.Get("name").(string), true)
 	defer unlock()
 	if err != nil {
 		return nil, err
 	}
-	if p == nil {
+	if k == nil {
 		return logical.ErrorResponse("invalid key name"), logical.ErrInvalidRequest
 	}
 	if !ok {
 		return logical.ErrorResponse("missing min_available_version"), logical.ErrInvalidRequest
 	}
-	minAvailable := raw.(int)
-	if err := checkTrim(p.MinAvailableVersion, p.MinEncryptionVersion, p.MinDecryptionVersion, minAvailable); err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
-	}
-	prev := p.MinAvailableVersion
-	p.MinAvailableVersion = minAvailable
-	if err := p.Persist(ctx, req.Storage); err != nil {
-		p.MinAvailableVersion = prev
-		return nil, fmt.Errorf("persisting trimmed key: %w", err)
-	}
-	return b.describeKey(ctx, req.Storage, p, nil)
-}
-
-// trimHSMKey raises an HSM-resident key's min_available_version and destroys
-// the objects of the versions below it; the key is held exclusively.
-func (b *backend) trimHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, minAvailable int) (*logical.Response, error) {
-	if err := checkTrim(k.MinAvailableVersion, k.MinEncryptionVersion, k.MinDecryptionVersion, minAvailable); err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
-	}
-	k.MinAvailableVersion = minAvailable
-	if err := b.hsmKeys.destroyBelow(ctx, s, k, minAvailable); err != nil {
+	if err := k.trim(ctx, req.Storage, raw.(int)); err != nil {
 		return errorResponse(err)
 	}
-	return b.describeHSMKey(ctx, s, k)
+	return k.describe(ctx, req.Storage, nil)
 }
 
 // checkTrim applies built-in transit's rules for min_available_version.
