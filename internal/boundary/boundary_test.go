@@ -188,3 +188,38 @@ func TestServeMatchesTheSDK(t *testing.T) {
 	sum := sha256.Sum256(src)
 	require.Equal(t, serveSHA256, hex.EncodeToString(sum[:]), "the SDK's plugin/serve.go is not the one Serve follows")
 }
+
+// The stand-in the interceptor looks for is what the SDK writes for the
+// data PreEncode leaves in the response.
+func TestStandInIsWhatTheSDKWrites(t *testing.T) {
+	got, err := json.Marshal(map[string]interface{}{standInKey: true})
+	require.NoError(t, err)
+	require.Equal(t, standInJSON, string(got))
+}
+
+// Bodies from exactly fastDecodeMin bytes are decoded by the fast path;
+// one byte less is left to the SDK.
+func TestFastDecodeFromItsMinimum(t *testing.T) {
+	for _, size := range []int{fastDecodeMin - 1, fastDecodeMin, fastDecodeMin + 1} {
+		body := `{"pad":"` + strings.Repeat("p", size-10) + `"}`
+		require.Len(t, body, size)
+		req := &pb.Request{Path: "encrypt/k", Data: body}
+		ctx, _ := intercept(t, pb.Backend_HandleRequest_FullMethodName, &pb.HandleRequestArgs{Request: req})
+		_, decoded := DecodedBody(ctx)
+		require.Equal(t, size >= fastDecodeMin, decoded, "%d bytes", size)
+		require.Equal(t, size >= fastDecodeMin, req.Data == emptyBody, "%d bytes", size)
+	}
+}
+
+// Printable ASCII that needs no escape (base64, the bulk of a batch) is
+// copied without an allocation; every other byte goes through
+// encoding/json, which allocates.
+func TestAppendStringCopiesPlainASCII(t *testing.T) {
+	buf := make([]byte, 0, 64)
+	for c := 0; c < 256; c++ {
+		s := string([]byte{byte(c)}) + "x"
+		allocs := testing.AllocsPerRun(5, func() { buf = AppendString(buf[:0], s) })
+		plain := c >= 0x20 && c <= 0x7e && !strings.ContainsRune(`"\<>&`, rune(c))
+		require.Equal(t, plain, allocs == 0, "byte %#x: %v allocations", c, allocs)
+	}
+}

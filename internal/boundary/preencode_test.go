@@ -20,9 +20,13 @@ func TestPreEncodedResponseReachesTheReply(t *testing.T) {
 	data := map[string]interface{}{"batch_results": []map[string]interface{}{{"plaintext": "aGk=", "reference": "<r>"}}}
 	sdkJSON, err := json.Marshal(data)
 	require.NoError(t, err)
+	// The plumbing is checked with bytes the SDK would not write for data
+	// (a handler's must be the SDK's; the callers' tests check theirs), so
+	// that what reached the reply is known to be the handler's.
+	const handlers = `{"batch_results":[{"plaintext":"aGk=","reference":"written by the handler"}]}`
 	pre := func(ctx context.Context, _ *logical.Request) (*logical.Response, error) {
 		resp := &logical.Response{Data: data}
-		boundary.PreEncode(ctx, resp, func(dst []byte) []byte { return append(dst, sdkJSON...) })
+		boundary.PreEncode(ctx, resp, func(dst []byte) []byte { return append(dst, handlers...) })
 		return resp, nil
 	}
 	call := func(backend func(context.Context, *logical.Request) (*logical.Response, error)) *pb.HandleRequestReply {
@@ -31,12 +35,22 @@ func TestPreEncodedResponseReachesTheReply(t *testing.T) {
 		require.NoError(t, err)
 		return out.(*pb.HandleRequestReply)
 	}
-	require.Equal(t, string(sdkJSON), call(pre).Response.Data)
+	require.Equal(t, handlers, call(pre).Response.Data)
 
 	// Without the interceptor, PreEncode leaves the response alone.
 	resp, err := pre(context.Background(), nil)
 	require.NoError(t, err)
 	require.Equal(t, data, resp.Data)
+
+	// A response with nothing pre-encoded in an intercepted call is the
+	// SDK's, as is a nil response.
+	require.Equal(t, string(sdkJSON), call(func(context.Context, *logical.Request) (*logical.Response, error) {
+		return &logical.Response{Data: data}, nil
+	}).Response.Data)
+	require.Nil(t, call(func(ctx context.Context, _ *logical.Request) (*logical.Response, error) {
+		require.False(t, boundary.PreEncode(ctx, nil, func(dst []byte) []byte { panic("encoded for no response") }))
+		return nil, nil
+	}).Response)
 
 	// Not pre-encoded: the SDK's encoding passes.
 	plain := func(context.Context, *logical.Request) (*logical.Response, error) {

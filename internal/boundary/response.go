@@ -18,7 +18,7 @@ type slot struct{ data []byte }
 // replaces. No handler answers with this key otherwise.
 const (
 	standInKey  = "hsm_transit_pre_encoded"
-	standInJSON = `{"` + standInKey + `":true}`
+	standInJSON = `{"hsm_transit_pre_encoded":true}`
 )
 
 // PreEncode hands the interceptor resp's data already encoded as JSON, when
