@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
@@ -226,6 +227,39 @@ func forEachItem(n, workers int, f func(i int)) {
 		}()
 	}
 	wg.Wait()
+}
+
+// fieldError is a field of an item that a key refuses. The key does not
+// know where the item sits in the batch, or what the caller's path calls
+// the field (padding_scheme, or decrypt_padding_scheme on rewrap): atItem
+// names both, as built-in transit's messages do.
+type fieldError struct {
+	// field is the field's name, or "" for the path's padding field.
+	field string
+	msg   string
+}
+
+func (e *fieldError) Error() string { return e.msg }
+
+// errEmptyCiphertext is keysutil answering an encryption with nothing.
+var errEmptyCiphertext = errors.New("empty ciphertext returned")
+
+// atItem names item index in an error of a key about it: a *fieldError
+// becomes the caller's error about '[index].field', paddingField naming the
+// path's padding field.
+func atItem(err error, index int, paddingField string) error {
+	var fe *fieldError
+	switch {
+	case errors.As(err, &fe):
+		field := fe.field
+		if field == "" {
+			field = paddingField
+		}
+		return errutil.UserError{Err: fmt.Sprintf("'[%d].%s' %s", index, field, fe.msg)}
+	case errors.Is(err, errEmptyCiphertext):
+		return fmt.Errorf("empty ciphertext returned for input item %d", index)
+	}
+	return err
 }
 
 // itemErrors collects the per-item errors of a batch processed by

@@ -161,7 +161,7 @@ func BenchmarkItemEncrypt(b *testing.B) {
 		c := softwareCipher{p: p, aeads: e.b.aeads}
 		for i := 0; i < b.N; i++ {
 			it := batchItem{Plaintext: pt}
-			if _, _, err := c.encrypt(&it, 0); err != nil {
+			if _, _, err := c.encrypt(&it); err != nil {
 				b.Fatal(err)
 			}
 		}

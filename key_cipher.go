@@ -15,10 +15,15 @@ import (
 // whether its material lives in memory (a keysutil policy) or in the HSM.
 type keyCipher interface {
 	// encrypt encrypts a decoded item; it returns the ciphertext and the
-	// version used.
-	encrypt(it *batchItem, index int) (string, int, error)
-	// decrypt returns the base64 plaintext of a decoded item.
-	decrypt(it *batchItem, paddingScheme, paddingField string, index int) (string, error)
+	// version used. A field of the item the key refuses is a *fieldError,
+	// which the batch code names (atItem).
+	encrypt(it *batchItem) (string, int, error)
+	// decrypt returns the base64 plaintext of a decoded item, with
+	// paddingScheme for RSA keys.
+	decrypt(it *batchItem, paddingScheme string) (string, error)
+	// refusesNonce reports a key that refuses a nonce before using it
+	// (rewrap checks it first, as built-in transit does).
+	refusesNonce() bool
 	// random returns n random bytes for a data key.
 	random(n int) ([]byte, error)
 	// latest is the latest version.
@@ -37,19 +42,21 @@ type softwareCipher struct {
 	aeads *aeadCache
 }
 
-func (c softwareCipher) encrypt(it *batchItem, index int) (string, int, error) {
+func (c softwareCipher) encrypt(it *batchItem) (string, int, error) {
 	if fastPath(c.p) && it.Nonce == "" && it.PaddingScheme == "" {
 		return c.aeads.encrypt(c.p, it)
 	}
-	return encryptItem(c.p, it, index)
+	return encryptItem(c.p, it)
 }
 
-func (c softwareCipher) decrypt(it *batchItem, paddingScheme, paddingField string, index int) (string, error) {
+func (c softwareCipher) decrypt(it *batchItem, paddingScheme string) (string, error) {
 	if fastPath(c.p) && paddingScheme == "" {
 		return c.aeads.decrypt(c.p, it)
 	}
-	return decryptItem(c.p, it, paddingScheme, paddingField, index)
+	return decryptItem(c.p, it, paddingScheme)
 }
+
+func (c softwareCipher) refusesNonce() bool { return !nonceAllowed(c.p) }
 
 func (c softwareCipher) random(n int) ([]byte, error) {
 	buf := make([]byte, n)
@@ -72,13 +79,17 @@ type hsmCipher struct {
 	k *hsmKey
 }
 
-func (c hsmCipher) encrypt(it *batchItem, _ int) (string, int, error) {
+func (c hsmCipher) encrypt(it *batchItem) (string, int, error) {
 	return c.s.encrypt(c.k, it)
 }
 
-func (c hsmCipher) decrypt(it *batchItem, paddingScheme, _ string, _ int) (string, error) {
+func (c hsmCipher) decrypt(it *batchItem, paddingScheme string) (string, error) {
 	return c.s.decrypt(c.k, it, paddingScheme)
 }
+
+// refusesNonce is false: an HSM-resident key checks each item's fields as
+// it uses them (checkHSMItem).
+func (c hsmCipher) refusesNonce() bool { return false }
 
 // random draws a data key from the HSM's generator.
 func (c hsmCipher) random(n int) ([]byte, error) {

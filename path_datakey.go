@@ -126,7 +126,8 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 	}
 	r.item.Plaintext = base64.StdEncoding.EncodeToString(dataKey)
 	clear(dataKey)
-	ct, ver, err := c.encrypt(&r.item, 0)
+	ct, ver, err := c.encrypt(&r.item)
+	err = atItem(err, 0, "padding_scheme")
 	if err != nil {
 		if isInternal(err) || unavailable(err) {
 			return nil, err

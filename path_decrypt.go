@@ -121,7 +121,8 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 	errs := make(itemErrors, len(items))
 	forEachItem(len(items), c.parallelism(), func(i int) {
 		if results[i].Error == "" {
-			results[i].Plaintext, errs[i] = c.decrypt(&items[i], items[i].PaddingScheme, "padding_scheme", i)
+			results[i].Plaintext, errs[i] = c.decrypt(&items[i], items[i].PaddingScheme)
+			errs[i] = atItem(errs[i], i, "padding_scheme")
 		}
 	})
 	outcome, err := errs.outcome(func(i int) bool { return results[i].Error != "" },
@@ -142,8 +143,8 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 // decryptItem decrypts one decoded item with p, which the caller holds
 // locked, and returns the base64 plaintext. As in built-in transit, a nonce
 // is only read by version 1 convergent keys and otherwise ignored.
-func decryptItem(p *keysutil.Policy, it *batchItem, paddingScheme, paddingField string, index int) (string, error) {
-	factories, err := cryptoFactories(p, paddingScheme, paddingField, it.aad, index)
+func decryptItem(p *keysutil.Policy, it *batchItem, paddingScheme string) (string, error) {
+	factories, err := cryptoFactories(p, paddingScheme, it.aad)
 	if err != nil {
 		return "", err
 	}

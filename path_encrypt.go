@@ -181,7 +181,8 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 		if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
 			return
 		}
-		results[i].Ciphertext, results[i].KeyVersion, errs[i] = c.encrypt(&items[i], i)
+		results[i].Ciphertext, results[i].KeyVersion, errs[i] = c.encrypt(&items[i])
+		errs[i] = atItem(errs[i], i, "padding_scheme")
 	})
 	outcome, err := errs.outcome(func(i int) bool { return results[i].Error != "" },
 		func(i int, msg string) { results[i].Error = msg })
@@ -239,11 +240,11 @@ func (b *backend) encryptPolicyRequest(ctx context.Context, req *logical.Request
 
 // encryptItem encrypts one decoded item with p, which the caller holds
 // locked. It returns the ciphertext and the version used.
-func encryptItem(p *keysutil.Policy, it *batchItem, index int) (string, int, error) {
+func encryptItem(p *keysutil.Policy, it *batchItem) (string, int, error) {
 	if it.Nonce != "" && !nonceAllowed(p) {
 		return "", 0, errNonceNotAllowed
 	}
-	factories, err := cryptoFactories(p, it.PaddingScheme, "padding_scheme", it.aad, index)
+	factories, err := cryptoFactories(p, it.PaddingScheme, it.aad)
 	if err != nil {
 		return "", 0, err
 	}
@@ -262,7 +263,7 @@ func encryptItem(p *keysutil.Policy, it *batchItem, index int) (string, int, err
 		return "", 0, err
 	}
 	if ct == "" {
-		return "", 0, fmt.Errorf("empty ciphertext returned for input item %d", index)
+		return "", 0, errEmptyCiphertext
 	}
 	ver := it.KeyVersion
 	if ver == 0 {
@@ -273,18 +274,18 @@ func encryptItem(p *keysutil.Policy, it *batchItem, index int) (string, int, err
 
 // cryptoFactories builds keysutil's per-call options for an item: the RSA
 // padding scheme and the associated data, refused where the key type has none.
-func cryptoFactories(p *keysutil.Policy, paddingScheme, paddingField string, aad []byte, index int) ([]any, error) {
+func cryptoFactories(p *keysutil.Policy, paddingScheme string, aad []byte) ([]any, error) {
 	var factories []any
 	if paddingScheme != "" {
 		ps, err := parsePaddingScheme(p.Type, paddingScheme)
 		if err != nil {
-			return nil, errutil.UserError{Err: fmt.Sprintf("'[%d].%s' invalid: %s", index, paddingField, err)}
+			return nil, &fieldError{msg: fmt.Sprintf("invalid: %s", err)}
 		}
 		factories = append(factories, ps)
 	}
 	if aad != nil {
 		if !p.Type.AssociatedDataSupported() {
-			return nil, errutil.UserError{Err: fmt.Sprintf("'[%d].associated_data' provided for non-AEAD cipher suite %v", index, p.Type)}
+			return nil, &fieldError{field: "associated_data", msg: fmt.Sprintf("provided for non-AEAD cipher suite %v", p.Type)}
 		}
 		factories = append(factories, staticAAD(aad))
 	}

@@ -122,20 +122,21 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 	return itemsResponse(d, items, results, false, encryptFields)
 }
 
-// rewrapItem decrypts and re-encrypts one item with p, held locked by the
-// caller.
+// rewrapItem decrypts and re-encrypts item index with c, held locked by
+// the caller.
 func rewrapItem(c keyCipher, it *batchItem, index int) (string, int, error) {
-	if sc, ok := c.(softwareCipher); ok && it.Nonce != "" && !nonceAllowed(sc.p) {
+	if it.Nonce != "" && c.refusesNonce() {
 		return "", 0, errNonceNotAllowed
 	}
-	pt, err := c.decrypt(it, it.DecryptPaddingScheme, "decrypt_padding_scheme", index)
+	pt, err := c.decrypt(it, it.DecryptPaddingScheme)
 	if err != nil {
-		return "", 0, err
+		return "", 0, atItem(err, index, "decrypt_padding_scheme")
 	}
 	fresh := *it
 	fresh.Plaintext = pt
 	fresh.PaddingScheme = it.EncryptPaddingScheme
-	return c.encrypt(&fresh, index)
+	ct, v, err := c.encrypt(&fresh)
+	return ct, v, atItem(err, index, "padding_scheme")
 }
 
 const pathRewrapHelpSyn = `Rewrap ciphertext`
