@@ -21,6 +21,9 @@ var minRescanInterval = time.Second
 // that no successful operation followed.
 var maxRescanInterval = 4 * time.Second
 
+// rescanClock is the clock of the spacing of finalisations (tests set it).
+var rescanClock = time.Now
+
 // module is one PKCS#11 library file in use in this process. C_Initialize is
 // called once and shared by every token and mount; the module is initialised
 // again only when a token vanished, so that its slots are listed anew.
@@ -222,7 +225,7 @@ func (m *module) reset(gen uint64) bool {
 	if m.generation != gen || !m.initialized {
 		return true // someone else did
 	}
-	now := time.Now()
+	now := rescanClock()
 	if m.succeeded.Swap(false) || m.resetDelay < minRescanInterval {
 		m.resetDelay = minRescanInterval
 	}

@@ -190,10 +190,6 @@ func TestMutantRSAHalfPair(t *testing.T) {
 // token whose AES-GCM blobs do not open again (it used an IV it did not
 // write back) has Seal and CheckRoundTrip refuse with a Configuration error,
 // not the Failed error of the open.
-//
-// The same test in CheckRoundTrip (after Seal returned) is not reached: Seal
-// has just opened the blob, so the second open fails only if the token
-// changed in between.
 func TestMutantSealCannotOpen(t *testing.T) {
 	shim, label := newShim(t)
 	tok := openShim(t, shim, label, 0)

@@ -113,8 +113,10 @@ type connection struct {
 
 	// inUse bounds the sessions handed out at once.
 	inUse chan struct{}
-	// kwp is the key-wrap mechanism aes-kwp uses with this token.
-	kwp uint
+	// kwp is the key-wrap mechanism aes-kwp uses with this token, as
+	// the token answered in module generation kwpGen (guarded by mu).
+	kwp    uint
+	kwpGen uint64
 	// recentIVs are the last AES-GCM IVs the token used (recentIVOrder
 	// in order), to refuse one used again: GCM under a repeated IV loses
 	// both confidentiality and authenticity.

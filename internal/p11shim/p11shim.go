@@ -66,6 +66,24 @@ const (
 	// C_OpenSession fails with CKR_DEVICE_ERROR, after the word is removed
 	// too, until C_Finalize and C_Initialize.
 	DeviceError = "device-error"
+	// KWP: the token lists CKM_AES_KEY_WRAP_KWP (PKCS#11 3.0's number
+	// for RFC 5649), with the flags of CKM_AES_KEY_WRAP_PAD, and runs it
+	// as that.
+	KWP = "kwp"
+	// KWPWrapOnly: as KWP, but its flags lack CKF_UNWRAP.
+	KWPWrapOnly = "kwp-wrap-only"
+	// OAEPParamInvalid: CKM_RSA_PKCS_OAEP with a hash other than SHA-1 is
+	// refused with CKR_MECHANISM_PARAM_INVALID (SoftHSM2 2.6 answers
+	// CKR_ARGUMENTS_BAD).
+	OAEPParamInvalid = "oaep-param-invalid"
+	// SigLenRange: C_Verify reports a wrong signature as
+	// CKR_SIGNATURE_LEN_RANGE instead of CKR_SIGNATURE_INVALID.
+	SigLenRange = "sig-len-range"
+	// VerifyFailed: C_Verify fails with CKR_FUNCTION_FAILED.
+	VerifyFailed = "verify-failed"
+	// KeygenFull: C_GenerateKey and C_GenerateKeyPair fail with
+	// CKR_DEVICE_MEMORY (no room for another key).
+	KeygenFull = "keygen-full"
 )
 
 //go:embed shim.c

@@ -25,6 +25,18 @@
  *   device-error    every call but C_Initialize, C_Finalize and C_GetInfo
  *                   fails with CKR_DEVICE_ERROR; afterwards old sessions are
  *                   void and C_OpenSession fails until C_Finalize+C_Initialize
+ *   kwp             the token lists CKM_AES_KEY_WRAP_KWP (PKCS#11 3.0), with
+ *                   the flags of CKM_AES_KEY_WRAP_PAD, and runs it as that
+ *   kwp-wrap-only   as kwp, but its flags lack CKF_UNWRAP
+ *   oaep-param-invalid  CKM_RSA_PKCS_OAEP with a hash other than SHA-1 is
+ *                   refused with CKR_MECHANISM_PARAM_INVALID (where SoftHSM2
+ *                   2.6 answers CKR_ARGUMENTS_BAD)
+ *   sig-len-range   C_Verify reports a wrong signature as
+ *                   CKR_SIGNATURE_LEN_RANGE instead of CKR_SIGNATURE_INVALID
+ *   verify-failed   C_Verify fails with CKR_FUNCTION_FAILED (after the
+ *                   target ran it, so that the operation is over)
+ *   keygen-full     C_GenerateKey and C_GenerateKeyPair fail with
+ *                   CKR_DEVICE_MEMORY (no room for another key)
  *
  * The environment is read in C_GetFunctionList and C_Initialize (the control
  * path may change between two uses of the module in one process; the target
@@ -57,6 +69,8 @@
 #include "pkcs11.h"
 
 #define GCM_IV_LEN 12
+/* PKCS#11 3.0's number for KWP, which the 2.40 headers lack. */
+#define SHIM_CKM_AES_KEY_WRAP_KWP 0x210BUL
 
 /* Fault flags, one per control word. */
 enum {
@@ -67,6 +81,12 @@ enum {
 	F_DEVICE_ERROR = 1 << 4,
 	F_IV_HIDDEN = 1 << 5,
 	F_IV_REPEAT = 1 << 6,
+	F_KWP = 1 << 7,
+	F_KWP_WRAP_ONLY = 1 << 8,
+	F_OAEP_PARAM_INVALID = 1 << 9,
+	F_SIG_LEN_RANGE = 1 << 10,
+	F_VERIFY_FAILED = 1 << 11,
+	F_KEYGEN_FULL = 1 << 12,
 };
 
 /* How a function is affected by device-error and its aftermath. */
@@ -114,6 +134,18 @@ static unsigned parse_words(char *text)
 			f |= F_IV_HIDDEN;
 		else if (strcmp(w, "iv-repeat") == 0)
 			f |= F_IV_REPEAT;
+		else if (strcmp(w, "kwp") == 0)
+			f |= F_KWP;
+		else if (strcmp(w, "kwp-wrap-only") == 0)
+			f |= F_KWP_WRAP_ONLY;
+		else if (strcmp(w, "oaep-param-invalid") == 0)
+			f |= F_OAEP_PARAM_INVALID;
+		else if (strcmp(w, "sig-len-range") == 0)
+			f |= F_SIG_LEN_RANGE;
+		else if (strcmp(w, "verify-failed") == 0)
+			f |= F_VERIFY_FAILED;
+		else if (strcmp(w, "keygen-full") == 0)
+			f |= F_KEYGEN_FULL;
 	}
 	return f;
 }
@@ -263,7 +295,6 @@ WRAP_S(C_SignFinal, (CK_SESSION_HANDLE h, CK_BYTE_PTR o, CK_ULONG_PTR on), (h, o
 WRAP_S(C_SignRecoverInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
 WRAP_S(C_SignRecover, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, CK_BYTE_PTR o, CK_ULONG_PTR on), (h, d, dn, o, on))
 WRAP_S(C_VerifyInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
-WRAP_S(C_Verify, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, CK_BYTE_PTR s, CK_ULONG sn), (h, d, dn, s, sn))
 WRAP_S(C_VerifyUpdate, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn), (h, d, dn))
 WRAP_S(C_VerifyFinal, (CK_SESSION_HANDLE h, CK_BYTE_PTR s, CK_ULONG sn), (h, s, sn))
 WRAP_S(C_VerifyRecoverInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
@@ -272,10 +303,6 @@ WRAP_S(C_DigestEncryptUpdate, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, 
 WRAP_S(C_DecryptDigestUpdate, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, CK_BYTE_PTR o, CK_ULONG_PTR on), (h, d, dn, o, on))
 WRAP_S(C_SignEncryptUpdate, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, CK_BYTE_PTR o, CK_ULONG_PTR on), (h, d, dn, o, on))
 WRAP_S(C_DecryptVerifyUpdate, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, CK_BYTE_PTR o, CK_ULONG_PTR on), (h, d, dn, o, on))
-WRAP_S(C_GenerateKey, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k), (h, m, t, n, k))
-WRAP_S(C_GenerateKeyPair, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR pt, CK_ULONG pn, CK_ATTRIBUTE_PTR st, CK_ULONG sn, CK_OBJECT_HANDLE_PTR pk, CK_OBJECT_HANDLE_PTR sk), (h, m, pt, pn, st, sn, pk, sk))
-WRAP_S(C_WrapKey, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE wk, CK_OBJECT_HANDLE k, CK_BYTE_PTR o, CK_ULONG_PTR on), (h, m, wk, k, o, on))
-WRAP_S(C_UnwrapKey, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE uk, CK_BYTE_PTR w, CK_ULONG wn, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k), (h, m, uk, w, wn, t, n, k))
 WRAP_S(C_DeriveKey, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE b, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k), (h, m, b, t, n, k))
 WRAP_S(C_SeedRandom, (CK_SESSION_HANDLE h, CK_BYTE_PTR s, CK_ULONG n), (h, s, n))
 WRAP_S(C_GenerateRandom, (CK_SESSION_HANDLE h, CK_BYTE_PTR o, CK_ULONG n), (h, o, n))
@@ -304,14 +331,15 @@ static CK_RV w_C_Initialize(CK_VOID_PTR args)
 	return rv;
 }
 
-/* no-gcm: leave CKM_AES_GCM out of the list. */
+/* no-gcm: leave CKM_AES_GCM out of the list; kwp, kwp-wrap-only: add
+ * CKM_AES_KEY_WRAP_KWP. */
 static CK_RV w_C_GetMechanismList(CK_SLOT_ID s, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count)
 {
 	unsigned f;
 	CK_RV rv = enter(K_PLAIN, &f);
 	if (rv != CKR_OK)
 		return rv;
-	if (!(f & F_NO_GCM))
+	if (!(f & (F_NO_GCM | F_KWP | F_KWP_WRAP_ONLY)))
 		return target->C_GetMechanismList(s, list, count);
 	if (count == NULL)
 		return CKR_ARGUMENTS_BAD;
@@ -319,14 +347,17 @@ static CK_RV w_C_GetMechanismList(CK_SLOT_ID s, CK_MECHANISM_TYPE_PTR list, CK_U
 	CK_ULONG n = 0;
 	if ((rv = target->C_GetMechanismList(s, NULL, &n)) != CKR_OK)
 		return rv;
-	CK_MECHANISM_TYPE *all = calloc(n ? n : 1, sizeof *all);
+	CK_MECHANISM_TYPE *all = calloc(n + 1, sizeof *all);
 	if (all == NULL)
 		return CKR_HOST_MEMORY;
 	if ((rv = target->C_GetMechanismList(s, all, &n)) == CKR_OK) {
 		CK_ULONG k = 0;
 		for (CK_ULONG i = 0; i < n; i++)
-			if (all[i] != CKM_AES_GCM)
+			if (!((f & F_NO_GCM) && all[i] == CKM_AES_GCM) &&
+			    !((f & (F_KWP | F_KWP_WRAP_ONLY)) && all[i] == SHIM_CKM_AES_KEY_WRAP_KWP))
 				all[k++] = all[i];
+		if (f & (F_KWP | F_KWP_WRAP_ONLY))
+			all[k++] = SHIM_CKM_AES_KEY_WRAP_KWP;
 		if (list != NULL && *count < k)
 			rv = CKR_BUFFER_TOO_SMALL;
 		else if (list != NULL)
@@ -337,7 +368,7 @@ static CK_RV w_C_GetMechanismList(CK_SLOT_ID s, CK_MECHANISM_TYPE_PTR list, CK_U
 	return rv;
 }
 
-/* no-gcm: the mechanism is unknown. */
+/* no-gcm: the mechanism is unknown; kwp, kwp-wrap-only: KWP is known. */
 static CK_RV w_C_GetMechanismInfo(CK_SLOT_ID s, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info)
 {
 	unsigned f;
@@ -346,7 +377,91 @@ static CK_RV w_C_GetMechanismInfo(CK_SLOT_ID s, CK_MECHANISM_TYPE type, CK_MECHA
 		return rv;
 	if ((f & F_NO_GCM) && type == CKM_AES_GCM)
 		return CKR_MECHANISM_INVALID;
+	if (type == SHIM_CKM_AES_KEY_WRAP_KWP && (f & (F_KWP | F_KWP_WRAP_ONLY))) {
+		rv = target->C_GetMechanismInfo(s, CKM_AES_KEY_WRAP_PAD, info);
+		if (rv == CKR_OK && (f & F_KWP_WRAP_ONLY) && !(f & F_KWP))
+			info->flags &= ~(CK_FLAGS)CKF_UNWRAP;
+		return rv;
+	}
 	return target->C_GetMechanismInfo(s, type, info);
+}
+
+/* kwp, kwp-wrap-only: CKM_AES_KEY_WRAP_KWP runs as CKM_AES_KEY_WRAP_PAD. */
+static CK_MECHANISM_PTR kwp_as_pad(unsigned f, CK_MECHANISM_PTR m, CK_MECHANISM_PTR pad)
+{
+	if (m == NULL || m->mechanism != SHIM_CKM_AES_KEY_WRAP_KWP || !(f & (F_KWP | F_KWP_WRAP_ONLY)))
+		return m;
+	*pad = *m;
+	pad->mechanism = CKM_AES_KEY_WRAP_PAD;
+	return pad;
+}
+
+static CK_RV w_C_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE wk, CK_OBJECT_HANDLE k, CK_BYTE_PTR o, CK_ULONG_PTR on)
+{
+	unsigned f;
+	CK_RV rv = enter(K_SESSION, &f);
+	if (rv != CKR_OK)
+		return rv;
+	CK_MECHANISM pad;
+	return target->C_WrapKey(h, kwp_as_pad(f, m, &pad), wk, k, o, on);
+}
+
+static CK_RV w_C_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE uk, CK_BYTE_PTR w, CK_ULONG wn, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k)
+{
+	unsigned f;
+	CK_RV rv = enter(K_SESSION, &f);
+	if (rv != CKR_OK)
+		return rv;
+	CK_MECHANISM pad;
+	return target->C_UnwrapKey(h, kwp_as_pad(f, m, &pad), uk, w, wn, t, n, k);
+}
+
+/* keygen-full: no room for another key. */
+static CK_RV w_C_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k)
+{
+	unsigned f;
+	CK_RV rv = enter(K_SESSION, &f);
+	if (rv != CKR_OK)
+		return rv;
+	if (f & F_KEYGEN_FULL)
+		return CKR_DEVICE_MEMORY;
+	return target->C_GenerateKey(h, m, t, n, k);
+}
+
+static CK_RV w_C_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR pt, CK_ULONG pn, CK_ATTRIBUTE_PTR st, CK_ULONG sn, CK_OBJECT_HANDLE_PTR pk, CK_OBJECT_HANDLE_PTR sk)
+{
+	unsigned f;
+	CK_RV rv = enter(K_SESSION, &f);
+	if (rv != CKR_OK)
+		return rv;
+	if (f & F_KEYGEN_FULL)
+		return CKR_DEVICE_MEMORY;
+	return target->C_GenerateKeyPair(h, m, pt, pn, st, sn, pk, sk);
+}
+
+/* sig-len-range, verify-failed: C_Verify answers otherwise. */
+static CK_RV w_C_Verify(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, CK_BYTE_PTR s, CK_ULONG sn)
+{
+	unsigned f;
+	CK_RV rv = enter(K_SESSION, &f);
+	if (rv != CKR_OK)
+		return rv;
+	rv = target->C_Verify(h, d, dn, s, sn);
+	if (f & F_VERIFY_FAILED)
+		return CKR_FUNCTION_FAILED;
+	if ((f & F_SIG_LEN_RANGE) && rv == CKR_SIGNATURE_INVALID)
+		return CKR_SIGNATURE_LEN_RANGE;
+	return rv;
+}
+
+/* oaep-param-invalid: CKM_RSA_PKCS_OAEP with another hash than SHA-1. */
+static int oaep_refused(unsigned f, CK_MECHANISM_PTR m)
+{
+	if (!(f & F_OAEP_PARAM_INVALID) || m == NULL || m->mechanism != CKM_RSA_PKCS_OAEP)
+		return 0;
+	if (m->pParameter == NULL || m->ulParameterLen != sizeof(CK_RSA_PKCS_OAEP_PARAMS))
+		return 1;
+	return ((CK_RSA_PKCS_OAEP_PARAMS *)m->pParameter)->hashAlg != CKM_SHA_1;
 }
 
 static int random_bytes(CK_BYTE *buf, size_t n)
@@ -406,6 +521,8 @@ static CK_RV w_C_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_
 	CK_RV rv = enter(K_SESSION, &f);
 	if (rv != CKR_OK)
 		return rv;
+	if (oaep_refused(f, m))
+		return CKR_MECHANISM_PARAM_INVALID;
 	if (m != NULL && m->mechanism == CKM_AES_GCM) {
 		if (f & F_NO_GCM)
 			return CKR_MECHANISM_INVALID;
@@ -424,6 +541,8 @@ static CK_RV w_C_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_
 		return rv;
 	if (m != NULL && m->mechanism == CKM_AES_GCM && (f & F_NO_GCM))
 		return CKR_MECHANISM_INVALID;
+	if (oaep_refused(f, m))
+		return CKR_MECHANISM_PARAM_INVALID;
 	return target->C_DecryptInit(h, m, key);
 }
 
