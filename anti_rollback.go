@@ -182,6 +182,6 @@ func (m *sealManager) setAntiRollbackLocked(ctx context.Context, s logical.Stora
 	}
 	next := *m.state.Load()
 	next.meta = &meta
-	m.state.Store(&next)
+	m.setState(&next)
 	return nil
 }

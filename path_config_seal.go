@@ -278,7 +278,7 @@ func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg
 	adopted = true
 
 	snap := &sealSnapshot{phase: phaseUnsealed, cfg: cfg, meta: meta, sealer: sealer}
-	m.state.Store(snap)
+	m.setState(snap)
 	snap = m.afterUnseal(ctx, s, snap)
 	m.b.Logger().Info("mount sealed by the HSM", "token", tok.Describe(), "key_label", cfg.KeyLabel, "entries_encrypted", snap.migrated)
 	resp := describeSealConfig(cfg)
@@ -398,7 +398,7 @@ func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, 
 	m.adoptToken(tok)
 	adopted = true
 	done := &sealSnapshot{phase: phaseUnsealed, cfg: next, meta: unsealed.meta, sealer: unsealed.sealer, problem: unsealed.problem}
-	m.state.Store(done)
+	m.setState(done)
 	if snap.phase != phaseUnsealed {
 		m.afterUnseal(ctx, s, done)
 	}

@@ -136,7 +136,7 @@ func (b *backend) pathRecoveryInitWrite(ctx context.Context, req *logical.Reques
 	}
 	next := *snap
 	next.cfg, next.meta = &cfg, &meta
-	m.state.Store(&next)
+	m.setState(&next)
 	m.b.Logger().Warn("recovery shares made; earlier shares, if any, no longer work", "shares", len(shares), "threshold", meta.RecoveryThreshold)
 
 	resp := &logical.Response{Data: map[string]interface{}{
@@ -241,7 +241,7 @@ func (b *backend) pathRecoveryRestoreWrite(ctx context.Context, req *logical.Req
 	m.adoptToken(tok)
 	adopted = true
 	unsealed := &sealSnapshot{phase: phaseUnsealed, cfg: &final, meta: &meta, sealer: o.sealer}
-	m.state.Store(unsealed)
+	m.setState(unsealed)
 	m.b.dropCachedKeys()
 	unsealed = m.afterUnseal(ctx, req.Storage, unsealed)
 	m.b.Logger().Warn("root keyring recovered from shares and sealed by a new KEK", "token", tok.Describe(), "key_label", next.KeyLabel)
@@ -428,7 +428,7 @@ func (m *sealManager) sealLocked(cfg *sealConfig) {
 	if snap := m.state.Load(); snap.sealer != nil {
 		snap.sealer.Keyring().Wipe()
 	}
-	m.state.Store(&sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true})
+	m.setState(&sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true})
 	m.stopAnchorLocked()
 	m.adoptToken(nil)
 	m.b.dropCachedKeys()
@@ -483,7 +483,7 @@ func (b *backend) pathUnsealWrite(ctx context.Context, req *logical.Request, _ *
 	m.adoptToken(tok)
 	adopted = true
 	snap := &sealSnapshot{phase: phaseUnsealed, cfg: &next, meta: &meta, sealer: o.sealer}
-	m.state.Store(snap)
+	m.setState(snap)
 	m.afterUnseal(ctx, req.Storage, snap)
 	m.b.Logger().Warn("unsealed after an emergency seal")
 	return &logical.Response{Data: map[string]interface{}{"sealed": false}}, nil

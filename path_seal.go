@@ -183,7 +183,7 @@ func (m *sealManager) storeKeyringLocked(ctx context.Context, s logical.Storage,
 	}
 	next := *snap
 	next.cfg = &cfg
-	m.state.Store(&next)
+	m.setState(&next)
 	return nil
 }
 
@@ -223,7 +223,7 @@ func (m *sealManager) finishRotationLocked(ctx context.Context, s logical.Storag
 	if cur := m.state.Load(); cur.problem != problem {
 		next := *cur
 		next.problem = problem
-		m.state.Store(&next)
+		m.setState(&next)
 	}
 	if err != nil {
 		return n, fmt.Errorf("re-encrypting entries under the new root key (the rotation completes at the next rotation or restart): %w", err)

@@ -196,3 +196,74 @@ func TestShutdownAllWithNothingRegistered(t *testing.T) {
 	require.Zero(t, r.shutdownAll("test", time.Minute))
 	require.Less(t, time.Since(start), 100*time.Millisecond)
 }
+
+// A request that finds an unseal attempt under way (the seal's lock held)
+// waits for it without polling: it goes on as soon as the lock is released,
+// returns as soon as the state becomes unsealed even while the lock is
+// still held, and gives up with its context. Each bound below is well
+// under unsealWait, so that only a wait that missed its wake-up fails.
+func TestWaitingForAnUnsealUnderWay(t *testing.T) {
+	e := getTestBackend(t)
+	e.encrypt(t, "k", "x", nil)
+	m := e.b.seal
+	unsealed := m.state.Load()
+	require.Equal(t, phaseUnsealed, unsealed.phase)
+	sealed := &sealSnapshot{phase: phaseSealed, cfg: unsealed.cfg, nextTry: time.Now().Add(time.Hour)}
+
+	wait := func(ctx context.Context) <-chan *sealSnapshot {
+		out := make(chan *sealSnapshot, 1)
+		go func() {
+			snap, err := m.tryUnseal(ctx, e.storage, false)
+			if err != nil {
+				snap = nil // soon's caller then fails on the nil state
+			}
+			out <- snap
+		}()
+		return out
+	}
+	soon := func(c <-chan *sealSnapshot) *sealSnapshot {
+		select {
+		case snap := <-c:
+			return snap
+		case <-time.After(unsealWait / 2):
+			t.Fatal("the waiting request did not wake up")
+			return nil
+		}
+	}
+
+	// lock and unlock hold the seal's lock as an attempt under way does;
+	// a failed check releases it, so that the mount can be cleaned up.
+	held := false
+	lock := func() { m.mu.Lock(); held = true }
+	unlock := func() { m.mu.Unlock(); held = false }
+	defer func() {
+		if held {
+			unlock()
+		}
+	}()
+
+	// The attempt ends: the waiter takes the lock and sees it was tried.
+	lock()
+	m.setState(sealed)
+	got := wait(context.Background())
+	require.Never(t, func() bool { return len(got) > 0 }, 100*time.Millisecond, 10*time.Millisecond, "waits while the attempt is under way")
+	unlock()
+	require.Same(t, sealed, soon(got), "not due to retry: the state as the attempt left it")
+	// (the waiter took the lock and gave it back)
+
+	// The mount becomes unsealed while the lock is still held.
+	lock()
+	got = wait(context.Background())
+	require.Never(t, func() bool { return len(got) > 0 }, 100*time.Millisecond, 10*time.Millisecond)
+	m.setState(unsealed)
+	require.Same(t, unsealed, soon(got))
+
+	// The request's context ends first.
+	m.setState(sealed)
+	ctx, cancel := context.WithCancel(context.Background())
+	got = wait(ctx)
+	cancel()
+	require.Same(t, sealed, soon(got))
+	m.setState(unsealed)
+	unlock()
+}

@@ -233,9 +233,15 @@ type sealManager struct {
 
 	state atomic.Pointer[sealSnapshot]
 
-	// mu serialises transitions: configure, unseal, rotate, close.
-	mu    sync.Mutex
-	token *hsm.Token
+	// mu serialises transitions: configure, unseal, rotate, close. A
+	// request that finds an unseal under way waits on it in a select
+	// (tryUnseal): for the attempt to end, the state to change, its
+	// context or a deadline.
+	mu chanMutex
+	// changed is closed, and replaced, at each change of state.
+	changedMu sync.Mutex
+	changed   chan struct{}
+	token     *hsm.Token
 	// current mirrors token for readers that must not wait on mu.
 	current atomic.Pointer[hsm.Token]
 	// support is what the current token offers, asked once per token.
@@ -260,11 +266,53 @@ func newSealManager(b *backend, mountUUID string) *sealManager {
 		b:       b,
 		mountID: mountUUID,
 		aad:     []byte("hsm-transit/root-keyring\x00" + mountUUID),
+		mu:      newChanMutex(),
+		changed: make(chan struct{}),
 		stop:    make(chan struct{}),
 		kick:    make(chan struct{}, 1),
 	}
-	m.state.Store(&sealSnapshot{phase: phaseUnknown})
+	m.setState(&sealSnapshot{phase: phaseUnknown})
 	return m
+}
+
+// setState moves to snap and wakes whoever waits for a change.
+func (m *sealManager) setState(snap *sealSnapshot) {
+	m.state.Store(snap)
+	m.changedMu.Lock()
+	close(m.changed)
+	m.changed = make(chan struct{})
+	m.changedMu.Unlock()
+}
+
+// stateChanged is closed at the next change of state.
+func (m *sealManager) stateChanged() <-chan struct{} {
+	m.changedMu.Lock()
+	defer m.changedMu.Unlock()
+	return m.changed
+}
+
+// chanMutex is a mutex that can be waited for in a select.
+type chanMutex chan struct{}
+
+func newChanMutex() chanMutex { return make(chanMutex, 1) }
+
+func (l chanMutex) Lock() { l <- struct{}{} }
+
+func (l chanMutex) Unlock() {
+	select {
+	case <-l:
+	default:
+		panic("unlock of an unlocked chanMutex")
+	}
+}
+
+func (l chanMutex) TryLock() bool {
+	select {
+	case l <- struct{}{}:
+		return true
+	default:
+		return false
+	}
 }
 
 // errNotConfigured answers key and crypto paths before config/seal.
@@ -317,16 +365,21 @@ func (m *sealManager) tryUnseal(ctx context.Context, under logical.Storage, forc
 	// Another request or the background loop may be at it: wait a while
 	// for its outcome rather than answer 503 meanwhile, but not forever,
 	// in case the HSM hangs.
-	deadline := time.Now().Add(unsealWait)
-	for !m.mu.TryLock() {
-		snap := m.state.Load()
-		if snap.phase == phaseUnsealed || time.Now().After(deadline) {
+	deadline := time.NewTimer(unsealWait)
+	defer deadline.Stop()
+	for locked := m.mu.TryLock(); !locked; {
+		changed := m.stateChanged()
+		if snap := m.state.Load(); snap.phase == phaseUnsealed {
 			return snap, nil
 		}
 		select {
+		case m.mu <- struct{}{}:
+			locked = true
+		case <-changed:
 		case <-ctx.Done():
 			return m.state.Load(), nil
-		case <-time.After(10 * time.Millisecond):
+		case <-deadline.C:
+			return m.state.Load(), nil
 		}
 	}
 	defer m.mu.Unlock()
@@ -344,7 +397,7 @@ func (m *sealManager) tryUnseal(ctx context.Context, under logical.Storage, forc
 		default:
 			snap = &sealSnapshot{phase: phaseSealed, cfg: cfg}
 		}
-		m.state.Store(snap)
+		m.setState(snap)
 	}
 	if snap.phase != phaseSealed || snap.permanent || (!force && time.Now().Before(snap.nextTry)) {
 		return snap, nil
@@ -373,10 +426,10 @@ func (m *sealManager) unsealLocked(ctx context.Context, under logical.Storage, c
 			m.wake()
 		}
 		m.b.Logger().Warn("cannot unseal the mount's root key", "error", err, "retry_in", snap.backoff.String())
-		m.state.Store(snap)
+		m.setState(snap)
 		return snap
 	}
-	m.state.Store(snap)
+	m.setState(snap)
 	if snap.phase != phaseUnsealed {
 		m.b.Logger().Warn("the mount stays sealed", "reason", snap.lastErr)
 		return snap
@@ -707,7 +760,7 @@ func (m *sealManager) migrateLocked(ctx context.Context, under logical.Storage, 
 	}
 	next := *snap
 	next.meta, next.migrated = &meta, n
-	m.state.Store(&next)
+	m.setState(&next)
 	if n > 0 {
 		m.b.Logger().Info("encrypted the entries stored before the seal", "entries", n)
 	}
@@ -779,7 +832,7 @@ func (m *sealManager) invalidate(ctx context.Context, key string) {
 		if err == nil && cfg != nil && cfg.EmergencySealed {
 			// Requests from now on find the mount sealed; the keyring
 			// and token go below, under mu.
-			m.state.Store(&sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true})
+			m.setState(&sealSnapshot{phase: phaseSealed, cfg: cfg, lastErr: errEmergencySealed, permanent: true})
 		}
 	}
 	m.mu.Lock()
@@ -836,7 +889,7 @@ func (m *sealManager) reload(under logical.Storage) {
 		}
 		next := *snap
 		next.cfg, next.meta = cfg, meta
-		m.state.Store(&next)
+		m.setState(&next)
 		return
 	}
 	// Another keyring, KEK, token or mechanism, or the end of an
@@ -851,7 +904,7 @@ func (m *sealManager) dropLocked(next *sealSnapshot) {
 	if snap := m.state.Load(); snap.sealer != nil {
 		snap.sealer.Keyring().Wipe()
 	}
-	m.state.Store(next)
+	m.setState(next)
 	m.stopAnchorLocked()
 	m.adoptToken(nil)
 	m.b.dropCachedKeys()
@@ -881,7 +934,7 @@ func (m *sealManager) close() {
 	defer m.mu.Unlock()
 	m.stopAnchorLocked()
 	m.adoptToken(nil)
-	m.state.Store(&sealSnapshot{phase: phaseUnknown})
+	m.setState(&sealSnapshot{phase: phaseUnknown})
 }
 
 // readSealConfig returns the stored seal configuration, nil when none.
