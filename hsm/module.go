@@ -226,9 +226,10 @@ func (m *module) reset(gen uint64) bool {
 		return true // someone else did
 	}
 	now := rescanClock()
-	if m.succeeded.Swap(false) || m.resetDelay < minRescanInterval {
+	if m.succeeded.Swap(false) {
 		m.resetDelay = minRescanInterval
 	}
+	m.resetDelay = max(m.resetDelay, minRescanInterval)
 	if now.Sub(m.lastReset) < m.resetDelay {
 		return false
 	}
