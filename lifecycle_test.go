@@ -2,6 +2,7 @@ package hsmtransit
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"os"
@@ -293,9 +294,13 @@ func TestRecoveryWithShares(t *testing.T) {
 		}))
 	}
 	requireStatus(t, restore(shares[:2]), 400, "3 are needed")
-	wrong := []byte(shares[2])
-	wrong[5] ^= 1
-	requireStatus(t, restore([]string{shares[0], shares[1], string(wrong)}), 400, "the shares do not open the recovery copy (too few, a wrong share, or shares of another recovery set)")
+	// A share with one bit changed (in its bytes: a changed base64
+	// character may not be base64 at all).
+	raw, err := base64.StdEncoding.DecodeString(shares[2])
+	require.NoError(t, err)
+	raw[5] ^= 1
+	wrong := base64.StdEncoding.EncodeToString(raw)
+	requireStatus(t, restore([]string{shares[0], shares[1], wrong}), 400, "the shares do not open the recovery copy (too few, a wrong share, or shares of another recovery set)")
 	_, other, err := sealpkg.NewRecovery(5, 3)
 	require.NoError(t, err)
 	requireStatus(t, restore([]string{shares[0], shares[1], other[2]}), 400, "do not open the recovery copy")
