@@ -4,7 +4,6 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
-	"encoding/base64"
 	"strconv"
 
 	"github.com/hashicorp/vault/sdk/helper/errutil"
@@ -75,12 +74,7 @@ func (a *aeadCache) encrypt(p *keysutil.Policy, it *batchItem) (string, int, err
 	if err != nil {
 		return "", 0, err
 	}
-	out := make([]byte, aead.NonceSize(), aead.NonceSize()+len(pt)+aead.Overhead())
-	if _, err := rand.Read(out); err != nil {
-		return "", 0, errutil.InternalError{Err: err.Error()}
-	}
-	out = aead.Seal(out, out[:aead.NonceSize()], pt, it.aad)
-	return formatCiphertext(ver, out), ver, nil
+	return encryptWith(gcmAEAD{aead}, ver, pt, it.aad)
 }
 
 // decrypt is DecryptWithOptions for a fast-path key.
@@ -93,12 +87,30 @@ func (a *aeadCache) decrypt(p *keysutil.Policy, it *batchItem) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if len(raw) < aead.NonceSize() {
-		return "", errutil.UserError{Err: "invalid ciphertext length"}
+	return decryptWith(gcmAEAD{aead}, raw, it.aad)
+}
+
+// gcmAEAD is a software version's AES-GCM as a byteAEAD, in keysutil's
+// format: a random nonce, then the sealed plaintext and its tag.
+type gcmAEAD struct{ aead cipher.AEAD }
+
+func (g gcmAEAD) Encrypt(plaintext, associatedData []byte) ([]byte, error) {
+	n := g.aead.NonceSize()
+	out := make([]byte, n, n+len(plaintext)+g.aead.Overhead())
+	if _, err := rand.Read(out); err != nil {
+		return nil, errutil.InternalError{Err: err.Error()}
 	}
-	pt, err := aead.Open(raw[aead.NonceSize():aead.NonceSize()], raw[:aead.NonceSize()], raw[aead.NonceSize():], it.aad)
+	return g.aead.Seal(out, out[:n], plaintext, associatedData), nil
+}
+
+func (g gcmAEAD) Decrypt(ciphertext, associatedData []byte) ([]byte, error) {
+	n := g.aead.NonceSize()
+	if len(ciphertext) < n {
+		return nil, errutil.UserError{Err: "invalid ciphertext length"}
+	}
+	pt, err := g.aead.Open(ciphertext[n:n], ciphertext[:n], ciphertext[n:], associatedData)
 	if err != nil {
-		return "", errutil.UserError{Err: err.Error()}
+		return nil, errutil.UserError{Err: err.Error()}
 	}
-	return base64.StdEncoding.EncodeToString(pt), nil
+	return pt, nil
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
 )
 
 const (
@@ -68,7 +69,7 @@ type backend struct {
 	// seal is the HSM seal of the mount's root key.
 	seal *sealManager
 	// hsmKeys are the keys kept in the HSM.
-	hsmKeys *hsmKeyStore
+	hsmKeys *hsmkey.Store
 	// lifecycle holds suspension, usage counts and scheduled deletion.
 	lifecycle *lifecycleStore
 	// aeads are the ciphers of software keys' versions in use.
@@ -101,7 +102,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 		mountUUID = conf.BackendUUID
 	}
 	b.seal = newSealManager(b, mountUUID)
-	b.hsmKeys = newHSMKeyStore(b)
+	b.hsmKeys = hsmkey.NewStore(sealTokens{b.seal}, mountUUID)
 	b.lifecycle = newLifecycleStore()
 	b.aeads = newAEADCache()
 	b.Backend = &framework.Backend{
@@ -191,7 +192,7 @@ func (b *backend) loadCacheSize(ctx context.Context, s logical.Storage) error {
 		return fmt.Errorf("resizing policy cache: %w", err)
 	}
 	// Everything else kept per key follows the policy cache's bound.
-	b.hsmKeys.cache.resize(size)
+	b.hsmKeys.Resize(size)
 	b.lifecycle.cache.resize(size)
 	b.aeads.c.resize(size)
 	if sealer := b.seal.state.Load().sealer; sealer != nil {
@@ -226,7 +227,7 @@ func (b *backend) invalidate(ctx context.Context, key string) {
 		defer b.cacheMu.RUnlock()
 		b.lm.InvalidatePolicy(strings.TrimPrefix(key, policyPrefix))
 	case strings.HasPrefix(key, hsmKeyPrefix):
-		b.hsmKeys.invalidate(strings.TrimPrefix(key, hsmKeyPrefix))
+		b.hsmKeys.Invalidate(strings.TrimPrefix(key, hsmKeyPrefix))
 	case strings.HasPrefix(key, lifecyclePrefix):
 		b.lifecycle.invalidate(strings.TrimPrefix(key, lifecyclePrefix))
 	case key == cacheConfigStoragePath:
@@ -252,7 +253,7 @@ func (b *backend) readOnlyNode() bool {
 func (b *backend) clean(_ context.Context) {
 	defer unregisterBackend(b)
 	b.seal.close()
-	b.hsmKeys.reset()
+	b.hsmKeys.Reset()
 	b.lifecycle.reset()
 	b.aeads.c.purge()
 	b.cacheMu.Lock()
@@ -336,7 +337,7 @@ func (b *backend) readPolicy(ctx context.Context, s logical.Storage, name string
 	if err != nil || p != nil {
 		return p, unlock, err
 	}
-	if k, err := b.hsmKeys.get(ctx, s, name); err != nil {
+	if k, err := b.hsmKeys.Get(ctx, s, name); err != nil {
 		return nil, unlock, err
 	} else if k != nil {
 		return nil, unlock, errHSMKeyUnsupported(name, "this path")

@@ -423,11 +423,11 @@ func TestHSMKeyNameTooLong(t *testing.T) {
 	requireStatus(t, r, 400, "too long for an HSM-resident key")
 	requireStatus(t, r, 400, "use a name of at most")
 	requireStatus(t, e.read(t, "keys/"+name), 404, "")
-	labels, err := openTestToken(t).KeyLabels(e.b.hsmKeys.labelPrefix(name))
+	labels, err := openTestToken(t).KeyLabels(e.b.hsmKeys.LabelPrefix(name))
 	require.NoError(t, err)
 	require.Empty(t, labels)
 	// The longest name allowed works.
-	short := strings.Repeat("n", 128-len(e.b.hsmKeys.label("", 1_000_000)))
+	short := strings.Repeat("n", 128-len(e.b.hsmKeys.Label("", 1_000_000)))
 	e.mustWrite(t, "keys/"+short, map[string]interface{}{"hsm": true})
 	require.Equal(t, "fits", e.decrypt(t, short, e.encrypt(t, short, "fits", nil), nil))
 }

@@ -3,12 +3,14 @@ package hsmtransit
 import (
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"runtime"
 
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
 )
 
 // keyCipher is what encrypt, decrypt, rewrap and datakey need of a key,
@@ -34,6 +36,35 @@ type keyCipher interface {
 	defaultCap() uint64
 	// parallelism is how many goroutines a large batch is spread over.
 	parallelism() int
+}
+
+// byteAEAD is one key version as a cipher over bytes, in the spirit of
+// Tink's AEAD: Encrypt returns everything Decrypt needs (nonce, ciphertext,
+// tag, and for an HSM-resident key its format's marker). The item code
+// resolves the version, decodes the item and formats the ciphertext; the
+// keys that have one (an HSM-resident key's versions, a software AES-GCM
+// key used as it is) do only this.
+type byteAEAD interface {
+	Encrypt(plaintext, associatedData []byte) ([]byte, error)
+	Decrypt(ciphertext, associatedData []byte) ([]byte, error)
+}
+
+// encryptWith encrypts pt with version ver's AEAD into transit's format.
+func encryptWith(a byteAEAD, ver int, pt, aad []byte) (string, int, error) {
+	raw, err := a.Encrypt(pt, aad)
+	if err != nil {
+		return "", 0, err
+	}
+	return formatCiphertext(ver, raw), ver, nil
+}
+
+// decryptWith opens a parsed ciphertext's payload into base64 plaintext.
+func decryptWith(a byteAEAD, raw, aad []byte) (string, error) {
+	pt, err := a.Decrypt(raw, aad)
+	if err != nil {
+		return "", err
+	}
+	return base64.StdEncoding.EncodeToString(pt), nil
 }
 
 // softwareCipher is a keysutil policy, held locked by the caller.
@@ -75,16 +106,16 @@ func (c softwareCipher) parallelism() int { return runtime.GOMAXPROCS(0) }
 
 // hsmCipher is an HSM-resident key, read-locked by the caller.
 type hsmCipher struct {
-	s *hsmKeyStore
-	k *hsmKey
+	s *hsmkey.Store
+	k *hsmkey.Key
 }
 
 func (c hsmCipher) encrypt(it *batchItem) (string, int, error) {
-	return c.s.encrypt(c.k, it)
+	return hsmItemEncrypt(c.s, c.k, it)
 }
 
 func (c hsmCipher) decrypt(it *batchItem, paddingScheme string) (string, error) {
-	return c.s.decrypt(c.k, it, paddingScheme)
+	return hsmItemDecrypt(c.s, c.k, it, paddingScheme)
 }
 
 // refusesNonce is false: an HSM-resident key checks each item's fields as
@@ -92,17 +123,7 @@ func (c hsmCipher) decrypt(it *batchItem, paddingScheme string) (string, error) 
 func (c hsmCipher) refusesNonce() bool { return false }
 
 // random draws a data key from the HSM's generator.
-func (c hsmCipher) random(n int) ([]byte, error) {
-	tok, err := c.s.token()
-	if err != nil {
-		return nil, err
-	}
-	buf, err := tok.Random(n)
-	if err != nil {
-		return nil, hsmCryptoError(err)
-	}
-	return buf, nil
-}
+func (c hsmCipher) random(n int) ([]byte, error) { return c.s.Random(n) }
 
 func (c hsmCipher) latest() int { return c.k.LatestVersion }
 
@@ -124,7 +145,7 @@ func (c hsmCipher) parallelism() int { return hsm.DefaultMaxSessions }
 // the policy cache, then stored HSM-resident keys, so that a key in use
 // costs no storage round trip whatever its residency.
 func (b *backend) lockedCipher(ctx context.Context, polReq keysutil.PolicyRequest) (c keyCipher, upserted bool, unlock func(), err error) {
-	if k := b.hsmKeys.cached(polReq.Name); k != nil {
+	if k := b.hsmKeys.Cached(polReq.Name); k != nil {
 		return lockedHSMCipher(b.hsmKeys, k)
 	}
 	lookup := polReq
@@ -136,7 +157,7 @@ func (b *backend) lockedCipher(ctx context.Context, polReq keysutil.PolicyReques
 	if p != nil {
 		return softwareCipher{p: p, aeads: b.aeads}, false, unlock, nil
 	}
-	k, err := b.hsmKeys.get(ctx, polReq.Storage, polReq.Name)
+	k, err := b.hsmKeys.Get(ctx, polReq.Storage, polReq.Name)
 	if err != nil {
 		return nil, false, func() {}, err
 	}
@@ -154,13 +175,13 @@ func (b *backend) lockedCipher(ctx context.Context, polReq keysutil.PolicyReques
 }
 
 // lockedHSMCipher read-locks an HSM-resident key for a crypto operation.
-func lockedHSMCipher(s *hsmKeyStore, k *hsmKey) (keyCipher, bool, func(), error) {
-	k.mu.RLock()
-	if k.deleted {
-		k.mu.RUnlock()
+func lockedHSMCipher(s *hsmkey.Store, k *hsmkey.Key) (keyCipher, bool, func(), error) {
+	k.RLock()
+	if k.Deleted() {
+		k.RUnlock()
 		return nil, false, func() {}, nil
 	}
-	return hsmCipher{s: s, k: k}, false, k.mu.RUnlock, nil
+	return hsmCipher{s: s, k: k}, false, k.RUnlock, nil
 }
 
 // usableCipher is lockedCipher for a cryptographic operation: a disabled
@@ -179,17 +200,17 @@ func (b *backend) usableCipher(ctx context.Context, polReq keysutil.PolicyReques
 
 // hsmKeyFor returns the named HSM-resident key locked (exclusively or
 // shared), or nil when there is none.
-func (b *backend) hsmKeyFor(ctx context.Context, s logical.Storage, name string, exclusive bool) (*hsmKey, func(), error) {
-	k, err := b.hsmKeys.get(ctx, s, name)
+func (b *backend) hsmKeyFor(ctx context.Context, s logical.Storage, name string, exclusive bool) (*hsmkey.Key, func(), error) {
+	k, err := b.hsmKeys.Get(ctx, s, name)
 	if err != nil || k == nil {
 		return nil, func() {}, err
 	}
-	lock, unlock := k.mu.RLock, k.mu.RUnlock
+	lock, unlock := k.RLock, k.RUnlock
 	if exclusive {
-		lock, unlock = k.mu.Lock, k.mu.Unlock
+		lock, unlock = k.Lock, k.Unlock
 	}
 	lock()
-	if k.deleted {
+	if k.Deleted() {
 		unlock()
 		return nil, func() {}, nil
 	}

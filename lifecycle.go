@@ -12,6 +12,8 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
 )
 
 // The key lifecycle beyond transit (NIST SP 800-57): suspension, usage
@@ -322,8 +324,8 @@ func (b *backend) describeKey(ctx context.Context, s logical.Storage, p *keysuti
 
 // describeHSMKey describes an HSM-resident key with its lifecycle; the
 // caller holds its lock.
-func (b *backend) describeHSMKey(ctx context.Context, s logical.Storage, k *hsmKey) (*logical.Response, error) {
-	resp := k.describe(b.hsmKeys.label)
+func (b *backend) describeHSMKey(ctx context.Context, s logical.Storage, k *hsmkey.Key) (*logical.Response, error) {
+	resp := describeHSMKeyFields(k, b.hsmKeys.Label)
 	return resp, b.addLifecycle(ctx, s, k.Name, gcmRandomNonceLimit, resp)
 }
 

@@ -8,6 +8,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
 )
 
 // managedKey is one key of the mount as the paths that manage keys see it
@@ -135,7 +137,7 @@ func (k softwareKey) configure(ctx context.Context, s logical.Storage, change ke
 // hsmResidentKey is a key whose versions are AES keys inside the HSM.
 type hsmResidentKey struct {
 	b *backend
-	k *hsmKey
+	k *hsmkey.Key
 }
 
 func (k hsmResidentKey) describe(ctx context.Context, s logical.Storage, _ []byte) (*logical.Response, error) {
@@ -149,7 +151,7 @@ func (k hsmResidentKey) residency() string { return "HSM-resident" }
 func (k hsmResidentKey) refuseRotation() string { return "" }
 
 func (k hsmResidentKey) rotate(ctx context.Context, s logical.Storage) error {
-	return k.b.hsmKeys.rotate(ctx, s, k.k)
+	return k.b.hsmKeys.Rotate(ctx, s, k.k)
 }
 
 func (k hsmResidentKey) rotationDue(now time.Time) bool {
@@ -161,7 +163,7 @@ func (k hsmResidentKey) trim(ctx context.Context, s logical.Storage, minAvailabl
 		return callerErr("%s", err)
 	}
 	k.k.MinAvailableVersion = minAvailable
-	return k.b.hsmKeys.destroyBelow(ctx, s, k.k, minAvailable)
+	return k.b.hsmKeys.DestroyBelow(ctx, s, k.k, minAvailable)
 }
 
 func (k hsmResidentKey) configure(ctx context.Context, s logical.Storage, change keyConfigChange, lc lifecycleChange) (string, error) {

@@ -65,12 +65,12 @@ func TestCacheResizeAppliesToPerKeyCaches(t *testing.T) {
 	}
 	// Unbounded: every key is held (the positive control).
 	require.Equal(t, soft, lruLen(e.b.aeads.c), "one AEAD per software key version")
-	require.Equal(t, hsmKeys, lruLen(e.b.hsmKeys.cache))
+	require.Equal(t, hsmKeys, e.b.hsmKeys.CacheLen())
 	require.Equal(t, soft+hsmKeys, lruLen(e.b.lifecycle.cache))
 
 	e.mustWrite(t, "cache-config", map[string]interface{}{"size": size})
 	require.Equal(t, size, lruLen(e.b.aeads.c), "the AEAD cache shrinks to the new size")
-	require.Equal(t, size, lruLen(e.b.hsmKeys.cache), "the HSM key cache shrinks to the new size")
+	require.Equal(t, size, e.b.hsmKeys.CacheLen(), "the HSM key cache shrinks to the new size")
 	require.Equal(t, size, lruLen(e.b.lifecycle.cache), "the lifecycle cache shrinks to the new size")
 
 	cts := map[string]string{}
@@ -83,7 +83,7 @@ func TestCacheResizeAppliesToPerKeyCaches(t *testing.T) {
 		cts[k] = e.encrypt(t, k, "again "+k, nil)
 	}
 	require.Equal(t, size, lruLen(e.b.aeads.c))
-	require.Equal(t, size, lruLen(e.b.hsmKeys.cache))
+	require.Equal(t, size, e.b.hsmKeys.CacheLen())
 	require.Equal(t, size, lruLen(e.b.lifecycle.cache))
 	for k, ct := range cts {
 		require.Equal(t, "again "+k, e.decrypt(t, k, ct, nil), "evicted keys load again")
@@ -94,6 +94,6 @@ func TestCacheResizeAppliesToPerKeyCaches(t *testing.T) {
 		require.Equal(t, "again "+k, e.decrypt(t, k, ct, nil))
 	}
 	require.Equal(t, soft, lruLen(e.b.aeads.c), "unbounded again: every key is held")
-	require.Equal(t, hsmKeys, lruLen(e.b.hsmKeys.cache))
+	require.Equal(t, hsmKeys, e.b.hsmKeys.CacheLen())
 	require.Equal(t, soft+hsmKeys, lruLen(e.b.lifecycle.cache))
 }

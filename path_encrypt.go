@@ -158,7 +158,7 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 	}
 	if polReq.Upsert {
 		// Creating a key takes the name, as keys/:name does.
-		lock := locksutil.LockForKey(b.hsmKeys.locks, polReq.Name)
+		lock := locksutil.LockForKey(b.hsmKeys.Locks, polReq.Name)
 		lock.Lock()
 		defer lock.Unlock()
 	}

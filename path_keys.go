@@ -245,7 +245,7 @@ func (b *backend) pathKeysWrite(ctx context.Context, req *logical.Request, d *fr
 	name := d.Get("name").(string)
 	// One name, one key: software and HSM-resident creation exclude each
 	// other.
-	lock := locksutil.LockForKey(b.hsmKeys.locks, name)
+	lock := locksutil.LockForKey(b.hsmKeys.Locks, name)
 	lock.Lock()
 	defer lock.Unlock()
 	if k, unlock, err := b.hsmKeyFor(ctx, req.Storage, name, false); err != nil || k != nil {
@@ -301,12 +301,12 @@ func (b *backend) createHSMKey(ctx context.Context, req *logical.Request, d *fra
 		}
 		return logical.ErrorResponse("key %s already exists as a software key; residency is chosen when a key is created", name), logical.ErrInvalidRequest
 	}
-	k, err := b.hsmKeys.create(ctx, req.Storage, name, time.Duration(d.Get("auto_rotate_period").(int))*time.Second)
+	k, err := b.hsmKeys.Create(ctx, req.Storage, name, time.Duration(d.Get("auto_rotate_period").(int))*time.Second)
 	if err != nil {
 		return errorResponse(err)
 	}
-	k.mu.RLock()
-	defer k.mu.RUnlock()
+	k.RLock()
+	defer k.RUnlock()
 	b.Logger().Info("created HSM-resident key", "name", name)
 	return b.describeHSMKey(ctx, req.Storage, k)
 }

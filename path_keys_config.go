@@ -9,6 +9,8 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
 )
 
 // pathKeysConfig configures a key's version window, deletion, export, backup
@@ -143,11 +145,11 @@ func withWarning(resp *logical.Response, err error, warning string) (*logical.Re
 
 // configureHSMKey applies a configuration change to an HSM-resident key,
 // held exclusively: the rules of software keys, and never exportable.
-func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsmKey, change keyConfigChange, lcChange lifecycleChange) (string, error) {
+func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsmkey.Key, change keyConfigChange, lcChange lifecycleChange) (string, error) {
 	if (change.exportable != nil && *change.exportable) || (change.allowPlaintextBackup != nil && *change.allowPlaintextBackup) {
 		return "", callerErr("HSM-resident keys cannot be exported or backed up in plaintext: their material never leaves the HSM")
 	}
-	prev := k.settings()
+	prev := hsmKeySettings(k)
 	next := prev
 	warning, err := next.apply(k.LatestVersion, k.MinAvailableVersion, change)
 	if err != nil {
@@ -159,7 +161,7 @@ func (b *backend) configureHSMKey(ctx context.Context, s logical.Storage, k *hsm
 	if next != prev {
 		k.MinDecryptionVersion, k.MinEncryptionVersion = next.minDecryption, next.minEncryption
 		k.DeletionAllowed, k.AutoRotatePeriod = next.deletionAllowed, next.autoRotatePeriod
-		if err := k.persist(ctx, s); err != nil {
+		if err := b.hsmKeys.Persist(ctx, s, k); err != nil {
 			k.MinDecryptionVersion, k.MinEncryptionVersion = prev.minDecryption, prev.minEncryption
 			k.DeletionAllowed, k.AutoRotatePeriod = prev.deletionAllowed, prev.autoRotatePeriod
 			return "", fmt.Errorf("persisting key configuration: %w", err)

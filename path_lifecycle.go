@@ -193,7 +193,7 @@ func (b *backend) deleteKey(ctx context.Context, s logical.Storage, name string,
 			unlock()
 			return callerErr("error deleting policy %s: deletion is not allowed for this key", name)
 		}
-		err := b.hsmKeys.delete(ctx, s, k)
+		err := b.hsmKeys.Delete(ctx, s, k)
 		unlock()
 		if err != nil {
 			return err

@@ -358,7 +358,7 @@ func (b *backend) dropCachedKeys() {
 		_ = b.lm.InitCache(b.lm.GetCacheSize())
 	}
 	b.cacheMu.Unlock()
-	b.hsmKeys.reset()
+	b.hsmKeys.Reset()
 	b.lifecycle.reset()
 	b.aeads.c.purge()
 }

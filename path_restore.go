@@ -77,7 +77,7 @@ func (b *backend) checkRestoreName(ctx context.Context, s logical.Storage, name 
 	case strings.Contains(name, ".."):
 		return nil, errRelativeKeyName
 	}
-	if k, err := b.hsmKeys.get(ctx, s, name); err != nil {
+	if k, err := b.hsmKeys.Get(ctx, s, name); err != nil {
 		return nil, err
 	} else if k != nil {
 		return logical.ErrorResponse("key %q is HSM-resident; restore the backup under another name", name), logical.ErrInvalidRequest

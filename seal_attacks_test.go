@@ -1368,7 +1368,7 @@ func TestAttack10EmergencySealClears(t *testing.T) {
 	}
 	require.NotNil(t, lookup(), "the policy cache holds k")
 	require.Positive(t, lruLen(e.b.aeads.c))
-	require.Positive(t, lruLen(e.b.hsmKeys.cache))
+	require.Positive(t, e.b.hsmKeys.CacheLen())
 	require.Positive(t, lruLen(e.b.lifecycle.cache))
 	ring := e.b.seal.state.Load().sealer.Keyring()
 
@@ -1382,7 +1382,7 @@ func TestAttack10EmergencySealClears(t *testing.T) {
 	e.b.seal.mu.Unlock()
 	require.Nil(t, lookup(), "the policy cache is empty")
 	require.Zero(t, lruLen(e.b.aeads.c), "the AEAD cache is empty")
-	require.Zero(t, lruLen(e.b.hsmKeys.cache))
+	require.Zero(t, e.b.hsmKeys.CacheLen())
 	require.Zero(t, lruLen(e.b.lifecycle.cache))
 	wiped, err := ring.Marshal()
 	require.NoError(t, err)
