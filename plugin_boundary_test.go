@@ -169,6 +169,77 @@ func TestPreEncodedAnswersAreTheSDKs(t *testing.T) {
 	require.NotContains(t, reply.Response.Data, "hsm_transit_pre_encoded")
 }
 
+// TestPreEncodedMACsAndSignatures: batches of hmac, sign and verify are
+// written by the plugin (the reply's Data is the stand-in's replacement)
+// and read as the SDK writes them, with good and bad items.
+func TestPreEncodedMACsAndSignatures(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/m", map[string]interface{}{"type": "hmac", "key_size": 32})
+	e.mustWrite(t, "keys/s", map[string]interface{}{"type": "ed25519"})
+	via := func(path, body string) string {
+		t.Helper()
+		var preEncoded bool
+		reply, err := boundarytest.HandleRequest(func(ctx context.Context, req *logical.Request) (*logical.Response, error) {
+			req.Storage = e.storage
+			resp, err := e.b.HandleRequest(ctx, req)
+			if resp != nil {
+				_, preEncoded = resp.Data["hsm_transit_pre_encoded"]
+			}
+			return resp, err
+		}, path, body, true)
+		require.NoError(t, err)
+		require.Nil(t, reply.Err, "%s: %v", path, reply.Response)
+		require.True(t, preEncoded, "%s: the plugin wrote the batch", path)
+		require.Equal(t, e.viaBoundary(t, path, body, false), reply.Response.Data, path)
+		return reply.Response.Data
+	}
+	var items, refs []string
+	for i, ref := range awkward {
+		refJSON, _ := json.Marshal(ref)
+		refs = append(refs, string(refJSON))
+		items = append(items, fmt.Sprintf(`{"input":%q,"reference":%s}`, b64(ref+fmt.Sprint(i)), refJSON))
+	}
+	badItem := `{"input":"not base64!","reference":"<bad>"}`
+	body := `{"batch_input":[` + strings.Join(append(items, badItem), ",") + `]}`
+
+	var macs struct {
+		BatchResults []hmacResult `json:"batch_results"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(via("hmac/m", body)), &macs))
+	require.Len(t, macs.BatchResults, len(awkward)+1)
+	require.NotEmpty(t, macs.BatchResults[len(awkward)].Error)
+	var sigs struct {
+		BatchResults []signResult `json:"batch_results"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(via("sign/s", body)), &sigs))
+	require.Len(t, sigs.BatchResults, len(awkward)+1)
+	require.NotEmpty(t, sigs.BatchResults[0].Signature)
+	require.NotEmpty(t, sigs.BatchResults[len(awkward)].Error)
+
+	var macChecks, sigChecks []string
+	for i, ref := range awkward {
+		in := b64(ref + fmt.Sprint(i))
+		mac, sig := macs.BatchResults[i].HMAC, sigs.BatchResults[i].Signature
+		if i == 1 { // one that does not verify
+			mac, sig = macs.BatchResults[0].HMAC, sigs.BatchResults[0].Signature
+		}
+		macChecks = append(macChecks, fmt.Sprintf(`{"input":%q,"hmac":%q,"reference":%s}`, in, mac, refs[i]))
+		sigChecks = append(sigChecks, fmt.Sprintf(`{"input":%q,"signature":%q,"reference":%s}`, in, sig, refs[i]))
+	}
+	macChecks = append(macChecks, fmt.Sprintf(`{"input":"not base64!","hmac":%q,"reference":"<bad>"}`, macs.BatchResults[0].HMAC))
+	sigChecks = append(sigChecks, fmt.Sprintf(`{"input":"not base64!","signature":%q,"reference":"<bad>"}`, sigs.BatchResults[0].Signature))
+	for path, checks := range map[string][]string{"verify/m": macChecks, "verify/s": sigChecks} {
+		var got struct {
+			BatchResults []verifyResult `json:"batch_results"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(via(path, `{"batch_input":[`+strings.Join(checks, ",")+`]}`)), &got))
+		require.Len(t, got.BatchResults, len(awkward)+1)
+		require.True(t, got.BatchResults[0].Valid, path)
+		require.False(t, got.BatchResults[1].Valid, path)
+		require.NotEmpty(t, got.BatchResults[len(awkward)].Error, path)
+	}
+}
+
 // appendBatch writes what encoding/json writes, for any results.
 func TestBatchJSONIsEncodingJSONs(t *testing.T) {
 	pick := func(r *rand.Rand) string {
@@ -191,6 +262,31 @@ func TestBatchJSONIsEncodingJSONs(t *testing.T) {
 		want, err = json.Marshal(map[string]interface{}{"batch_results": decs})
 		require.NoError(t, err)
 		require.Equal(t, string(want), string(appendBatch(nil, decs)))
+	}
+	for n := range 50 {
+		macs := make([]hmacResult, n)
+		sigs := make([]signResult, n)
+		vers := make([]verifyResult, n)
+		for i := range n {
+			macs[i] = hmacResult{HMAC: pick(r), Valid: r.IntN(2) == 0, Error: pick(r), Reference: pick(r)}
+			var pub []byte
+			if r.IntN(2) == 0 {
+				pub = make([]byte, r.IntN(70))
+				for j := range pub {
+					pub[j] = byte(r.Uint32())
+				}
+			}
+			sigs[i] = signResult{Signature: pick(r), KeyVersion: r.IntN(3) * r.IntN(1<<20), PublicKey: pub, Error: pick(r), Reference: pick(r), internal: r.IntN(2) == 0}
+			vers[i] = verifyResult{Valid: r.IntN(2) == 0, Error: pick(r), Reference: pick(r), internal: r.IntN(2) == 0}
+		}
+		for _, c := range []struct {
+			results any
+			got     []byte
+		}{{macs, appendBatch(nil, macs)}, {sigs, appendBatch(nil, sigs)}, {vers, appendBatch(nil, vers)}} {
+			want, err := json.Marshal(map[string]interface{}{"batch_results": c.results})
+			require.NoError(t, err)
+			require.Equal(t, string(want), string(c.got))
+		}
 	}
 	require.Equal(t, `{"batch_results":null}`, string(appendBatch[encryptResult](nil, nil)))
 	require.Equal(t, `{"batch_results":[]}`, string(appendBatch(nil, []decryptResult{})))

@@ -137,6 +137,9 @@ func TestVersionsLiveInTheToken(t *testing.T) {
 	k.Unlock()
 	_, err = s.AEAD(k, 1)
 	requireCaller(t, err, "no such key version")
+	pt, err = a2.Decrypt(ct2, nil)
+	require.NoError(t, err, "the version at the bound stays")
+	require.Equal(t, "secret", string(pt))
 	require.NoError(t, storage.Put(ctx, before))
 	s.Invalidate("orders")
 	old, err := s.Get(ctx, storage, "orders")
@@ -166,7 +169,13 @@ func TestDeleteShredsEveryObject(t *testing.T) {
 	saved, err := storage.Get(ctx, StoragePrefix+"gone")
 	require.NoError(t, err)
 
+	// A version whose object is gone already (an interrupted deletion)
+	// does not stop the deletion, nor a trim.
+	require.NoError(t, tok.DestroyKey(s.Label("gone", 1)))
 	k.Lock()
+	require.NoError(t, s.DestroyBelow(ctx, storage, k, 2))
+	require.NotContains(t, k.Versions, 1)
+	k.Versions[1] = Version{} // as if the trim had not been recorded
 	require.NoError(t, s.Delete(ctx, storage, k))
 	require.True(t, k.Deleted())
 	k.Unlock()
