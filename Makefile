@@ -144,6 +144,7 @@ mutation:
 	GOFLAGS=-short $(GREMLINS) unleash ./seal $(MUTATION_FLAGS)
 	GOFLAGS=-short $(GREMLINS) unleash ./hsm $(MUTATION_FLAGS)
 	GOFLAGS=-short $(GREMLINS) unleash ./internal/boundary $(MUTATION_FLAGS) -E '^boundarytest/'
+	GOFLAGS=-short $(GREMLINS) unleash ./internal/hsmkey $(MUTATION_FLAGS)
 	GOFLAGS=-short $(GREMLINS) unleash . --diff $(MUTATION_DIFF) $(MUTATION_FLAGS) \
 		-E '^(seal|hsm|e2e|internal|cmd|bench|plugin|tools|scripts)/'
 
