@@ -47,8 +47,10 @@
 //
 // # Secrets in memory
 //
-// The data key and the header key are zeroed as soon as they are no longer
-// needed, and the buffers of plaintext are cleared before reuse. The AES key
-// schedule inside Go's AES-GCM cannot be zeroed; it lives as long as the
-// Writer or Reader.
+// The package's own copies of the data key and the header key are zeroed as
+// soon as they are no longer needed, and the buffers of plaintext are
+// cleared before reuse. Copies it does not own cannot be: the AES key
+// schedule inside Go's AES-GCM (it lives as long as the Writer or Reader),
+// and, in VaultKeyService, the base64 text of the data key in the request
+// and response bodies of the Vault API client.
 package envelope

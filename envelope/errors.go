@@ -7,7 +7,9 @@ import (
 
 // Sentinel errors, to be matched with errors.Is. Every error this package
 // returns about a file wraps exactly one of ErrFormat, ErrAuth, ErrTruncated,
-// ErrUnwrap or ErrSlotFull, so a command-line tool can map it to an exit code.
+// ErrUnwrap or ErrSlotFull, so a command-line tool can map it to an exit code;
+// the context's errors (cancellation) and those of the underlying reader or
+// writer come as they are.
 // The message around the sentinel names what failed ("envelope: segment 17:
 // authentication failed"); it never contains key material or plaintext.
 var (

@@ -14,8 +14,6 @@ import (
 	"io"
 	"strconv"
 	"strings"
-	"unicode"
-	"unicode/utf8"
 )
 
 // Format constants of version 1 (docs/ENVELOPE.md is the specification).
@@ -109,16 +107,45 @@ func (r Recipient) KeyVersion() int {
 	return n
 }
 
-// checkHint accepts a mount or key name: 1..255 bytes of UTF-8 without
-// control characters, so that inspect can print it as it is.
+// checkHint accepts a mount path or key name as Vault names them: a key is
+// letters, digits and _ . @ - , starting and ending with a letter, digit or
+// _ (transit's name pattern); a mount is one or more such names joined by
+// "/". The hints choose the path of the unwrap request, made before the
+// header's tag can be checked: nothing else ("..", "?", "%", an empty
+// segment) may reach it, or an edited file could send the reader's token
+// to another Vault endpoint.
 func checkHint(what, s string) error {
 	if len(s) == 0 || len(s) > maxHintLen {
 		return fmt.Errorf("envelope: %s name must be 1 to %d bytes: %w", what, maxHintLen, ErrFormat)
 	}
-	if !utf8.ValidString(s) || strings.ContainsFunc(s, unicode.IsControl) {
-		return fmt.Errorf("envelope: %s name %q: not printable UTF-8: %w", what, s, ErrFormat)
+	segments := []string{s}
+	if what == "mount" {
+		segments = strings.Split(s, "/")
+	}
+	for _, seg := range segments {
+		if !vaultName(seg) {
+			return fmt.Errorf("envelope: %s name %q: want letters, digits and _.@- (starting and ending with a letter, digit or _)%s: %w",
+				what, strconv.QuoteToASCII(s), map[bool]string{true: ", in segments joined by /"}[what == "mount"], ErrFormat)
+		}
 	}
 	return nil
+}
+
+// vaultName reports a name transit would accept as a key name.
+func vaultName(s string) bool {
+	if s == "" {
+		return false
+	}
+	word := func(c byte) bool {
+		return c == '_' || c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z'
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !word(c) && ((c != '.' && c != '@' && c != '-') || i == 0 || i == len(s)-1) {
+			return false
+		}
+	}
+	return true
 }
 
 // checkWrapped accepts a transit ciphertext: "vault:v" then printable ASCII

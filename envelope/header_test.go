@@ -10,9 +10,10 @@ import (
 
 func TestParseKeyRef(t *testing.T) {
 	for in, want := range map[string]KeyRef{
-		"transit/backups":          {"transit", "backups"},
-		"/team/transit/backups/":   {"team/transit", "backups"},
-		"a/b/c/key-with.dots_and-": {"a/b/c", "key-with.dots_and-"},
+		"transit/backups":           {"transit", "backups"},
+		"/team/transit/backups/":    {"team/transit", "backups"},
+		"a/b/c/key-with.dots_and-x": {"a/b/c", "key-with.dots_and-x"},
+		"ns1/transit/k@v2":          {"ns1/transit", "k@v2"},
 	} {
 		got, err := ParseKeyRef(in)
 		if err != nil || got != want {
@@ -22,7 +23,7 @@ func TestParseKeyRef(t *testing.T) {
 			t.Errorf("%q does not parse back", got)
 		}
 	}
-	for _, bad := range []string{"", "backups", "/backups", "transit/", "tr\x00ansit/k", "transit/" + strings.Repeat("k", 256)} {
+	for _, bad := range []string{"", "backups", "/backups", "transit/", "tr\x00ansit/k", "transit/..", "transit/../k", "a//b/k", "transit/k-", "transit/.k", "transit/k?x", "transit/k%2e", "transit/k\u202e", "transit/" + strings.Repeat("k", 256)} {
 		if _, err := ParseKeyRef(bad); err == nil {
 			t.Errorf("ParseKeyRef(%q) accepted", bad)
 		}

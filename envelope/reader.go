@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // ReaderOptions configure NewReader and NewReaderAt.
@@ -99,11 +100,32 @@ type Reader struct {
 	inPool  *bufPool
 	outPool *bufPool
 
-	cur       *segJob
-	pending   []byte
-	sawFinal  bool
+	cur      *segJob
+	pending  []byte
+	sawFinal bool
+
+	// mu guards err, which Close (from any goroutine) and Read set.
+	mu        sync.Mutex
 	err       error
+	closed    atomic.Bool
 	closeOnce sync.Once
+}
+
+// fail records err unless an error is recorded already, and returns the
+// recorded one.
+func (r *Reader) fail(err error) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.err == nil {
+		r.err = err
+	}
+	return r.err
+}
+
+func (r *Reader) failed() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
 }
 
 // NewReader reads and authenticates the header of the envelope in r (one
@@ -220,13 +242,16 @@ func openChunk(k *fileKeys, segSize int, idx uint64, final bool, ct, dst []byte)
 
 // Read reads plaintext.
 func (r *Reader) Read(p []byte) (int, error) {
+	if r.closed.Load() {
+		return 0, r.failed()
+	}
 	for len(r.pending) == 0 {
 		if r.cur != nil {
 			r.outPool.put(r.cur.out)
 			r.cur = nil
 		}
-		if r.err != nil {
-			return 0, r.err
+		if err := r.failed(); err != nil {
+			return 0, err
 		}
 		if r.sawFinal {
 			return 0, io.EOF
@@ -236,20 +261,19 @@ func (r *Reader) Read(p []byte) (int, error) {
 		select {
 		case j, ok = <-r.p.order:
 		case <-r.ctx.Done():
-			r.err = r.ctx.Err()
+			err := r.fail(r.ctx.Err())
 			r.Close()
-			return 0, r.err
+			return 0, err
 		}
 		if !ok {
-			r.err = fmt.Errorf("envelope: stream stopped before its final segment: %w", ErrTruncated)
-			return 0, r.err
+			return 0, r.fail(fmt.Errorf("envelope: stream stopped before its final segment: %w", ErrTruncated))
 		}
 		<-j.done
 		if j.err != nil {
 			r.outPool.put(j.out)
-			r.err = j.err
+			err := r.fail(j.err)
 			r.Close()
-			return 0, r.err
+			return 0, err
 		}
 		r.cur, r.pending, r.sawFinal = j, j.res, j.final
 	}
@@ -258,7 +282,8 @@ func (r *Reader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// Close stops decryption; later Reads fail. It does not close the
+// Close stops decryption; later Reads fail. It may be called from another
+// goroutine than Read's, to abort it. It does not close the
 // underlying reader.
 func (r *Reader) Close() error {
 	r.closeOnce.Do(func() {
@@ -270,9 +295,8 @@ func (r *Reader) Close() error {
 				r.outPool.put(j.out)
 			}
 		}()
-		if r.err == nil {
-			r.err = errors.New("envelope: reader closed")
-		}
+		r.fail(errors.New("envelope: reader closed"))
+		r.closed.Store(true)
 	})
 	return nil
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"strings"
 
 	"github.com/hashicorp/vault/api"
 )
@@ -20,8 +19,17 @@ type VaultKeyService struct {
 // NewVaultKeyService returns a KeyService that sends its requests with c.
 func NewVaultKeyService(c *api.Client) *VaultKeyService { return &VaultKeyService{client: c} }
 
-func transitPath(mount, op, key string) string {
-	return strings.Trim(mount, "/") + "/" + op + "/" + key
+// The hints it is given are checked (checkHint) when a header is parsed or
+// a key reference read; this checks again, so that a KeyService caller that
+// skipped those cannot send a request outside MOUNT/op/KEY.
+func transitPath(mount, op, key string) (string, error) {
+	if err := checkHint("mount", mount); err != nil {
+		return "", err
+	}
+	if err := checkHint("key", key); err != nil {
+		return "", err
+	}
+	return mount + "/" + op + "/" + key, nil
 }
 
 // write sends one request and returns the response's data.
@@ -62,7 +70,10 @@ func decodeKey(data map[string]any, path string) ([]byte, error) {
 
 // DataKey implements KeyService with transit/datakey/plaintext/KEY.
 func (v *VaultKeyService) DataKey(ctx context.Context, mount, key string, keyContext []byte) ([]byte, string, error) {
-	path := transitPath(mount, "datakey/plaintext", key)
+	path, err := transitPath(mount, "datakey/plaintext", key)
+	if err != nil {
+		return nil, "", err
+	}
 	data, err := v.write(ctx, path, map[string]any{"bits": 256}, keyContext)
 	if err != nil {
 		return nil, "", err
@@ -80,7 +91,10 @@ func (v *VaultKeyService) DataKey(ctx context.Context, mount, key string, keyCon
 
 // Wrap implements KeyService with transit/encrypt/KEY.
 func (v *VaultKeyService) Wrap(ctx context.Context, mount, key string, keyContext, plaintext []byte) (string, error) {
-	path := transitPath(mount, "encrypt", key)
+	path, err := transitPath(mount, "encrypt", key)
+	if err != nil {
+		return "", err
+	}
 	data, err := v.write(ctx, path, map[string]any{"plaintext": base64.StdEncoding.EncodeToString(plaintext)}, keyContext)
 	if err != nil {
 		return "", err
@@ -90,7 +104,10 @@ func (v *VaultKeyService) Wrap(ctx context.Context, mount, key string, keyContex
 
 // Unwrap implements KeyService with transit/decrypt/KEY.
 func (v *VaultKeyService) Unwrap(ctx context.Context, mount, key string, keyContext []byte, wrapped string) ([]byte, error) {
-	path := transitPath(mount, "decrypt", key)
+	path, err := transitPath(mount, "decrypt", key)
+	if err != nil {
+		return nil, err
+	}
 	data, err := v.write(ctx, path, map[string]any{"ciphertext": wrapped}, keyContext)
 	if err != nil {
 		return nil, err
@@ -100,7 +117,10 @@ func (v *VaultKeyService) Unwrap(ctx context.Context, mount, key string, keyCont
 
 // Rewrap implements KeyService with transit/rewrap/KEY.
 func (v *VaultKeyService) Rewrap(ctx context.Context, mount, key string, keyContext []byte, wrapped string) (string, error) {
-	path := transitPath(mount, "rewrap", key)
+	path, err := transitPath(mount, "rewrap", key)
+	if err != nil {
+		return "", err
+	}
 	data, err := v.write(ctx, path, map[string]any{"ciphertext": wrapped}, keyContext)
 	if err != nil {
 		return "", err

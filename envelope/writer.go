@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 	"sync"
 )
 
@@ -67,7 +69,12 @@ func NewWriter(ctx context.Context, w io.Writer, opts WriterOptions) (*Writer, e
 	if len(opts.Recipients) == 0 || len(opts.Recipients) > MaxRecipients {
 		return nil, fmt.Errorf("envelope: 1 to %d recipients, got %d", MaxRecipients, len(opts.Recipients))
 	}
-	for _, r := range opts.Recipients {
+	// A mount may be given as Vault prints it ("transit/"); the header
+	// holds it without the slashes.
+	opts.Recipients = slices.Clone(opts.Recipients)
+	for i := range opts.Recipients {
+		r := &opts.Recipients[i]
+		r.Mount = strings.Trim(r.Mount, "/")
 		if err := checkHint("mount", r.Mount); err != nil {
 			return nil, err
 		}
