@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -221,5 +222,47 @@ func TestAppendStringCopiesPlainASCII(t *testing.T) {
 		allocs := testing.AllocsPerRun(5, func() { buf = AppendString(buf[:0], s) })
 		plain := c >= 0x20 && c <= 0x7e && !strings.ContainsRune(`"\<>&`, rune(c))
 		require.Equal(t, plain, allocs == 0, "byte %#x: %v allocations", c, allocs)
+	}
+}
+
+// nestingDepthByteByByte is the scan nestingDepth does, one byte at a time:
+// the reference its jumps over strings must agree with.
+func nestingDepthByteByByte(body string) int {
+	depth, deepest, inString := 0, 0, false
+	for i := 0; i < len(body); i++ {
+		c := body[i]
+		if inString {
+			if c == '\\' {
+				i++
+			} else if c == '"' {
+				inString = false
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inString = true
+		case '{', '[':
+			depth++
+			deepest = max(deepest, depth)
+		case '}', ']':
+			depth--
+		}
+	}
+	return deepest
+}
+
+func TestNestingDepthJumpsAsItScans(t *testing.T) {
+	for _, s := range []string{``, `"`, `"\`, `"\"`, `"\\"[`, `"\\\"[`, `{"a":"[\"]"}`, `[["\\\\"],{"b":"\\"}]`, `"abc\`, `{"x":"y"`} {
+		require.Equal(t, nestingDepthByteByByte(s), nestingDepth(s), "%q", s)
+	}
+	alphabet := []byte(`"\{}[]ab,:`)
+	r := rand.New(rand.NewPCG(3, 4))
+	for range 20000 {
+		b := make([]byte, r.IntN(40))
+		for i := range b {
+			b[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		require.Equal(t, nestingDepthByteByByte(string(b)), nestingDepth(string(b)), "%q", b)
 	}
 }

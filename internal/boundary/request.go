@@ -2,6 +2,8 @@ package boundary
 
 import (
 	"context"
+	"strings"
+	"unsafe"
 
 	segjson "github.com/segmentio/encoding/json"
 )
@@ -44,7 +46,12 @@ func fastDecode(body string) (data map[string]interface{}, ok bool) {
 		}
 	}()
 	data = map[string]interface{}{}
-	if err := segjson.Unmarshal([]byte(body), &data); err != nil {
+	// The decoder reads the body in place, and its strings point into it
+	// (DontCopyString): the body is an immutable string that nothing else
+	// holds, so neither copy is needed. It never writes to its input.
+	rest, err := segjson.Parse(unsafe.Slice(unsafe.StringData(body), len(body)), &data, segjson.DontCopyString)
+	if err != nil || len(rest) != 0 {
+		// (Unmarshal's rule: anything after the value is an error.)
 		return nil, false
 	}
 	return data, true
@@ -57,11 +64,18 @@ func nestingDepth(body string) int {
 	for i := 0; i < len(body); i++ {
 		c := body[i]
 		if inString {
-			if c == '\\' {
-				i++ // the escaped byte cannot end the string
-			} else if c == '"' {
-				inString = false
+			// Jump to the next quote (long strings, base64, are most of
+			// a batch), unless a backslash comes first.
+			j := strings.IndexByte(body[i:], '"')
+			if j < 0 {
+				return deepest
 			}
+			if k := strings.IndexByte(body[i:i+j], '\\'); k >= 0 {
+				i += k + 1 // the escaped byte cannot end the string
+				continue
+			}
+			i += j
+			inString = false
 			continue
 		}
 		if c == '"' {

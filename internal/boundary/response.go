@@ -21,6 +21,15 @@ const (
 	standInJSON = `{"hsm_transit_pre_encoded":true}`
 )
 
+// plain marks the bytes encoding/json writes as they are: printable ASCII
+// but for the quote, the backslash and the HTML-escaped <, > and &.
+var plain = func() (t [256]bool) {
+	for c := 0x20; c <= 0x7e; c++ {
+		t[c] = c != '"' && c != '\\' && c != '<' && c != '>' && c != '&'
+	}
+	return t
+}()
+
 // PreEncode hands the interceptor resp's data already encoded as JSON, when
 // this call came through UnaryInterceptor: encode appends to its argument
 // exactly what encoding/json.Marshal(resp.Data) would give, resp.Data is
@@ -44,7 +53,7 @@ func PreEncode(ctx context.Context, resp *logical.Response, encode func(dst []by
 // encoding/json itself.
 func AppendString(dst []byte, s string) []byte {
 	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+		if !plain[s[i]] {
 			q, _ := json.Marshal(s) // a string always encodes
 			return append(dst, q...)
 		}

@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/hashicorp/vault/sdk/plugin"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/experimental"
 )
 
 // sdkChecked is the SDK version whose plugin.ServeMultiplex Serve follows,
@@ -45,7 +46,8 @@ func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSP
 			opts = append(opts,
 				grpc.MaxRecvMsgSize(math.MaxInt32),
 				grpc.MaxSendMsgSize(math.MaxInt32),
-				grpc.ChainUnaryInterceptor(UnaryInterceptor))
+				grpc.ChainUnaryInterceptor(UnaryInterceptor),
+				experimental.BufferPool(&bufferPool{}))
 			return goplugin.DefaultGRPCServer(opts)
 		},
 	})
