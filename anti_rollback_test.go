@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // rollBackAcrossRestart is the attack that the manifest alone cannot see: a
@@ -19,7 +21,7 @@ func rollBackAcrossRestart(t *testing.T, e *testEnv) (*testEnv, result) {
 	e.mustWrite(t, "keys/k/rotate", nil)
 	snapshot := map[string][]byte{}
 	require.NoError(t, walkStorage(context.Background(), e.storage, "", func(key string, value []byte) {
-		if !strings.HasPrefix(key, sealPrefix) {
+		if !strings.HasPrefix(key, mountseal.Prefix) {
 			snapshot[key] = append([]byte(nil), value...)
 		}
 	}))
@@ -47,7 +49,7 @@ func TestAttack7eRollbackAcrossRestartRefusedByAntiRollback(t *testing.T) {
 	require.Equal(t, true, out["anti_rollback"])
 	require.Equal(t, true, e.read(t, "seal/status").data["anti_rollback"])
 	tok := openTestToken(t)
-	_, found, err := tok.ReadData(e.b.seal.antiRollbackLabel())
+	_, found, err := tok.ReadData(e.b.seal.AntiRollbackLabel())
 	require.NoError(t, err)
 	require.True(t, found, "the anchor is in the token")
 
@@ -67,7 +69,7 @@ func TestAntiRollbackOff(t *testing.T) {
 	e.mustWrite(t, "config/seal", map[string]interface{}{"anti_rollback": true})
 	out := e.mustWrite(t, "config/seal", map[string]interface{}{"anti_rollback": false})
 	require.Equal(t, false, out["anti_rollback"])
-	_, found, err := openTestToken(t).ReadData(e.b.seal.antiRollbackLabel())
+	_, found, err := openTestToken(t).ReadData(e.b.seal.AntiRollbackLabel())
 	require.NoError(t, err)
 	require.False(t, found)
 	e = e.restart(t)
@@ -84,10 +86,10 @@ func TestAntiRollbackAnchorCaughtUpAtCleanStop(t *testing.T) {
 		e.encrypt(t, "k", "x", nil)
 		e.mustWrite(t, "keys/k/rotate", nil)
 	}
-	want, ok := e.b.seal.state.Load().sealer.Anchor()
+	want, ok := e.b.seal.Snapshot().Sealer().Anchor()
 	require.True(t, ok)
 	e.b.Cleanup(context.Background())
-	value, found, err := openTestToken(t).ReadData(e.b.seal.antiRollbackLabel())
+	value, found, err := openTestToken(t).ReadData(e.b.seal.AntiRollbackLabel())
 	require.NoError(t, err)
 	require.True(t, found)
 	require.Equal(t, want, binary.BigEndian.Uint64(value))

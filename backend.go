@@ -17,8 +17,9 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 )
 
 const (
@@ -67,7 +68,7 @@ type backend struct {
 	autoRotateEvery time.Duration
 
 	// seal is the HSM seal of the mount's root key.
-	seal *sealManager
+	seal *mountseal.Manager
 	// hsmKeys are the keys kept in the HSM.
 	hsmKeys *hsmkey.Store
 	// lifecycle holds suspension, usage counts and scheduled deletion.
@@ -101,7 +102,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 	if conf != nil {
 		mountUUID = conf.BackendUUID
 	}
-	b.seal = newSealManager(b, mountUUID)
+	b.seal = mountseal.New(sealHost{b}, mountUUID)
 	b.hsmKeys = hsmkey.NewStore(sealTokens{b.seal}, mountUUID)
 	b.lifecycle = newLifecycleStore()
 	b.aeads = newAEADCache()
@@ -169,7 +170,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 // initialize runs once storage is available: it starts unsealing the root
 // key in the background (the cache size is read once unsealed).
 func (b *backend) initialize(_ context.Context, req *logical.InitializationRequest) error {
-	b.seal.start(req.Storage)
+	b.seal.Start(req.Storage)
 	return nil
 }
 
@@ -195,7 +196,7 @@ func (b *backend) loadCacheSize(ctx context.Context, s logical.Storage) error {
 	b.hsmKeys.Resize(size)
 	b.lifecycle.cache.resize(size)
 	b.aeads.c.resize(size)
-	if sealer := b.seal.state.Load().sealer; sealer != nil {
+	if sealer := b.seal.Snapshot().Sealer(); sealer != nil {
 		sealer.SetManifestCacheBytes(manifestCacheBytes(size))
 	}
 	return nil
@@ -232,11 +233,11 @@ func (b *backend) invalidate(ctx context.Context, key string) {
 		b.lifecycle.invalidate(strings.TrimPrefix(key, lifecyclePrefix))
 	case key == cacheConfigStoragePath:
 		b.cacheStale.Store(true)
-	case key == sealConfigPath || key == sealMetaPath:
-		b.seal.invalidate(ctx, key)
+	case key == mountseal.ConfigPath || key == mountseal.MetaPath:
+		b.seal.Invalidate(ctx, key)
 	case strings.HasPrefix(key, "manifest/"):
-		if snap := b.seal.state.Load(); snap.sealer != nil {
-			snap.sealer.Invalidate(key)
+		if sealer := b.seal.Snapshot().Sealer(); sealer != nil {
+			sealer.Invalidate(key)
 		}
 	}
 }
@@ -252,7 +253,7 @@ func (b *backend) readOnlyNode() bool {
 // unmounted or reloaded.
 func (b *backend) clean(_ context.Context) {
 	defer unregisterBackend(b)
-	b.seal.close()
+	b.seal.Close()
 	b.hsmKeys.Reset()
 	b.lifecycle.reset()
 	b.aeads.c.purge()
@@ -267,11 +268,11 @@ func (b *backend) clean(_ context.Context) {
 // periodic is Vault's periodic callback (about once a minute). Keys rotate
 // only while the root key is unsealed.
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
-	s, err := b.seal.view(ctx, req.Storage)
+	s, err := b.seal.View(ctx, req.Storage)
 	if err != nil {
 		return nil
 	}
-	b.seal.resumeRotation(ctx, req.Storage)
+	b.seal.ResumeRotation(ctx, req.Storage)
 	return errors.Join(b.destroyDueKeys(ctx, s, time.Now()), b.autoRotateKeys(ctx, s))
 }
 

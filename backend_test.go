@@ -285,7 +285,7 @@ func (e *testEnv) decrypt(tb testing.TB, key, ciphertext string, extra map[strin
 // sealed returns the test storage as the unsealed mount sees it.
 func (e *testEnv) sealed(tb testing.TB) logical.Storage {
 	tb.Helper()
-	s, err := e.b.seal.view(context.Background(), e.storage)
+	s, err := e.b.seal.View(context.Background(), e.storage)
 	require.NoError(tb, err)
 	return s
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // errKind is what the one who gets an error should do about it, as hsm.Kind
@@ -45,7 +46,7 @@ func unavailableErr(format string, a ...any) error {
 	return &kindError{kind: kindUnavailable, msg: fmt.Sprintf(format, a...)}
 }
 
-// kindOf classifies err: a kindError by its kind; keysutil's and the SDK's
+// kindOf classifies err: a kindError or a mountseal.Error by its kind; keysutil's and the SDK's
 // errors as the SDK answers them (errutil.UserError and
 // logical.ErrInvalidRequest the caller's, errutil.InternalError ours, an
 // HTTPCodedError by its code); an hsm error by its hsm.Kind (a token that
@@ -63,6 +64,10 @@ func kindOf(err error) errKind {
 		return 0
 	case errors.As(err, &ke):
 		return ke.kind
+	case mountseal.KindOf(err) == mountseal.KindCaller:
+		return kindCaller
+	case mountseal.KindOf(err) == mountseal.KindUnavailable:
+		return kindUnavailable
 	case errors.As(err, &ie):
 		return kindInternal
 	case errors.As(err, &coded):

@@ -9,6 +9,7 @@ import (
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // HSM-resident keys are kept by internal/hsmkey; here is what the requests
@@ -128,7 +129,7 @@ func errHSMKeyUnsupported(name, what string) error {
 }
 
 // sealTokens is what the HSM-resident key store needs of the seal.
-type sealTokens struct{ m *sealManager }
+type sealTokens struct{ m *mountseal.Manager }
 
-func (t sealTokens) CurrentToken() *hsm.Token               { return t.m.currentToken() }
-func (t sealTokens) TokenMechanisms() *hsm.MechanismSupport { return t.m.tokenMechanisms() }
+func (t sealTokens) CurrentToken() *hsm.Token               { return t.m.CurrentToken() }
+func (t sealTokens) TokenMechanisms() *hsm.MechanismSupport { return t.m.TokenMechanisms() }

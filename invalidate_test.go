@@ -10,6 +10,8 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // These tests run two backends over one storage: an active node, whose
@@ -91,7 +93,7 @@ func (p *standbyPair) deliver() int {
 	}
 	// Reloads run in the background: once they end, the standby has seen
 	// storage as it was at delivery, not some later state.
-	p.standby.b.seal.reloads.Wait()
+	p.standby.b.seal.WaitReloadsForTest()
 	return len(keys)
 }
 
@@ -160,16 +162,16 @@ func TestInvalidateOnStandby(t *testing.T) {
 	t.Run("emergency seal and unseal", func(t *testing.T) {
 		a.mustWrite(t, "seal/seal", nil)
 		keys := p.rec.take()
-		require.Contains(t, keys, sealConfigPath)
+		require.Contains(t, keys, mountseal.ConfigPath)
 		// The seal configuration's invalidation alone seals the standby
 		// at once, before any background work.
-		s.b.invalidate(context.Background(), sealConfigPath)
+		s.b.invalidate(context.Background(), mountseal.ConfigPath)
 		r := s.write(t, "encrypt/k1", map[string]interface{}{"plaintext": b64("x")})
 		requireStatus(t, r, 503, "emergency")
 		for _, k := range keys {
 			s.b.invalidate(context.Background(), k)
 		}
-		eventually(t, "the standby drops its token", func() bool { return s.b.seal.currentToken() == nil })
+		eventually(t, "the standby drops its token", func() bool { return s.b.seal.CurrentToken() == nil })
 
 		a.mustWrite(t, "seal/unseal", nil)
 		p.deliver()

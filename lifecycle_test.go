@@ -337,7 +337,7 @@ func TestEmergencySeal(t *testing.T) {
 	hct := e.encrypt(t, "hk", "guarded too", nil)
 
 	e.mustWrite(t, "seal/seal", nil)
-	require.Nil(t, e.b.seal.state.Load().sealer, "the root key is out of memory")
+	require.Nil(t, e.b.seal.Snapshot().Sealer(), "the root key is out of memory")
 	for _, p := range []struct {
 		path string
 		data map[string]interface{}

@@ -1,19 +1,16 @@
 package hsmtransit
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
-	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
-	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // pathConfigSeal configures the HSM that seals the mount's root key.
@@ -76,8 +73,8 @@ func (b *backend) pathConfigSeal() *framework.Path {
 
 // mergeSealConfig applies the request's fields over the current
 // configuration (nil when there is none) and checks the result.
-func mergeSealConfig(cur *sealConfig, d *framework.FieldData) (*sealConfig, error) {
-	next := &sealConfig{}
+func mergeSealConfig(cur *mountseal.Config, d *framework.FieldData) (*mountseal.Config, error) {
+	next := &mountseal.Config{}
 	if cur != nil {
 		c := *cur
 		next = &c
@@ -117,402 +114,70 @@ func mergeSealConfig(cur *sealConfig, d *framework.FieldData) (*sealConfig, erro
 	if v, ok := d.GetOk("hmac_key_label"); ok {
 		next.HMACKeyLabel = v.(string)
 		if next.HMACKeyLabel != "" {
-			if err := checkKEKLabel(next.HMACKeyLabel); err != nil {
+			if err := mountseal.CheckKEKLabel(next.HMACKeyLabel); err != nil {
 				return nil, fmt.Errorf("hmac_key_label: %w", err)
 			}
 		}
 	}
 	if v, ok := d.GetOk("hsm_timeout"); ok {
 		n := v.(int)
-		if n < 1 || n > maxCallTimeout {
-			return nil, fmt.Errorf("hsm_timeout %ds is out of range: give from 1s to %ds", n, maxCallTimeout)
+		if n < 1 || n > mountseal.MaxCallTimeout {
+			return nil, fmt.Errorf("hsm_timeout %ds is out of range: give from 1s to %ds", n, mountseal.MaxCallTimeout)
 		}
 		next.CallTimeout = n
 	}
-	var missing []string
-	if next.Library == "" {
-		missing = append(missing, "library")
-	}
-	if next.TokenLabel == "" && next.Slot == nil {
-		missing = append(missing, "token_label (or slot)")
-	}
-	if next.PIN == "" {
-		missing = append(missing, "pin")
-	}
-	if next.KeyLabel == "" {
-		missing = append(missing, "key_label")
-	}
-	if len(missing) > 0 {
-		return nil, fmt.Errorf("missing %v", missing)
-	}
-	lib, err := hsm.ResolveLibrary(next.Library)
-	if err != nil {
-		return nil, errors.Unwrap(err)
-	}
-	// Stored as resolved, so that every spelling of one library is one
-	// configuration and one module.
-	next.Library = lib
-	if next.TokenLabel != "" {
-		if err := hsm.CheckTokenLabel(next.TokenLabel); err != nil {
-			return nil, errors.Unwrap(err)
-		}
-	}
-	if err := checkKEKLabel(next.KeyLabel); err != nil {
-		return nil, err
-	}
-	if _, err := resolvePIN(next.PIN); err != nil {
+	if err := next.Check(); err != nil {
 		return nil, err
 	}
 	return next, nil
-}
-
-// checkKEKLabel refuses a KEK label the token cannot hold, or one inside the
-// plugin's own label namespace: there live HSM-resident keys, which crypto
-// users may use with associated data of their choice, and a KEK among them
-// would let them open or forge the sealed root keyring.
-func checkKEKLabel(label string) error {
-	if err := hsm.CheckKeyLabel(label); err != nil {
-		return errors.Unwrap(err)
-	}
-	if strings.HasPrefix(label, hsmNamespace) {
-		return fmt.Errorf("key_label %q is in the labels the plugin keeps for HSM-resident keys (%s...): choose a label outside it", label, hsmNamespace)
-	}
-	return nil
 }
 
 // pathConfigSealWrite seals the mount (first write) or changes how it is
 // sealed: another KEK, token, library or PIN. The root key never changes
 // here and no entry is re-encrypted; the root keyring is re-sealed.
 func (b *backend) pathConfigSealWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	m := b.seal
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	cur, err := readSealConfig(ctx, req.Storage)
+	creq := mountseal.ConfigureRequest{
+		Merge:       func(cur *mountseal.Config) (*mountseal.Config, error) { return mergeSealConfig(cur, d) },
+		GenerateKey: d.Get("generate_key").(bool),
+	}
+	if v, ok := d.GetOk("anti_rollback"); ok {
+		on := v.(bool)
+		creq.AntiRollback = &on
+	}
+	done, err := b.seal.Configure(ctx, req.Storage, creq)
 	if err != nil {
-		return nil, err
+		return sealErrorResponse(err)
 	}
-	next, err := mergeSealConfig(cur, d)
-	if err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	resp := describeSealConfig(done.Config)
+	if done.EntriesEncrypted > 0 {
+		resp.Data["entries_encrypted"] = done.EntriesEncrypted
 	}
-	generate := d.Get("generate_key").(bool)
-
-	var resp *logical.Response
-	if cur == nil {
-		resp, err = m.initSealLocked(ctx, req.Storage, next, generate)
-	} else {
-		resp, err = m.reconfigureLocked(ctx, req.Storage, cur, next, generate)
+	if done.MigrationPending {
+		resp.AddWarning("the mount is sealed, but some entries stored before it could not be encrypted yet; this is retried at every unseal (see the plugin's log)")
 	}
-	if err != nil {
-		if hsm.IsTokenNotFound(err) && (cur == nil || !sameTokenAs(cur, next)) {
-			// Settings that name no token or library here are the caller's
-			// to fix; 503 is for a configured token that went away.
-			return logical.ErrorResponse("nothing was configured: %v; check library, token_label or slot", err), logical.ErrInvalidRequest
-		}
-		return errorResponse(err)
-	}
-	if err := m.applyAntiRollbackLocked(ctx, req.Storage, d); err != nil {
-		return errorResponse(err)
-	}
-	resp.Data["anti_rollback"] = m.state.Load().meta.AntiRollback
-	if next.pinSource() == "value" {
+	resp.Data["anti_rollback"] = done.AntiRollback
+	if done.Config.PINSource() == "value" {
 		resp.AddWarning("the PIN is kept in Vault's storage (encrypted by Vault's barrier); pin=env://NAME or pin=file:///path keeps it out of storage")
 	}
 	return resp, nil
 }
 
-// initSealLocked seals a mount for the first time: a root key from the HSM's
-// random generator, sealed by the KEK; then every entry already stored
-// (a mount taken over from built-in transit) is encrypted under it.
-func (m *sealManager) initSealLocked(ctx context.Context, s logical.Storage, cfg *sealConfig, generate bool) (*logical.Response, error) {
-	tok, err := m.openToken(cfg)
-	if err != nil {
-		return nil, err
-	}
-	adopted := false
-	defer func() {
-		if !adopted {
-			tok.Close()
-		}
-	}()
-	if err := m.resolveMechanism(tok, cfg); err != nil {
-		return nil, err
-	}
-	if err := m.ensureSealKeys(tok, cfg.configuredKeys(), generate); err != nil {
-		return nil, err
-	}
-	rootKey, err := tok.Random(seal.RootKeySize)
-	if err != nil {
-		return nil, err
-	}
-	ring, err := seal.NewKeyring(rootKey)
-	clear(rootKey)
-	if err != nil {
-		return nil, err
-	}
-	ring = ring.WithManifest()
-	// The manifest and the sealed state come first. Until the configuration
-	// is stored they are sealed under a key nobody keeps, and a failed
-	// attempt's are replaced by the next one's.
-	if err := s.Delete(ctx, sealMetaPath); err != nil {
-		return nil, err
-	}
-	if err := checkNothingSealed(ctx, s); err != nil {
-		return nil, err
-	}
-	sealer := seal.NewSealer(ring, isPlainPath)
-	if err := sealer.InitManifest(ctx, s); err != nil {
-		return nil, fmt.Errorf("writing the manifest of the mount's entries: %w", err)
-	}
-	meta := &sealMeta{MigrationPending: true}
-	if err := writeSealMeta(ctx, sealer.Wrap(s), meta); err != nil {
-		return nil, err
-	}
-	if err := m.setKeyring(cfg, tok, cfg.configuredKeys(), ring, meta); err != nil {
-		return nil, err
-	}
-	if err := writeSealConfig(ctx, s, cfg); err != nil {
-		return nil, err
-	}
-	m.adoptToken(tok)
-	adopted = true
-
-	snap := &sealSnapshot{phase: phaseUnsealed, cfg: cfg, meta: meta, sealer: sealer}
-	m.setState(snap)
-	snap = m.afterUnseal(ctx, s, snap)
-	m.b.Logger().Info("mount sealed by the HSM", "token", tok.Describe(), "key_label", cfg.KeyLabel, "entries_encrypted", snap.migrated)
-	resp := describeSealConfig(cfg)
-	if snap.migrated > 0 {
-		resp.Data["entries_encrypted"] = snap.migrated
-	}
-	if snap.meta.MigrationPending {
-		resp.AddWarning("the mount is sealed, but some entries stored before it could not be encrypted yet; this is retried at every unseal (see the plugin's log)")
-	}
-	return resp, nil
-}
-
-// checkNothingSealed refuses a first seal over storage that a seal wrote
-// before: its configuration is gone (removed outside the plugin), and
-// sealing again would adopt whatever plaintext entries were planted beside
-// the mount's sealed ones. A failed first seal leaves only the manifest,
-// which is written anew.
-func checkNothingSealed(ctx context.Context, s logical.Storage) error {
-	var found string
-	err := walkEntries(ctx, s, "", func(key string, value []byte) {
-		if found == "" && !isPlainPath(key) && !strings.HasPrefix(key, "manifest/") && seal.IsSealed(value) {
-			found = key
-		}
-	})
-	if err != nil {
-		return err
-	}
-	if found != "" {
-		return &hsm.Error{Kind: hsm.Configuration, Op: "seal mount", Err: fmt.Errorf(
-			"the mount's storage holds sealed entries (%s) but no seal configuration: it was removed outside the plugin; put seal/config back, or use seal/recovery/restore", found)}
-	}
-	return nil
-}
-
-// reconfigureLocked applies a new configuration to a sealed mount. The
-// keyring is re-sealed under the new KEK (or token) when they change; a
-// mount that could not unseal is unsealed with the new settings first.
-// Whatever fails, the mount keeps the token it had.
-func (m *sealManager) reconfigureLocked(ctx context.Context, s logical.Storage, cur, next *sealConfig, generate bool) (*logical.Response, error) {
-	snap := m.state.Load()
-	if cur.EmergencySealed || errors.Is(snap.lastErr, errEmergencySealed) {
-		return nil, &hsm.Error{Kind: hsm.Configuration, Op: "configure seal", Err: errors.New("the mount is emergency-sealed: write seal/unseal first")}
-	}
-	sameToken := sameTokenAs(cur, next)
-	if next.PIN != cur.PIN && sameToken && m.token != nil {
-		// PKCS#11 login is per process: a new PIN can only be checked once
-		// the old login is gone. If the new PIN is refused, the old one
-		// logs in again, so that a mistake here does not take the
-		// mount's HSM-resident keys down.
-		m.adoptToken(nil)
-		defer func() {
-			if m.token == nil {
-				if tok, err := m.openToken(cur); err == nil {
-					m.adoptToken(tok)
-				}
-			}
-		}()
-	}
-	tok, err := m.openToken(next)
-	if err != nil {
-		return nil, err
-	}
-	adopted := false
-	defer func() {
-		if !adopted {
-			tok.Close()
-		}
-	}()
-	unsealed := snap
-	if snap.phase != phaseUnsealed {
-		if unsealed, err = m.openWith(ctx, s, tok, cur); err != nil {
-			return nil, err
-		}
-		// Unsealing may have upgraded the stored configuration.
-		next.SealedKeyring, next.SealedWith = unsealed.cfg.SealedKeyring, unsealed.cfg.SealedWith
-		next.RecoveryKeyring, next.RecoveryThreshold = unsealed.cfg.RecoveryKeyring, unsealed.cfg.RecoveryThreshold
-		next.LegacyRecoveryPublicKey, next.LegacyRecoveryShares = nil, 0
-	}
-	ring := unsealed.sealer.Keyring()
-	if next.Mechanism == "" {
-		// Not given, not stored (a mount sealed before mechanisms): the
-		// keyring's.
-		next.Mechanism = string(cur.sealedKeys().Mechanism)
-	}
-	if err := m.resolveMechanism(tok, next); err != nil {
-		return nil, err
-	}
-	if next.configuredKeys() != cur.sealedKeys() || !sameToken {
-		if err := m.ensureSealKeys(tok, next.configuredKeys(), generate); err != nil {
-			return nil, err
-		}
-		if err := m.setKeyring(next, tok, next.configuredKeys(), ring, unsealed.meta); err != nil {
-			return nil, err
-		}
-		if err := m.checkSealed(tok, next, ring); err != nil {
-			return nil, err
-		}
-	} else {
-		// Only the PIN or the deadline changed: a successful login
-		// proves the PIN.
-		if _, err := tok.Mechanisms(); err != nil {
-			return nil, err
-		}
-	}
-	next.RootKeyVersion = ring.Active()
-	if err := writeSealConfig(ctx, s, next); err != nil {
-		return nil, err
-	}
-	if !sameToken && unsealed.meta.AntiRollback && m.token != nil {
-		// The old token's anchor stops here, while the old KEK there may
-		// still open a configuration put back from before the move: retire
-		// it, so that no storage unseals through that token again.
-		if err := m.token.WriteData(m.antiRollbackLabel(), binary.BigEndian.AppendUint64(nil, math.MaxUint64)); err != nil {
-			m.b.Logger().Warn("retiring the anti-rollback anchor in the previous token", "error", err)
-		}
-	}
-	m.adoptToken(tok)
-	adopted = true
-	done := &sealSnapshot{phase: phaseUnsealed, cfg: next, meta: unsealed.meta, sealer: unsealed.sealer, problem: unsealed.problem}
-	m.setState(done)
-	if snap.phase != phaseUnsealed {
-		m.afterUnseal(ctx, s, done)
-	}
-	m.b.Logger().Info("seal configuration changed", "token", tok.Describe(), "key_label", next.KeyLabel)
-	return describeSealConfig(next), nil
-}
-
-// openWith unseals cfg's keyring with tok and checks storage against it,
-// for a mount that is sealed now. m.mu is held.
-func (m *sealManager) openWith(ctx context.Context, s logical.Storage, tok *hsm.Token, cfg *sealConfig) (*sealSnapshot, error) {
-	ring, err := m.unsealWith(tok, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("the new settings do not unseal the root keyring (sealed by KEK %q): %w", cfg.SealedWith, err)
-	}
-	o, err := m.checkStorage(ctx, s, tok, cfg, ring)
-	if err == nil && o.meta.EmergencySealed {
-		err = &hsm.Error{Kind: hsm.Configuration, Op: "configure seal", Err: errors.New("the mount is emergency-sealed: write seal/unseal first")}
-	}
-	if err != nil {
-		ring.Wipe()
-		return nil, err
-	}
-	return o.snapshot(), nil
-}
-
-// checkSealed proves that cfg's sealed keyring opens to ring before it is
-// stored.
-func (m *sealManager) checkSealed(tok *hsm.Token, cfg *sealConfig, ring *seal.Keyring) error {
-	check, err := tok.Open(cfg.sealedKeys(), cfg.SealedKeyring, m.aad)
-	if err != nil {
-		return err
-	}
-	defer clear(check)
-	want, err := ring.Marshal()
-	if err != nil {
-		return err
-	}
-	defer clear(want)
-	if !bytes.Equal(check, want) {
-		return errors.New("the re-sealed root keyring does not open to itself")
-	}
-	return nil
-}
-
-// applyAntiRollbackLocked applies anti_rollback when given, and otherwise
-// keeps an anchor that is on current in the token the mount uses now (after
-// a change of token). m.mu is held.
-func (m *sealManager) applyAntiRollbackLocked(ctx context.Context, s logical.Storage, d *framework.FieldData) error {
-	if v, ok := d.GetOk("anti_rollback"); ok {
-		return m.setAntiRollbackLocked(ctx, s, v.(bool))
-	}
-	if snap := m.state.Load(); snap.meta != nil && snap.meta.AntiRollback {
-		return m.setAntiRollbackLocked(ctx, s, true)
-	}
-	return nil
-}
-
-// sameTokenAs reports whether two configurations name the same token.
-func sameTokenAs(a, b *sealConfig) bool {
-	return a.Library == b.Library && a.TokenLabel == b.TokenLabel && sameSlot(a.Slot, b.Slot)
-}
-
-func sameSlot(a, b *uint) bool {
-	return (a == nil && b == nil) || (a != nil && b != nil && *a == *b)
-}
-
-// maxCallTimeout bounds hsm_timeout, in seconds.
-const maxCallTimeout = 300
-
-// resolveMechanism checks that the token offers cfg's mechanism, or chooses
-// one from what it offers when cfg names none (a first seal). m.mu is held.
-func (m *sealManager) resolveMechanism(tok *hsm.Token, cfg *sealConfig) error {
-	sup, err := tok.Mechanisms()
-	if err != nil {
-		return err
-	}
-	if cfg.Mechanism == "" {
-		chosen, err := sup.Choose()
-		if err != nil {
-			return err
-		}
-		cfg.Mechanism = string(chosen)
-		return nil
-	}
-	return sup.Supports(hsm.SealMechanism(cfg.Mechanism))
-}
-
-// ensureSealKeys makes sure the keys are in the token, creating them when
-// allowed (a key the plugin adopts rather than generates must never leave
-// the token and serve for nothing else), and that the token gives back what
-// it seals with them, before anything depends on it.
-func (m *sealManager) ensureSealKeys(tok *hsm.Token, keys hsm.SealKeys, generate bool) error {
-	if err := tok.EnsureSealKeys(keys, generate); err != nil {
-		return err
-	}
-	return tok.CheckRoundTrip(keys, append([]byte("hsm-transit/canary\x00"), m.aad...))
-}
-
 // describeSealConfig is config/seal's read: everything but the PIN.
-func describeSealConfig(cfg *sealConfig) *logical.Response {
+func describeSealConfig(cfg *mountseal.Config) *logical.Response {
 	data := map[string]interface{}{
 		"library":          cfg.Library,
 		"token_label":      cfg.TokenLabel,
 		"key_label":        cfg.KeyLabel,
-		"mechanism":        string(cfg.configuredKeys().Mechanism),
-		"hsm_timeout":      int(callTimeout(cfg).Seconds()),
+		"mechanism":        string(cfg.ConfiguredKeys().Mechanism),
+		"hsm_timeout":      int(cfg.HSMTimeout().Seconds()),
 		"pin_set":          cfg.PIN != "",
-		"pin_source":       cfg.pinSource(),
+		"pin_source":       cfg.PINSource(),
 		"root_key_version": cfg.RootKeyVersion,
 	}
 	if cfg.Slot != nil {
 		data["slot"] = *cfg.Slot
 	}
-	if k := cfg.configuredKeys(); k.Mechanism == hsm.AESCBCHMAC {
+	if k := cfg.ConfiguredKeys(); k.Mechanism == hsm.AESCBCHMAC {
 		data["hmac_key_label"] = k.HMACLabel
 	}
 	return &logical.Response{Data: data}
@@ -520,7 +185,7 @@ func describeSealConfig(cfg *sealConfig) *logical.Response {
 
 // pathConfigSealRead returns the seal configuration without the PIN.
 func (b *backend) pathConfigSealRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	cfg, err := readSealConfig(ctx, req.Storage)
+	cfg, err := mountseal.ReadConfig(ctx, req.Storage)
 	if err != nil || cfg == nil {
 		return nil, err
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
 	sealpkg "github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 )
@@ -400,14 +401,14 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 
 	require.NoError(t, os.Rename(aside, dir))
 	require.Eventually(t, func() bool {
-		return e.b.seal.state.Load().phase == phaseUnsealed
+		return e.b.seal.Snapshot().Phase() == mountseal.PhaseUnsealed
 	}, 60*time.Second, 100*time.Millisecond, "the mount unseals by itself")
 	require.Equal(t, "after the outage", e.decrypt(t, "k", ct, nil))
 }
 
 func TestWrongPINAfterRestartIsNotRetried(t *testing.T) {
 	t.Setenv("HSM_TRANSIT_TEST_PIN", testPIN)
-	t.Setenv(pinEnvAllowEnv, "HSM_TRANSIT_TEST_PIN")
+	t.Setenv(mountseal.PINEnvAllowEnv, "HSM_TRANSIT_TEST_PIN")
 	e := startBackend(t, &logical.InmemStorage{}, newMountUUID(t))
 	e.mustWrite(t, "config/seal", withSeal(map[string]interface{}{"pin": "env://HSM_TRANSIT_TEST_PIN"}))
 	require.Equal(t, "env", e.read(t, "config/seal").data["pin_source"])
@@ -418,12 +419,12 @@ func TestWrongPINAfterRestartIsNotRetried(t *testing.T) {
 	r := e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct})
 	requireStatus(t, r, 503, "PIN refused")
 	requireStatus(t, r, 503, "fix config/seal")
-	first := e.b.seal.state.Load()
-	require.True(t, first.permanent)
+	first := e.b.seal.Snapshot()
+	require.True(t, first.Permanent())
 	for i := 0; i < 5; i++ {
 		requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 503, "PIN refused")
 	}
-	require.Same(t, first, e.b.seal.state.Load(), "no further attempt: the state is untouched")
+	require.Same(t, first, e.b.seal.Snapshot(), "no further attempt: the state is untouched")
 
 	// Fixing the PIN in config/seal unseals.
 	e.mustWrite(t, "config/seal", map[string]interface{}{"pin": testPIN})

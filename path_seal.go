@@ -2,14 +2,12 @@ package hsmtransit
 
 import (
 	"context"
-	"errors"
-	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
-	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // pathSealStatus reports the seal's state; it never holds a secret.
@@ -48,19 +46,19 @@ func (b *backend) pathSealRotate() *framework.Path {
 // pathSealStatusRead describes the seal, trying to unseal first so that the
 // answer is current.
 func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	snap, err := b.seal.tryUnseal(ctx, req.Storage, false)
+	snap, err := b.seal.Status(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
 	data := map[string]interface{}{
-		"configured": snap.phase == phaseSealed || snap.phase == phaseUnsealed,
-		"sealed":     snap.phase != phaseUnsealed,
+		"configured": snap.Configured(),
+		"sealed":     snap.Phase() != mountseal.PhaseUnsealed,
 		"last_error": "",
 	}
-	if snap.lastErr != nil {
-		data["last_error"] = snap.lastErr.Error()
+	if snap.LastErr() != nil {
+		data["last_error"] = snap.LastErr().Error()
 	}
-	if cfg := snap.cfg; cfg != nil {
+	if cfg := snap.Config(); cfg != nil {
 		data["library"] = cfg.Library
 		data["token_label"] = cfg.TokenLabel
 		if cfg.Slot != nil {
@@ -68,17 +66,17 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 		}
 		data["key_label"] = cfg.SealedWith
 		data["root_key_version"] = cfg.RootKeyVersion
-		keys := cfg.sealedKeys()
+		keys := cfg.SealedKeys()
 		data["mechanism"] = string(keys.Mechanism)
 		if keys.Mechanism == hsm.AESCBCHMAC {
 			data["hmac_key_label"] = keys.HMACLabel
 		}
-		data["hsm_timeout"] = int(callTimeout(cfg).Seconds())
+		data["hsm_timeout"] = int(cfg.HSMTimeout().Seconds())
 	}
-	if snap.phase == phaseUnsealed {
+	if snap.Phase() == mountseal.PhaseUnsealed {
 		// What the token offers, for choosing a mechanism (and whether
 		// HSM-resident keys work there).
-		if sup := b.seal.tokenMechanisms(); sup != nil {
+		if sup := b.seal.TokenMechanisms(); sup != nil {
 			usable := make([]string, len(sup.Usable))
 			for i, m := range sup.Usable {
 				usable[i] = string(m)
@@ -87,15 +85,15 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 			data["hsm_keys_supported"] = sup.GCM
 		}
 	}
-	if snap.sealer != nil {
-		ring := snap.sealer.Keyring()
+	if sealer := snap.Sealer(); sealer != nil {
+		ring := sealer.Keyring()
 		data["root_key_version"] = ring.Active()
 		data["rotation_pending"] = len(ring.Versions()) > 1
 	}
-	if snap.problem != nil {
-		data["last_error"] = snap.problem.Error()
+	if snap.Problem() != nil {
+		data["last_error"] = snap.Problem().Error()
 	}
-	if meta := snap.meta; meta != nil {
+	if meta := snap.Meta(); meta != nil {
 		data["recovery_initialized"] = meta.RecoveryPublicKey != nil
 		// Recovery set up by a version before copies were authenticated:
 		// seal/recovery/init again makes shares whose copies are.
@@ -104,11 +102,11 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 		data["recovery_threshold"] = meta.RecoveryThreshold
 		data["emergency_sealed"] = meta.EmergencySealed
 		data["anti_rollback"] = meta.AntiRollback
-	} else if cfg := snap.cfg; cfg != nil {
+	} else if cfg := snap.Config(); cfg != nil {
 		// Sealed: what the plaintext configuration says, unverified.
 		data["recovery_initialized"] = cfg.RecoveryKeyring != nil
 		data["recovery_threshold"] = cfg.RecoveryThreshold
-		data["emergency_sealed"] = cfg.EmergencySealed || errors.Is(snap.lastErr, errEmergencySealed)
+		data["emergency_sealed"] = snap.EmergencySealed()
 	}
 	return &logical.Response{Data: data}, nil
 }
@@ -116,128 +114,14 @@ func (b *backend) pathSealStatusRead(ctx context.Context, req *logical.Request, 
 // pathSealRotateWrite rotates the root key: a new version from the HSM, then
 // every entry re-encrypted under it, then the old versions dropped.
 func (b *backend) pathSealRotateWrite(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	m := b.seal
-	if _, err := m.view(ctx, req.Storage); err != nil {
-		return nil, err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	snap := m.state.Load()
-	if snap.phase != phaseUnsealed {
-		return nil, sealUnavailable(snap)
-	}
-	if m.token == nil {
-		return nil, unavailableErr("no HSM token is open for this mount; check seal/status")
-	}
-	newKey, err := m.token.Random(seal.RootKeySize)
+	done, err := b.seal.Rotate(ctx, req.Storage)
 	if err != nil {
-		return errorResponse(err)
-	}
-	ring, err := snap.sealer.Keyring().Rotated(newKey)
-	clear(newKey)
-	if err != nil {
-		return nil, err
-	}
-	// Store the keyring with both versions before any entry moves: a crash
-	// from here on leaves every entry readable.
-	if err := m.storeKeyringLocked(ctx, req.Storage, snap, ring); err != nil {
-		return errorResponse(err)
-	}
-	snap = m.state.Load()
-	snap.sealer.SetKeyring(ring)
-	if rotationStoredHook != nil {
-		rotationStoredHook()
-	}
-	n, err := m.finishRotationLocked(ctx, req.Storage, snap)
-	if err != nil {
-		if hsm.IsUnavailable(err) {
-			// The new keyring is stored; the entries not yet resealed
-			// stay readable, and the rotation completes at the next
-			// seal/rotate or unseal.
-			return nil, unavailableErr("the root key rotation was interrupted (%v); every entry stays readable, and writing seal/rotate again once the HSM answers completes it", err)
-		}
-		return nil, err
+		return sealErrorResponse(err)
 	}
 	return &logical.Response{Data: map[string]interface{}{
-		"root_key_version": ring.Active(),
-		"entries_resealed": n,
+		"root_key_version": done.RootKeyVersion,
+		"entries_resealed": done.EntriesResealed,
 	}}, nil
-}
-
-// rotationStoredHook, when set (by tests), runs between storing the rotated
-// keyring and resealing the entries.
-var rotationStoredHook func()
-
-// storeKeyringLocked seals ring under the configured KEK and stores it with
-// the configuration, in one write. m.mu is held.
-func (m *sealManager) storeKeyringLocked(ctx context.Context, s logical.Storage, snap *sealSnapshot, ring *seal.Keyring) error {
-	if m.token == nil {
-		return unavailableErr("no HSM token is open for this mount; check config/seal")
-	}
-	cfg := *snap.cfg
-	if err := m.setKeyring(&cfg, m.token, cfg.sealedKeys(), ring, snap.meta); err != nil {
-		return err
-	}
-	if err := writeSealConfig(ctx, s, &cfg); err != nil {
-		return err
-	}
-	next := *snap
-	next.cfg = &cfg
-	m.setState(&next)
-	return nil
-}
-
-// resumeRotation completes a root key rotation that a storage failure
-// interrupted in this process.
-func (m *sealManager) resumeRotation(ctx context.Context, s logical.Storage) {
-	if !m.mu.TryLock() {
-		return
-	}
-	defer m.mu.Unlock()
-	snap := m.state.Load()
-	if snap.phase != phaseUnsealed || len(snap.sealer.Keyring().Versions()) < 2 {
-		return
-	}
-	if _, err := m.finishRotationLocked(ctx, s, snap); err != nil {
-		m.b.Logger().Warn("resuming the root key rotation", "error", err)
-	}
-}
-
-// finishRotationLocked re-encrypts every entry under the active version and
-// drops the others, returning how many entries changed. It is also how an
-// interrupted rotation completes after a restart. m.mu is held.
-func (m *sealManager) finishRotationLocked(ctx context.Context, s logical.Storage, snap *sealSnapshot) (int, error) {
-	n, err := snap.sealer.ResealAll(ctx, s)
-	var planted *seal.PlaintextEntriesError
-	var unreadable *seal.UnreadableEntriesError
-	var problem error
-	if errors.As(err, &planted) || errors.As(err, &unreadable) {
-		// Entries that the plugin did not write (planted in plaintext,
-		// edited, or older copies put back): never adopted, and
-		// reported until a rotation finds them gone. They do not hold
-		// the rotation up: nothing of the mount can be read from them,
-		// before or after the old root key versions go.
-		m.b.Logger().Error("storage holds entries this mount did not seal, or older copies of its entries; they are refused", "error", err)
-		problem, err = err, nil
-	}
-	if cur := m.state.Load(); cur.problem != problem {
-		next := *cur
-		next.problem = problem
-		m.setState(&next)
-	}
-	if err != nil {
-		return n, fmt.Errorf("re-encrypting entries under the new root key (the rotation completes at the next rotation or restart): %w", err)
-	}
-	pruned := snap.sealer.Keyring().ActiveOnly()
-	if err := m.storeKeyringLocked(ctx, s, m.state.Load(), pruned); err != nil {
-		return n, err
-	}
-	// The manifest keeps its tombstones: a copy of seal/config from before
-	// this rotation still opens the old versions (the KEK opens any copy),
-	// and a deleted entry's old copy put back with it must stay refused.
-	snap.sealer.SetKeyring(pruned)
-	m.b.Logger().Info("root key rotated", "root_key_version", pruned.Active(), "entries_resealed", n)
-	return n, nil
 }
 
 const pathSealStatusHelpSyn = `Report the state of the mount's HSM seal`

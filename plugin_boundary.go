@@ -8,6 +8,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // The backend's side of the plugin boundary (internal/boundary): request
@@ -37,7 +38,7 @@ func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*log
 		preEncode(ctx, resp)
 	}
 	var typed *kindError
-	if errors.As(err, &typed) {
+	if errors.As(err, &typed) || mountseal.KindOf(err) != 0 {
 		// The SDK carries only its own error types across the boundary:
 		// a kind becomes its answer here, whichever handler returned it.
 		resp, err = errorResponse(err)

@@ -97,7 +97,7 @@ func (r *backendRegistry) shutdownAll(reason string, timeout time.Duration) int 
 		go func() {
 			defer close(done[i])
 			logged := logAsync(func() {
-				b.Logger().Warn("shutting down: dropping the mount's root key, cached keys and HSM session", "mount_uuid", b.seal.mountID, "reason", reason)
+				b.Logger().Warn("shutting down: dropping the mount's root key, cached keys and HSM session", "mount_uuid", b.seal.MountID(), "reason", reason)
 			})
 			shutdownBackend(ctx, b)
 			<-logged
@@ -118,7 +118,7 @@ func (r *backendRegistry) shutdownAll(reason string, timeout time.Duration) int 
 	if len(late) > 0 {
 		waitLog(logAsync(func() {
 			for _, b := range late {
-				b.Logger().Error("the mount's cleanup did not finish in time; the process exits anyway", "mount_uuid", b.seal.mountID, "timeout", timeout.String())
+				b.Logger().Error("the mount's cleanup did not finish in time; the process exits anyway", "mount_uuid", b.seal.MountID(), "timeout", timeout.String())
 			}
 		}))
 	}
@@ -133,8 +133,8 @@ func (r *backendRegistry) shutdownAll(reason string, timeout time.Duration) int 
 // affected (they keep their own expanded keys, freed with the process).
 func shutdownBackend(ctx context.Context, b *backend) {
 	var ring *seal.Keyring
-	if snap := b.seal.state.Load(); snap != nil && snap.sealer != nil {
-		ring = snap.sealer.Keyring()
+	if sealer := b.seal.Snapshot().Sealer(); sealer != nil {
+		ring = sealer.Keyring()
 	}
 	b.clean(ctx)
 	if ring != nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 )
 
@@ -34,8 +35,8 @@ func unsealedForShutdown(t *testing.T) *testEnv {
 	e := getTestBackend(t)
 	ct := e.encrypt(t, "k", "in use", nil)
 	require.Equal(t, "in use", e.decrypt(t, "k", ct, nil))
-	require.Equal(t, phaseUnsealed, e.b.seal.state.Load().phase)
-	require.NotNil(t, e.b.seal.currentToken())
+	require.Equal(t, mountseal.PhaseUnsealed, e.b.seal.Snapshot().Phase())
+	require.NotNil(t, e.b.seal.CurrentToken())
 	registerBackend(e.b)
 	t.Cleanup(func() { unregisterBackend(e.b) })
 	return e
@@ -73,8 +74,8 @@ func allZero(b []byte) bool {
 // poll interval and a margin.
 func TestHostWatchParentChangedShutsDown(t *testing.T) {
 	e := unsealedForShutdown(t)
-	tok := e.b.seal.currentToken()
-	ring := e.b.seal.state.Load().sealer.Keyring()
+	tok := e.b.seal.CurrentToken()
+	ring := e.b.seal.Snapshot().Sealer().Keyring()
 	for _, k := range keyringBytes(t, ring) {
 		require.False(t, allZero(k), "the unsealed keyring holds a key")
 	}
@@ -98,7 +99,7 @@ func TestHostWatchParentChangedShutsDown(t *testing.T) {
 	// The parent stays: nothing happens.
 	time.Sleep(4 * interval)
 	require.Empty(t, rec.called)
-	require.Equal(t, phaseUnsealed, e.b.seal.state.Load().phase)
+	require.Equal(t, mountseal.PhaseUnsealed, e.b.seal.Snapshot().Phase())
 
 	// Re-parented to init.
 	changed := time.Now()
@@ -114,10 +115,10 @@ func TestHostWatchParentChangedShutsDown(t *testing.T) {
 	require.Less(t, took, interval+time.Second)
 	<-done
 
-	snap := e.b.seal.state.Load()
-	require.NotEqual(t, phaseUnsealed, snap.phase)
-	require.Nil(t, snap.sealer, "the root keyring is forgotten")
-	require.Nil(t, e.b.seal.currentToken(), "the mount's token is dropped")
+	snap := e.b.seal.Snapshot()
+	require.NotEqual(t, mountseal.PhaseUnsealed, snap.Phase())
+	require.Nil(t, snap.Sealer(), "the root keyring is forgotten")
+	require.Nil(t, e.b.seal.CurrentToken(), "the mount's token is dropped")
 	_, err := tok.Random(8)
 	require.Error(t, err, "the HSM session is closed")
 	t.Logf("the old token handle now answers: %v", err)
@@ -148,8 +149,8 @@ func TestHostWatchParentUnchanged(t *testing.T) {
 		t.Fatal("the watch did not stop with its context")
 	}
 	require.False(t, lost.Load())
-	require.Equal(t, phaseUnsealed, e.b.seal.state.Load().phase)
-	require.NotNil(t, e.b.seal.currentToken())
+	require.Equal(t, mountseal.PhaseUnsealed, e.b.seal.Snapshot().Phase())
+	require.NotNil(t, e.b.seal.CurrentToken())
 	ct := e.encrypt(t, "k", "still serving", nil)
 	require.Equal(t, "still serving", e.decrypt(t, "k", ct, nil))
 }
@@ -161,17 +162,17 @@ func TestShutdownAllIsBounded(t *testing.T) {
 	stuck := getTestBackend(t)
 	fine := getTestBackend(t)
 	fine.encrypt(t, "k", "x", nil)
-	require.Equal(t, phaseUnsealed, fine.b.seal.state.Load().phase)
+	require.Equal(t, mountseal.PhaseUnsealed, fine.b.seal.Snapshot().Phase())
 
 	r := &backendRegistry{m: make(map[*backend]struct{})}
 	r.add(stuck.b)
 	r.add(fine.b)
-	stuck.b.seal.mu.Lock()
+	release := stuck.b.seal.HoldLockForTest()
 	unlocked := false
 	unlock := func() {
 		if !unlocked {
 			unlocked = true
-			stuck.b.seal.mu.Unlock()
+			release()
 		}
 	}
 	defer unlock()
@@ -184,8 +185,8 @@ func TestShutdownAllIsBounded(t *testing.T) {
 	require.Equal(t, 1, late)
 	require.GreaterOrEqual(t, took, timeout)
 	require.Less(t, took, timeout+time.Second)
-	require.NotEqual(t, phaseUnsealed, fine.b.seal.state.Load().phase)
-	require.Nil(t, fine.b.seal.currentToken())
+	require.NotEqual(t, mountseal.PhaseUnsealed, fine.b.seal.Snapshot().Phase())
+	require.Nil(t, fine.b.seal.CurrentToken())
 	unlock()
 }
 
@@ -195,75 +196,4 @@ func TestShutdownAllWithNothingRegistered(t *testing.T) {
 	start := time.Now()
 	require.Zero(t, r.shutdownAll("test", time.Minute))
 	require.Less(t, time.Since(start), 100*time.Millisecond)
-}
-
-// A request that finds an unseal attempt under way (the seal's lock held)
-// waits for it without polling: it goes on as soon as the lock is released,
-// returns as soon as the state becomes unsealed even while the lock is
-// still held, and gives up with its context. Each bound below is well
-// under unsealWait, so that only a wait that missed its wake-up fails.
-func TestWaitingForAnUnsealUnderWay(t *testing.T) {
-	e := getTestBackend(t)
-	e.encrypt(t, "k", "x", nil)
-	m := e.b.seal
-	unsealed := m.state.Load()
-	require.Equal(t, phaseUnsealed, unsealed.phase)
-	sealed := &sealSnapshot{phase: phaseSealed, cfg: unsealed.cfg, nextTry: time.Now().Add(time.Hour)}
-
-	wait := func(ctx context.Context) <-chan *sealSnapshot {
-		out := make(chan *sealSnapshot, 1)
-		go func() {
-			snap, err := m.tryUnseal(ctx, e.storage, false)
-			if err != nil {
-				snap = nil // soon's caller then fails on the nil state
-			}
-			out <- snap
-		}()
-		return out
-	}
-	soon := func(c <-chan *sealSnapshot) *sealSnapshot {
-		select {
-		case snap := <-c:
-			return snap
-		case <-time.After(unsealWait / 2):
-			t.Fatal("the waiting request did not wake up")
-			return nil
-		}
-	}
-
-	// lock and unlock hold the seal's lock as an attempt under way does;
-	// a failed check releases it, so that the mount can be cleaned up.
-	held := false
-	lock := func() { m.mu.Lock(); held = true }
-	unlock := func() { m.mu.Unlock(); held = false }
-	defer func() {
-		if held {
-			unlock()
-		}
-	}()
-
-	// The attempt ends: the waiter takes the lock and sees it was tried.
-	lock()
-	m.setState(sealed)
-	got := wait(context.Background())
-	require.Never(t, func() bool { return len(got) > 0 }, 100*time.Millisecond, 10*time.Millisecond, "waits while the attempt is under way")
-	unlock()
-	require.Same(t, sealed, soon(got), "not due to retry: the state as the attempt left it")
-	// (the waiter took the lock and gave it back)
-
-	// The mount becomes unsealed while the lock is still held.
-	lock()
-	got = wait(context.Background())
-	require.Never(t, func() bool { return len(got) > 0 }, 100*time.Millisecond, 10*time.Millisecond)
-	m.setState(unsealed)
-	require.Same(t, unsealed, soon(got))
-
-	// The request's context ends first.
-	m.setState(sealed)
-	ctx, cancel := context.WithCancel(context.Background())
-	got = wait(ctx)
-	cancel()
-	require.Same(t, sealed, soon(got))
-	m.setState(unsealed)
-	unlock()
 }

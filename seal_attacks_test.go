@@ -35,6 +35,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 	sealpkg "github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 )
 
@@ -65,29 +66,29 @@ func rawDelete(t *testing.T, e *testEnv, path string) {
 // every field the edit does not touch.
 func editSealConfig(t *testing.T, e *testEnv, edit func(m map[string]interface{})) {
 	t.Helper()
-	raw := rawGet(t, e, sealConfigPath)
+	raw := rawGet(t, e, mountseal.ConfigPath)
 	require.NotNil(t, raw, "seal/config exists")
 	var m map[string]interface{}
 	require.NoError(t, json.Unmarshal(raw, &m))
 	edit(m)
 	out, err := json.Marshal(m)
 	require.NoError(t, err)
-	rawPut(t, e, sealConfigPath, out)
+	rawPut(t, e, mountseal.ConfigPath, out)
 }
 
 // storedSealConfig decodes seal/config as stored.
-func storedSealConfig(t *testing.T, e *testEnv) *sealConfig {
+func storedSealConfig(t *testing.T, e *testEnv) *mountseal.Config {
 	t.Helper()
-	cfg, err := readSealConfig(context.Background(), e.storage)
+	cfg, err := mountseal.ReadConfig(context.Background(), e.storage)
 	require.NoError(t, err)
 	require.NotNil(t, cfg)
 	return cfg
 }
 
 // storedSealMeta decodes the sealed seal state through the unsealed mount.
-func storedSealMeta(t *testing.T, e *testEnv) *sealMeta {
+func storedSealMeta(t *testing.T, e *testEnv) *mountseal.Meta {
 	t.Helper()
-	meta, err := readSealMeta(context.Background(), e.sealed(t))
+	meta, err := mountseal.ReadMeta(context.Background(), e.sealed(t))
 	require.NoError(t, err)
 	require.NotNil(t, meta)
 	return meta
@@ -214,7 +215,7 @@ func TestAttack1aPlantedRecoveryKeyWithoutRecovery(t *testing.T) {
 	require.Greater(t, tried, 10)
 
 	var stored map[string]interface{}
-	require.NoError(t, json.Unmarshal(rawGet(t, e, sealConfigPath), &stored))
+	require.NoError(t, json.Unmarshal(rawGet(t, e, mountseal.ConfigPath), &stored))
 	require.NotContains(t, stored, "recovery_keyring", "a mount without recovery has no recovery copy")
 	require.Nil(t, storedSealConfig(t, e).RecoveryKeyring)
 	require.Nil(t, storedSealMeta(t, e).RecoveryPublicKey, "the planted key did not reach the sealed state")
@@ -255,7 +256,7 @@ func TestAttack1bPlantedRecoveryKeyWithRecovery(t *testing.T) {
 	ring, err := sealpkg.OpenWithShares(shares[1:], recoveryInfoOf(e), cfg.RecoveryKeyring)
 	require.NoError(t, err, "the custodians' shares open the new recovery copy")
 	require.Equal(t, uint32(2), ring.Active(), "the copy holds the rotated keyring")
-	require.NoError(t, sealpkg.NewSealer(ring, isPlainPath).LoadManifest(context.Background(), e.storage), "and it opens this mount's storage")
+	require.NoError(t, sealpkg.NewSealer(ring, mountseal.IsPlainPath).LoadManifest(context.Background(), e.storage), "and it opens this mount's storage")
 	require.Equal(t, legitPub, storedSealMeta(t, e).RecoveryPublicKey)
 	require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
 	secrets := secretSet{"the victim's plaintext": []byte("victim data")}
@@ -280,7 +281,7 @@ func TestAttack1cEmergencySealClearedInStorage(t *testing.T) {
 	requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 503, "emergency seal")
 	// Give the background unseal its chance too.
 	time.Sleep(200 * time.Millisecond)
-	require.NotEqual(t, phaseUnsealed, e.b.seal.state.Load().phase)
+	require.NotEqual(t, mountseal.PhaseUnsealed, e.b.seal.Snapshot().Phase())
 	st := e.read(t, "seal/status").data
 	require.Equal(t, true, st["sealed"])
 	require.Contains(t, st["last_error"], "emergency seal")
@@ -308,7 +309,7 @@ func TestAttack1dRecoveryCanary(t *testing.T) {
 	var state struct {
 		RecoveryPublicKey []byte `json:"recovery_public_key"`
 	}
-	entry, err := e.sealed(t).Get(context.Background(), sealMetaPath)
+	entry, err := e.sealed(t).Get(context.Background(), mountseal.MetaPath)
 	require.NoError(t, err)
 	require.NoError(t, json.Unmarshal(entry.Value, &state))
 	require.NotEmpty(t, state.RecoveryPublicKey)
@@ -332,7 +333,7 @@ func TestAttack1dRecoveryCanary(t *testing.T) {
 			editSealConfig(t, e, func(m map[string]interface{}) {
 				m["recovery_keyring"] = base64.StdEncoding.EncodeToString(planted)
 			})
-			before := rawGet(t, e, sealConfigPath)
+			before := rawGet(t, e, mountseal.ConfigPath)
 			// The planted copy carries no tag: refused as such, and,
 			// when the custodians vouch for storage (legacy_copy), by
 			// the canary.
@@ -345,11 +346,11 @@ func TestAttack1dRecoveryCanary(t *testing.T) {
 					"shares": shares[:2], "key_label": newKEK, "generate_key": true, "legacy_copy": legacy,
 				})
 				requireStatus(t, r, 400, msg)
-				require.Equal(t, before, rawGet(t, e, sealConfigPath), "nothing changed")
+				require.Equal(t, before, rawGet(t, e, mountseal.ConfigPath), "nothing changed")
 				has, err := tok.HasKey(newKEK)
 				require.NoError(t, err)
 				require.False(t, has, "no KEK was generated for the refused restore")
-				require.NotEqual(t, phaseUnsealed, e.b.seal.state.Load().phase)
+				require.NotEqual(t, mountseal.PhaseUnsealed, e.b.seal.Snapshot().Phase())
 			}
 		})
 	}
@@ -385,7 +386,7 @@ func legacyMount(t *testing.T) (*logical.InmemStorage, string, string) {
 	require.NoError(t, err)
 	lm, err := keysutil.NewLockManager(true, 0)
 	require.NoError(t, err)
-	p, _, err := lm.GetPolicy(ctx, keysutil.PolicyRequest{Upsert: true, Storage: sealpkg.NewSealer(ring, isPlainPath).Wrap(s), Name: "k", KeyType: keysutil.KeyType_AES256_GCM96}, rand.Reader)
+	p, _, err := lm.GetPolicy(ctx, keysutil.PolicyRequest{Upsert: true, Storage: sealpkg.NewSealer(ring, mountseal.IsPlainPath).Wrap(s), Name: "k", KeyType: keysutil.KeyType_AES256_GCM96}, rand.Reader)
 	require.NoError(t, err)
 	ct, err := p.Encrypt(0, nil, nil, b64("victim data"))
 	require.NoError(t, err)
@@ -399,7 +400,7 @@ func legacyMount(t *testing.T) (*logical.InmemStorage, string, string) {
 	require.NoError(t, err)
 	real, err := filepath.EvalSymlinks(softhsmLib)
 	require.NoError(t, err)
-	require.NoError(t, writeSealConfig(ctx, s, &sealConfig{
+	require.NoError(t, mountseal.WriteConfig(ctx, s, &mountseal.Config{
 		Library: real, TokenLabel: testToken, PIN: testPIN, KeyLabel: testKEK,
 		SealedKeyring: sealed, SealedWith: testKEK, RootKeyVersion: 1,
 	}))
@@ -419,12 +420,12 @@ func TestAttack1eLegacySealConfigReplay(t *testing.T) {
 	erasures := map[string][]string{
 		"config only":                     nil,
 		"manifest root deleted":           {"manifest/root"},
-		"manifest root and state deleted": {"manifest/root", sealMetaPath},
+		"manifest root and state deleted": {"manifest/root", mountseal.MetaPath},
 	}
 	for name, erase := range erasures {
 		t.Run("recovery key, "+name, func(t *testing.T) {
 			s, mountUUID, ct := legacyMount(t)
-			legacy := bytes.Clone(func() []byte { e, _ := s.Get(context.Background(), sealConfigPath); return e.Value }())
+			legacy := bytes.Clone(func() []byte { e, _ := s.Get(context.Background(), mountseal.ConfigPath); return e.Value }())
 			e := startBackend(t, s, mountUUID)
 			require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
 			require.NotNil(t, rawGet(t, e, "manifest/root"), "the mount was upgraded")
@@ -439,7 +440,7 @@ func TestAttack1eLegacySealConfigReplay(t *testing.T) {
 			m["recovery_shares"] = 1
 			replay, err := json.Marshal(m)
 			require.NoError(t, err)
-			rawPut(t, e, sealConfigPath, replay)
+			rawPut(t, e, mountseal.ConfigPath, replay)
 			for _, p := range erase {
 				rawDelete(t, e, p)
 			}
@@ -476,12 +477,12 @@ func TestAttack1eLegacySealConfigReplay(t *testing.T) {
 		})
 		t.Run("emergency seal, "+name, func(t *testing.T) {
 			s, mountUUID, ct := legacyMount(t)
-			legacy := bytes.Clone(func() []byte { e, _ := s.Get(context.Background(), sealConfigPath); return e.Value }())
+			legacy := bytes.Clone(func() []byte { e, _ := s.Get(context.Background(), mountseal.ConfigPath); return e.Value }())
 			e := startBackend(t, s, mountUUID)
 			require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
 			e.mustWrite(t, "seal/seal", nil)
 
-			rawPut(t, e, sealConfigPath, legacy)
+			rawPut(t, e, mountseal.ConfigPath, legacy)
 			for _, p := range erase {
 				rawDelete(t, e, p)
 			}
@@ -512,9 +513,9 @@ func TestAttack1fRecoveryCanaryWithPlantedManifest(t *testing.T) {
 	legitPub := storedSealMeta(t, e).RecoveryPublicKey
 
 	ring := attackerKeyring(t, true)
-	sealer := sealpkg.NewSealer(ring, isPlainPath)
+	sealer := sealpkg.NewSealer(ring, mountseal.IsPlainPath)
 	require.NoError(t, sealer.InitManifest(ctx, e.storage))
-	require.NoError(t, writeSealMeta(ctx, sealer.Wrap(e.storage), &sealMeta{}))
+	require.NoError(t, mountseal.WriteMeta(ctx, sealer.Wrap(e.storage), &mountseal.Meta{}))
 	planted, err := sealpkg.SealForRecovery(legitPub, recoveryInfoOf(e), ring)
 	require.NoError(t, err)
 	lost := uniq(t, "lost-kek")
@@ -524,7 +525,7 @@ func TestAttack1fRecoveryCanaryWithPlantedManifest(t *testing.T) {
 		m["sealed_with"] = lost
 	})
 	e = e.restart(t)
-	before := rawGet(t, e, sealConfigPath)
+	before := rawGet(t, e, mountseal.ConfigPath)
 	policyBefore := rawGet(t, e, "policy/k")
 
 	requireStatus(t, e.write(t, "seal/recovery/restore", map[string]interface{}{
@@ -552,7 +553,7 @@ func TestAttack1fRecoveryCanaryWithPlantedManifest(t *testing.T) {
 		t.Fatalf("the restore adopted the attacker's keyring: %v", r.data)
 	}
 	requireStatus(t, r, 400, "the recovered keyring does not open this mount's sealed storage")
-	require.Equal(t, before, rawGet(t, e, sealConfigPath), "nothing changed")
+	require.Equal(t, before, rawGet(t, e, mountseal.ConfigPath), "nothing changed")
 	require.Equal(t, policyBefore, rawGet(t, e, "policy/k"))
 }
 
@@ -573,7 +574,7 @@ func TestAttack2aKEKLabelInHSMKeyNamespace(t *testing.T) {
 	e := getTestBackend(t)
 	e.mustWrite(t, "keys/h", map[string]interface{}{"hsm": true})
 	label := hsmLabel(t, e, "h")
-	before := rawGet(t, e, sealConfigPath)
+	before := rawGet(t, e, mountseal.ConfigPath)
 	for _, tc := range []map[string]interface{}{
 		{"key_label": label},
 		{"key_label": label, "generate_key": true},
@@ -583,7 +584,7 @@ func TestAttack2aKEKLabelInHSMKeyNamespace(t *testing.T) {
 	} {
 		requireStatus(t, e.write(t, "config/seal", tc), 400, "labels the plugin keeps for HSM-resident keys (hsm-transit/...)")
 	}
-	require.Equal(t, before, rawGet(t, e, sealConfigPath), "nothing changed")
+	require.Equal(t, before, rawGet(t, e, mountseal.ConfigPath), "nothing changed")
 	require.Equal(t, testKEK, e.read(t, "seal/status").data["key_label"])
 
 	// Nor as the first configuration of a mount.
@@ -641,7 +642,7 @@ func TestAttack2bcForgedKeyringFromHSMKey(t *testing.T) {
 	require.Equal(t, true, st["sealed"])
 	require.Contains(t, st["last_error"], label)
 	require.Contains(t, st["last_error"], "HSM-resident")
-	require.Nil(t, e.b.seal.state.Load().sealer)
+	require.Nil(t, e.b.seal.Snapshot().Sealer())
 
 	// Only sealed_with pointing at the HSM key, the keyring untouched:
 	// refused the same way.
@@ -827,7 +828,7 @@ func TestAttack4NeighbourWithWrongPIN(t *testing.T) {
 				requireStatus(t, n.write(t, p, map[string]interface{}{"plaintext": b64("x")}), 400, "config/seal")
 			}
 			requireStatus(t, n.write(t, "keys/n", map[string]interface{}{"hsm": true}), 400, "config/seal")
-			require.Nil(t, n.b.seal.currentToken())
+			require.Nil(t, n.b.seal.CurrentToken())
 			// The victim is unaffected.
 			require.Equal(t, "victim data", victim.decrypt(t, "k", ct, nil))
 			require.Equal(t, "in the HSM", victim.decrypt(t, "h", hct, nil))
@@ -1187,12 +1188,12 @@ func TestAttack8RefusedPINChange(t *testing.T) {
 	e.mustWrite(t, "keys/h", map[string]interface{}{"hsm": true})
 	hct := e.encrypt(t, "h", "in the HSM", nil)
 	ct := e.encrypt(t, "k", "software", nil)
-	before := rawGet(t, e, sealConfigPath)
+	before := rawGet(t, e, mountseal.ConfigPath)
 
 	for _, pin := range []string{"0000", "9999"} {
 		requireStatus(t, e.write(t, "config/seal", map[string]interface{}{"pin": pin}), 400, "PIN")
-		require.Equal(t, before, rawGet(t, e, sealConfigPath), "the stored PIN is unchanged")
-		require.NotNil(t, e.b.seal.currentToken(), "the mount has its token")
+		require.Equal(t, before, rawGet(t, e, mountseal.ConfigPath), "the stored PIN is unchanged")
+		require.NotNil(t, e.b.seal.CurrentToken(), "the mount has its token")
 
 		r := e.write(t, "encrypt/h", map[string]interface{}{"plaintext": b64("after the mistake")})
 		requireStatus(t, r, 200, "")
@@ -1324,14 +1325,14 @@ func TestAttack9AdoptedKEKChecked(t *testing.T) {
 			require.Contains(t, r.errorMessage(), prefix+"/"+name)
 			requireStatus(t, e.read(t, "config/seal"), 404, "")
 			requireStatus(t, e.write(t, "encrypt/k", map[string]interface{}{"plaintext": b64("x")}), 400, "config/seal")
-			require.Nil(t, rawGet(t, e, sealConfigPath))
+			require.Nil(t, rawGet(t, e, mountseal.ConfigPath))
 
 			// Nor as a new KEK for a sealed mount.
 			g := startBackend(t, &logical.InmemStorage{}, newMountUUID(t))
 			g.mustWrite(t, "config/seal", withSeal(map[string]interface{}{"token_label": spareToken, "key_label": prefix + "/good"}))
-			before := rawGet(t, g, sealConfigPath)
+			before := rawGet(t, g, mountseal.ConfigPath)
 			requireStatus(t, g.write(t, "config/seal", map[string]interface{}{"key_label": prefix + "/" + name}), 400, c.attr)
-			require.Equal(t, before, rawGet(t, g, sealConfigPath))
+			require.Equal(t, before, rawGet(t, g, mountseal.ConfigPath))
 		})
 	}
 }
@@ -1370,16 +1371,14 @@ func TestAttack10EmergencySealClears(t *testing.T) {
 	require.Positive(t, lruLen(e.b.aeads.c))
 	require.Positive(t, e.b.hsmKeys.CacheLen())
 	require.Positive(t, lruLen(e.b.lifecycle.cache))
-	ring := e.b.seal.state.Load().sealer.Keyring()
+	ring := e.b.seal.Snapshot().Sealer().Keyring()
 
 	require.Equal(t, true, e.mustWrite(t, "seal/seal", nil)["sealed"])
-	snap := e.b.seal.state.Load()
-	require.Nil(t, snap.sealer, "no keyring in the state")
-	require.Nil(t, snap.meta)
-	require.Nil(t, e.b.seal.currentToken(), "no token")
-	e.b.seal.mu.Lock()
-	require.Nil(t, e.b.seal.token)
-	e.b.seal.mu.Unlock()
+	snap := e.b.seal.Snapshot()
+	require.Nil(t, snap.Sealer(), "no keyring in the state")
+	require.Nil(t, snap.Meta())
+	require.Nil(t, e.b.seal.CurrentToken(), "no token")
+	require.Nil(t, e.b.seal.TokenUnderLockForTest())
 	require.Nil(t, lookup(), "the policy cache is empty")
 	require.Zero(t, lruLen(e.b.aeads.c), "the AEAD cache is empty")
 	require.Zero(t, e.b.hsmKeys.CacheLen())
@@ -1423,7 +1422,7 @@ func timedWrite(t *testing.T, e *testEnv, path string, data map[string]interface
 // must not read without bound nor hang (config/seal holds the seal's lock).
 func TestAttack11aPINFiles(t *testing.T) {
 	dir := t.TempDir()
-	t.Setenv(pinFilesAllowEnv, "/dev/zero:/dev/urandom:"+dir)
+	t.Setenv(mountseal.PINFilesAllowEnv, "/dev/zero:/dev/urandom:"+dir)
 	e := startBackend(t, &logical.InmemStorage{}, newMountUUID(t))
 	big := filepath.Join(dir, "big")
 	require.NoError(t, os.WriteFile(big, bytes.Repeat([]byte("1"), 1<<20), 0o600))
@@ -1470,15 +1469,15 @@ func TestAttack11aPINFiles(t *testing.T) {
 	e.mustWrite(t, "config/seal", withSeal(map[string]interface{}{"pin": "file://" + pinFile}))
 	require.Equal(t, "file", e.read(t, "config/seal").data["pin_source"])
 	require.Equal(t, "x", e.decrypt(t, "k", e.encrypt(t, "k", "x", nil), nil))
-	require.NotContains(t, string(rawGet(t, e, sealConfigPath)), testPIN)
+	require.NotContains(t, string(rawGet(t, e, mountseal.ConfigPath)), testPIN)
 }
 
 // TestAttack11bPINSourcesTellNothing: without an allowlist, whoever writes
 // config/seal tries the plugin's files and environment variables as PIN
 // sources, to learn which exist, or to have the token try their contents.
 func TestAttack11bPINSourcesTellNothing(t *testing.T) {
-	t.Setenv(pinFilesAllowEnv, "")
-	t.Setenv(pinEnvAllowEnv, "")
+	t.Setenv(mountseal.PINFilesAllowEnv, "")
+	t.Setenv(mountseal.PINEnvAllowEnv, "")
 	e := startBackend(t, &logical.InmemStorage{}, newMountUUID(t))
 	shape := func(ref string) string {
 		r := e.write(t, "config/seal", withSeal(map[string]interface{}{"pin": ref}))
@@ -1492,7 +1491,7 @@ func TestAttack11bPINSourcesTellNothing(t *testing.T) {
 	}
 	t.Setenv("HSM_TRANSIT_SURELY_UNSET", "")
 	want = shape("env://HSM_TRANSIT_SURELY_UNSET")
-	for _, ref := range []string{"env://PATH", "env://HOME", "env://SOFTHSM2_CONF", "env://" + pinFilesAllowEnv} {
+	for _, ref := range []string{"env://PATH", "env://HOME", "env://SOFTHSM2_CONF", "env://" + mountseal.PINFilesAllowEnv} {
 		require.Equal(t, want, shape(ref), ref)
 	}
 	t.Setenv("HSM_PIN", "")
@@ -1525,9 +1524,9 @@ func TestAttack11cLabels(t *testing.T) {
 	}
 	// Nor on a sealed mount.
 	g := getTestBackend(t)
-	before := rawGet(t, g, sealConfigPath)
+	before := rawGet(t, g, mountseal.ConfigPath)
 	requireStatus(t, g.write(t, "config/seal", map[string]interface{}{"key_label": strings.Repeat("a", 1<<20), "generate_key": true}), 400, "key label")
-	require.Equal(t, before, rawGet(t, g, sealConfigPath))
+	require.Equal(t, before, rawGet(t, g, mountseal.ConfigPath))
 }
 
 // TestAttack11dLibrarySpellings: every spelling of the allowed library is
@@ -1577,7 +1576,7 @@ func TestAttack11eNoSuchToken(t *testing.T) {
 	for _, tc := range cases {
 		requireStatus(t, e.write(t, "config/seal", tc.data), 400, tc.msg)
 		requireStatus(t, e.read(t, "config/seal"), 404, "")
-		require.Nil(t, rawGet(t, e, sealConfigPath))
+		require.Nil(t, rawGet(t, e, mountseal.ConfigPath))
 		st := e.read(t, "seal/status").data
 		require.Equal(t, false, st["configured"])
 	}
@@ -1585,7 +1584,7 @@ func TestAttack11eNoSuchToken(t *testing.T) {
 	// the mount keeps working.
 	g := getTestBackend(t)
 	ct := g.encrypt(t, "k", "kept", nil)
-	before := rawGet(t, g, sealConfigPath)
+	before := rawGet(t, g, mountseal.ConfigPath)
 	for _, tc := range cases {
 		data := map[string]interface{}{}
 		for k, v := range tc.data {
@@ -1594,7 +1593,7 @@ func TestAttack11eNoSuchToken(t *testing.T) {
 			}
 		}
 		requireStatus(t, g.write(t, "config/seal", data), 400, tc.msg)
-		require.Equal(t, before, rawGet(t, g, sealConfigPath))
+		require.Equal(t, before, rawGet(t, g, mountseal.ConfigPath))
 		require.Equal(t, "kept", g.decrypt(t, "k", ct, nil))
 	}
 }
@@ -1611,12 +1610,12 @@ func TestAttack11fRestoreOnHealthyMount(t *testing.T) {
 	for _, s := range out["shares"].([]interface{}) {
 		shares = append(shares, s.(string))
 	}
-	before := rawGet(t, e, sealConfigPath)
+	before := rawGet(t, e, mountseal.ConfigPath)
 	newKEK := uniq(t, "kek-11f")
 	r := e.write(t, "seal/recovery/restore", map[string]interface{}{"shares": shares[:2], "key_label": newKEK, "generate_key": true})
 	requireStatus(t, r, 400, "the mount is unsealed: its HSM works")
 	require.NotContains(t, r.data, "hsm_keys_lost")
-	require.Equal(t, before, rawGet(t, e, sealConfigPath))
+	require.Equal(t, before, rawGet(t, e, mountseal.ConfigPath))
 	has, err := openTestToken(t).HasKey(newKEK)
 	require.NoError(t, err)
 	require.False(t, has)
@@ -1627,6 +1626,6 @@ func TestAttack11fRestoreOnHealthyMount(t *testing.T) {
 	e = e.restart(t)
 	r = e.write(t, "seal/recovery/restore", map[string]interface{}{"shares": shares[1:], "key_label": newKEK, "generate_key": true})
 	requireRefused(t, r, outcome{400, "the mount is unsealed"}, outcome{400, "the mount's HSM still opens its root keyring"})
-	require.Equal(t, before, rawGet(t, e, sealConfigPath))
+	require.Equal(t, before, rawGet(t, e, mountseal.ConfigPath))
 	require.Equal(t, "in the HSM", e.decrypt(t, "h", hct, nil))
 }

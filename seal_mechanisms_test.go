@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/p11env"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/p11shim"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
@@ -71,7 +72,7 @@ func requireKeyringSealedBy(t *testing.T, e *testEnv, tc hsm.Config, m hsm.SealM
 	require.NoError(t, err)
 	defer tok.Close()
 	cfg := storedSealConfig(t, e)
-	keys := cfg.sealedKeys()
+	keys := cfg.SealedKeys()
 	require.Equal(t, m, keys.Mechanism)
 	raw, err := tok.Open(keys, cfg.SealedKeyring, rootAADOf(e))
 	require.NoError(t, err, "the stored keyring opens with %s", m)
@@ -170,11 +171,11 @@ func TestSealMechanismChange(t *testing.T) {
 
 	// Without generate_key the HMAC key the new mechanism needs is
 	// missing: refused, nothing changes.
-	raw := rawGet(t, e, sealConfigPath)
+	raw := rawGet(t, e, mountseal.ConfigPath)
 	r := e.write(t, "config/seal", map[string]interface{}{"mechanism": "aes-cbc-hmac"})
 	requireStatus(t, r, 400, "generate_key=true")
 	require.Contains(t, r.errorMessage(), hsm.DefaultHMACLabel(kek))
-	require.Equal(t, raw, rawGet(t, e, sealConfigPath))
+	require.Equal(t, raw, rawGet(t, e, mountseal.ConfigPath))
 
 	data := e.mustWrite(t, "config/seal", map[string]interface{}{"mechanism": "aes-cbc-hmac", "generate_key": true})
 	require.Equal(t, "aes-cbc-hmac", data["mechanism"])
@@ -233,7 +234,7 @@ func TestSealMechanismRefusals(t *testing.T) {
 		e := startBackend(t, &logical.InmemStorage{}, newMountUUID(t))
 		e.mustWrite(t, "config/seal", withSeal(map[string]interface{}{"key_label": kek, "generate_key": true}))
 		ct := e.encrypt(t, "k", "kept", nil)
-		raw := rawGet(t, e, sealConfigPath)
+		raw := rawGet(t, e, mountseal.ConfigPath)
 		for _, tc := range cases {
 			data := map[string]interface{}{"generate_key": true}
 			for k, v := range tc.data {
@@ -243,7 +244,7 @@ func TestSealMechanismRefusals(t *testing.T) {
 			for _, msg := range tc.msg {
 				requireStatus(t, r, 400, msg)
 			}
-			require.Equal(t, raw, rawGet(t, e, sealConfigPath), tc.name)
+			require.Equal(t, raw, rawGet(t, e, mountseal.ConfigPath), tc.name)
 		}
 		requireSealShows(t, e, hsm.AESGCM, kek)
 		e = e.restart(t)
@@ -352,10 +353,10 @@ func TestSealCanaryRefusesLostIV(t *testing.T) {
 
 	// The same token breaking again: a KEK change is refused as well.
 	shim.Set(p11shim.IVHidden)
-	raw := rawGet(t, e, sealConfigPath)
+	raw := rawGet(t, e, mountseal.ConfigPath)
 	r = e.write(t, "config/seal", map[string]interface{}{"key_label": "kek-shim-next", "generate_key": true})
 	requireStatus(t, r, 400, "cannot open what it sealed with aes-gcm")
-	require.Equal(t, raw, rawGet(t, e, sealConfigPath))
+	require.Equal(t, raw, rawGet(t, e, mountseal.ConfigPath))
 	shim.Set()
 	e = e.restart(t)
 	require.Equal(t, "sealed by a sound token", e.decrypt(t, "k", ct, nil))
@@ -501,10 +502,10 @@ func TestSealOpenCryptoki(t *testing.T) {
 
 		r := e.write(t, "keys/hk", map[string]interface{}{"hsm": true})
 		requireStatus(t, r, 400, "CKM_AES_GCM")
-		raw := rawGet(t, e, sealConfigPath)
+		raw := rawGet(t, e, mountseal.ConfigPath)
 		r = e.write(t, "config/seal", map[string]interface{}{"mechanism": "aes-gcm"})
 		requireStatus(t, r, 400, "CKM_AES_GCM")
-		require.Equal(t, raw, rawGet(t, e, sealConfigPath), "the refused change changed nothing")
+		require.Equal(t, raw, rawGet(t, e, mountseal.ConfigPath), "the refused change changed nothing")
 
 		ct := e.encrypt(t, "k", "on openCryptoki", nil)
 		e = e.restart(t)
@@ -561,18 +562,16 @@ func TestSealOpenCryptoki(t *testing.T) {
 // every entry stays readable, seal/status shows the rotation pending, and
 // writing seal/rotate again once the HSM is back completes it.
 func TestSealRotateInterruptedByTheHSM(t *testing.T) {
-	prev := rotationStoredHook
-	t.Cleanup(func() { rotationStoredHook = prev })
 	shim, token := newSealShim(t)
 	e := startShimBackend(t, shim)
 	e.mustWrite(t, "config/seal", shimSeal(shim, token, map[string]interface{}{"hsm_timeout": 1}))
 	ct := e.encrypt(t, "soft", "before the rotation", nil)
 
 	for _, fault := range []string{p11shim.DeviceError, p11shim.Hang} {
-		rotationStoredHook = func() { shim.Set(fault) }
+		e.b.seal.SetRotationStoredHookForTest(func() { shim.Set(fault) })
 		r := e.write(t, "seal/rotate", nil)
 		requireStatus(t, r, 503, "rotation was interrupted")
-		rotationStoredHook = nil
+		e.b.seal.SetRotationStoredHookForTest(nil)
 		shim.Set()
 		require.Equal(t, "before the rotation", e.decrypt(t, "soft", ct, nil), fault)
 		require.Eventually(t, func() bool {

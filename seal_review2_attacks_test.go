@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/softhsm"
 )
 
@@ -60,7 +61,7 @@ func TestAttackReview2A_PreUpgradeBackupBypassesAntiRollback(t *testing.T) {
 	requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 400, "too old")
 
 	// A plain rollback to a post-upgrade state is refused (control).
-	value, found, err := openTestToken(t).ReadData(e.b.seal.antiRollbackLabel())
+	value, found, err := openTestToken(t).ReadData(e.b.seal.AntiRollbackLabel())
 	require.NoError(t, err)
 	require.True(t, found)
 	t.Logf("anchor in the token: %d", binary.BigEndian.Uint64(value))
@@ -90,7 +91,7 @@ func TestAttackReview2B_TokenMoveLeavesStaleAnchorBehind(t *testing.T) {
 	e := startBackend(t, &logical.InmemStorage{}, newMountUUID(t))
 	e.mustWrite(t, "config/seal", withSeal(map[string]interface{}{"token_label": oldTok, "key_label": "kek-old", "generate_key": true, "anti_rollback": true}))
 	ct := e.encrypt(t, "k", "version 1 data", nil)
-	oldCfg := rawGet(t, e, sealConfigPath)
+	oldCfg := rawGet(t, e, mountseal.ConfigPath)
 
 	// The officer moves to the new token.
 	e.mustWrite(t, "config/seal", map[string]interface{}{"token_label": newTok, "key_label": "kek-new", "generate_key": true})
@@ -100,7 +101,7 @@ func TestAttackReview2B_TokenMoveLeavesStaleAnchorBehind(t *testing.T) {
 	e.mustWrite(t, "keys/k/rotate", nil)
 	s1 := map[string][]byte{}
 	for k, v := range snapshotAll(t, e.storage) {
-		if !strings.HasPrefix(k, sealPrefix) {
+		if !strings.HasPrefix(k, mountseal.Prefix) {
 			s1[k] = v
 		}
 	}
@@ -120,7 +121,7 @@ func TestAttackReview2B_TokenMoveLeavesStaleAnchorBehind(t *testing.T) {
 	requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 503, "rolled back")
 
 	// Attack: same S1, plus the seal/config from before the move.
-	rawPut(t, e, sealConfigPath, oldCfg)
+	rawPut(t, e, mountseal.ConfigPath, oldCfg)
 	e = e.restart(t)
 	r := e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct})
 	t.Logf("decrypt/k of the retired v1 ciphertext: %d %s", r.status, r.errorMessage())
@@ -164,12 +165,12 @@ func TestAttackReview2C_AntiRollbackWriteLeadsStorage(t *testing.T) {
 	// The anchor writer catches up with the stored root (at most once a
 	// second), as it does in any mount that is not written to every second.
 	time.Sleep(1500 * time.Millisecond)
-	mem, _ := e.b.seal.state.Load().sealer.Anchor()
+	mem, _ := e.b.seal.Snapshot().Sealer().Anchor()
 
 	// The officer re-applies the seal config (any config/seal write does
 	// it while anti_rollback is on, e.g. a PIN source change).
 	e.mustWrite(t, "config/seal", map[string]interface{}{"anti_rollback": true})
-	value, _, err := openTestToken(t).ReadData(e.b.seal.antiRollbackLabel())
+	value, _, err := openTestToken(t).ReadData(e.b.seal.AntiRollbackLabel())
 	require.NoError(t, err)
 	t.Logf("anchor in memory %d, in the token %d", mem, binary.BigEndian.Uint64(value))
 
@@ -188,7 +189,7 @@ func TestAttackReview2C_AntiRollbackWriteLeadsStorage(t *testing.T) {
 // manifest that opens and keeps it, and checkAnchor never runs.
 func TestAttackReview2A2_PreUpgradeConfigWithLaterSnapshot(t *testing.T) {
 	s, mountUUID, ct := legacyMount(t)
-	legacyCfg := bytes.Clone(func() []byte { e, _ := s.Get(context.Background(), sealConfigPath); return e.Value }())
+	legacyCfg := bytes.Clone(func() []byte { e, _ := s.Get(context.Background(), mountseal.ConfigPath); return e.Value }())
 
 	e := startBackend(t, s, mountUUID)
 	require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
@@ -196,7 +197,7 @@ func TestAttackReview2A2_PreUpgradeConfigWithLaterSnapshot(t *testing.T) {
 	e.mustWrite(t, "keys/k/rotate", nil)
 	s1 := map[string][]byte{}
 	for k, v := range snapshotAll(t, e.storage) {
-		if !strings.HasPrefix(k, sealPrefix) {
+		if !strings.HasPrefix(k, mountseal.Prefix) {
 			s1[k] = v
 		}
 	}
@@ -215,7 +216,7 @@ func TestAttackReview2A2_PreUpgradeConfigWithLaterSnapshot(t *testing.T) {
 	requireStatus(t, e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct}), 503, "rolled back")
 
 	// Attack: S1 plus the pre-upgrade seal/config.
-	rawPut(t, e, sealConfigPath, legacyCfg)
+	rawPut(t, e, mountseal.ConfigPath, legacyCfg)
 	e = e.restart(t)
 	r := e.write(t, "decrypt/k", map[string]interface{}{"ciphertext": ct})
 	t.Logf("decrypt/k of the retired v1 ciphertext: %d %s", r.status, r.errorMessage())

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 	sealpkg "github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 )
 
@@ -23,7 +24,7 @@ import (
 func TestAttackReviewR1LegacyReplayMovingEntriesAside(t *testing.T) {
 	ctx := context.Background()
 	s, mountUUID, ct := legacyMount(t)
-	legacy := bytes.Clone(func() []byte { e, _ := s.Get(ctx, sealConfigPath); return e.Value }())
+	legacy := bytes.Clone(func() []byte { e, _ := s.Get(ctx, mountseal.ConfigPath); return e.Value }())
 	e := startBackend(t, s, mountUUID)
 	require.Equal(t, "victim data", e.decrypt(t, "k", ct, nil))
 	require.NotNil(t, rawGet(t, e, "manifest/root"), "the mount was upgraded")
@@ -50,14 +51,14 @@ func TestAttackReviewR1LegacyReplayMovingEntriesAside(t *testing.T) {
 	for k := range aside {
 		rawDelete(t, e, k)
 	}
-	rawPut(t, e, sealConfigPath, replay)
+	rawPut(t, e, mountseal.ConfigPath, replay)
 	e = e.restart(t)
 	r := e.read(t, "seal/status")
 	t.Logf("status after replay: %v", r.data)
 
 	// Put the victim's entries back (all but the manifest).
 	for k, v := range aside {
-		if !strings.HasPrefix(k, "manifest/") && k != sealMetaPath {
+		if !strings.HasPrefix(k, "manifest/") && k != mountseal.MetaPath {
 			rawPut(t, e, k, v)
 		}
 	}
@@ -158,7 +159,7 @@ func TestAttackReviewR3DeletedSealConfigReadoptsPlaintext(t *testing.T) {
 	e := getTestBackend(t)
 	_ = e.encrypt(t, "k", "victim data", nil)
 	planted, _ := plaintextPolicy(t, "evil")
-	rawDelete(t, e, sealConfigPath)
+	rawDelete(t, e, mountseal.ConfigPath)
 	for k, v := range planted {
 		rawPut(t, e, k, v)
 	}
@@ -201,7 +202,7 @@ type recordingStorage struct {
 }
 
 func (s *recordingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
-	if e.Key == sealConfigPath {
+	if e.Key == mountseal.ConfigPath {
 		s.mu.Lock()
 		s.configs = append(s.configs, bytes.Clone(e.Value))
 		s.mu.Unlock()
@@ -250,7 +251,7 @@ func TestAttackReviewR5MidRotationConfigResurrectsDeletedKey(t *testing.T) {
 	e.mustWrite(t, "seal/rotate", nil)
 	var mid []byte
 	for _, c := range rs.configs[n:] {
-		var cfg sealConfig
+		var cfg mountseal.Config
 		require.NoError(t, json.Unmarshal(c, &cfg))
 		if cfg.RootKeyVersion == 2 && mid == nil {
 			mid = c // first write of the rotation: keyring {v1,v2}
@@ -259,7 +260,7 @@ func TestAttackReviewR5MidRotationConfigResurrectsDeletedKey(t *testing.T) {
 	require.NotNil(t, mid)
 
 	// Attacker: put back the mid-rotation config and the v1 copies, restart.
-	rawPut(t, e, sealConfigPath, mid)
+	rawPut(t, e, mountseal.ConfigPath, mid)
 	for k, v := range saved {
 		rawPut(t, e, k, v)
 	}

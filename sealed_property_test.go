@@ -8,7 +8,7 @@ package hsmtransit
 //
 // The list of plain paths is written out here, from the documentation
 // (README, threat model: "every entry but seal/config is AES-256-GCM under
-// the root key"), and deliberately not taken from isPlainPath: a change that
+// the root key"), and deliberately not taken from mountseal.IsPlainPath: a change that
 // widened what the backend stores in plaintext must fail this property, not
 // move it along.
 
@@ -31,6 +31,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/sealcheck"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
@@ -301,7 +302,7 @@ func requireDocumentedPlain(t testing.TB, path string, value []byte) {
 	case "seal/config":
 		var fields map[string]json.RawMessage
 		require.NoErrorf(t, json.Unmarshal(value, &fields), "%s is not the seal configuration's JSON", path)
-		allowed := jsonFieldNames(reflect.TypeOf(sealConfig{}))
+		allowed := jsonFieldNames(reflect.TypeOf(mountseal.Config{}))
 		for f := range fields {
 			require.Containsf(t, allowed, f, "%s holds a field the seal configuration does not have", path)
 		}
@@ -351,20 +352,20 @@ func keysOf(m map[string]bool) []string {
 // plugin's memory, and checks that the running mount holds the same.
 func mountKeyring(t testing.TB, e *testEnv) (*sealpkg.Keyring, []byte) {
 	t.Helper()
-	cfg, err := readSealConfig(context.Background(), e.storage)
+	cfg, err := mountseal.ReadConfig(context.Background(), e.storage)
 	require.NoError(t, err)
 	require.NotNil(t, cfg, "the mount has no seal configuration")
-	hc, err := cfg.hsmConfig()
+	hc, err := cfg.HSMConfig()
 	require.NoError(t, err)
 	tok, err := hsm.Open(hc)
 	require.NoError(t, err)
 	defer tok.Close()
-	raw, err := tok.Open(cfg.sealedKeys(), cfg.SealedKeyring, rootAADOf(e))
+	raw, err := tok.Open(cfg.SealedKeys(), cfg.SealedKeyring, rootAADOf(e))
 	require.NoError(t, err, "the stored keyring does not open with the HSM")
 	ring, err := sealpkg.UnmarshalKeyring(raw)
 	require.NoError(t, err)
-	if snap := e.b.seal.state.Load(); snap.sealer != nil {
-		mem := snap.sealer.Keyring()
+	if snap := e.b.seal.Snapshot(); snap.Sealer() != nil {
+		mem := snap.Sealer().Keyring()
 		require.Equal(t, mem.Active(), ring.Active(), "the stored keyring is the one in use")
 		require.Equal(t, mem.Versions(), ring.Versions())
 	}
@@ -382,8 +383,8 @@ func requireMountSealed(t testing.TB, e *testEnv, secrets secretSet) sealedCheck
 		all[k] = v
 	}
 	all.Add(t, "the serialised root keyring", raw)
-	if snap := e.b.seal.state.Load(); snap.meta != nil && len(snap.meta.RecoveryMACKey) > 0 {
-		all.Add(t, "the recovery MAC key", snap.meta.RecoveryMACKey)
+	if snap := e.b.seal.Snapshot(); snap.Meta() != nil && len(snap.Meta().RecoveryMACKey) > 0 {
+		all.Add(t, "the recovery MAC key", snap.Meta().RecoveryMACKey)
 	}
 	return requireAllSealed(t, e.storage, ring, all)
 }
@@ -504,7 +505,7 @@ func TestEveryEntryIsSealedAfterEveryFeature(t *testing.T) {
 	e, secrets := propertyScenario(t)
 	check := requireMountSealed(t, e, secrets)
 	require.Equal(t, []string{"seal/config"}, check.plain)
-	for _, prefix := range []string{policyPrefix, archivePrefix, hsmKeyPrefix, lifecyclePrefix, deletionPrefix, sealMetaPath, cacheConfigStoragePath, keysConfigStoragePath} {
+	for _, prefix := range []string{policyPrefix, archivePrefix, hsmKeyPrefix, lifecyclePrefix, deletionPrefix, mountseal.MetaPath, cacheConfigStoragePath, keysConfigStoragePath} {
 		found := false
 		for path := range check.opened {
 			found = found || strings.HasPrefix(path, prefix)

@@ -40,7 +40,7 @@ import (
 var rawPlainPaths = map[string]bool{"seal/config": true}
 
 // rawSealConfigFields are the JSON fields of the plugin's seal
-// configuration (sealConfig in seal_state.go, unexported in package main):
+// configuration (mountseal.Config in internal/mountseal/config.go, internal to the plugin's module):
 // seal/config may hold these and nothing else.
 var rawSealConfigFields = map[string]bool{
 	"library": true, "token_label": true, "slot": true, "pin": true, "key_label": true,

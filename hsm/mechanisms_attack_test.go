@@ -1,7 +1,7 @@
 package hsm
 
 // Attacks on the seal mechanisms (mechanisms.go, sealkeys.go), the deadline
-// code (token.go doWithin) and what the root package's unsealWith does with
+// code (token.go doWithin) and what the seal's unsealWith (internal/mountseal) does with
 // labels read from plaintext storage. Each test PERFORMS an attack and fails
 // when the attack succeeds. Those marked "failed before the fix" succeeded
 // against the code as first written; each names what stops it now.
@@ -100,7 +100,7 @@ func attackRand(n int) []byte {
 //
 // Attacker A (reads and writes the mount's storage; no PIN, no token
 // access). sealed_with, sealed_hmac and sealed_mechanism are plaintext in
-// config/seal. The root package's unsealWith (seal_state.go unsealWith) checks
+// config/seal. The seal's unsealWith (internal/mountseal/manager.go) checks
 // them only against the HSM-resident namespace, and calls CheckSealKeys for
 // rsa-oaep only, then tok.Open(keys, sealed_keyring, aad). Open does no check
 // of its own. So the attacker names any token key whose value is known
@@ -161,7 +161,7 @@ func TestAttackA_UnsealUsesUncheckedKeysFromStorage(t *testing.T) {
 			// keys that storage names.
 			got, err := tok.Open(keys, blob, aad)
 			if err == nil {
-				t.Errorf("ATTACK SUCCEEDS (%s): a keyring sealed in software under a token key of known value (%s) opens as the mount's root keyring: %q. unsealWith (seal_state.go unsealWith) checks key attributes for rsa-oaep only; CheckSealKeys must run for every mechanism before Open at unseal", m, keys.Labels(), got)
+				t.Errorf("ATTACK SUCCEEDS (%s): a keyring sealed in software under a token key of known value (%s) opens as the mount's root keyring: %q. unsealWith (internal/mountseal/manager.go) checks key attributes for rsa-oaep only; CheckSealKeys must run for every mechanism before Open at unseal", m, keys.Labels(), got)
 			}
 			// Refused for the keys, as CheckSealKeys refuses them, not
 			// for the blob: nothing was decrypted with them.
@@ -254,8 +254,8 @@ func attackOpenWithin(t *testing.T, cfg Config, d time.Duration, release func())
 // holds the modules lock while it waits for calls in flight).
 //
 // Attacker D (a network HSM that stops answering, or attacker C pointing
-// their own mount at one). The deadline covers do, but not Close: the root
-// package closes the token after every failed unseal (seal_state.go:394)
+// their own mount at one). The deadline covers do, but not Close: the seal
+// (internal/mountseal) closes the token after every failed unseal (openMount)
 // and in adoptToken.
 //
 // (a) Before 4ac8e5b, Token.Close (token.go:183-208) holds the process-wide
@@ -344,9 +344,9 @@ func TestAttackD_HungTokenHoldsDataMuForAllTokens(t *testing.T) {
 // Attacker D (a token whose AES-GCM IV handling changes after the canary:
 // a firmware update, an HA group with a member in FIPS mode that does not
 // write its IV back). The canary runs at config/seal only
-// (path_config_seal.go:498); Seal itself returns whatever the token gave,
+// (internal/mountseal/configure.go ensureSealKeys); Seal itself returns whatever the token gave,
 // and the root key rotation re-seals and stores the keyring without opening
-// it (path_seal.go:161-175 storeKeyringLocked, pruned at 219-220; reconfigureLocked has
+// it (internal/mountseal/rotate.go storeKeyringLocked, pruned in finishRotationLocked; reconfigureLocked has
 // checkSealed, rotation does not), then prunes the old version: the mount
 // cannot unseal again, and only recovery shares bring it back.
 func TestAttackD_SealReturnsABlobItCannotOpen(t *testing.T) {

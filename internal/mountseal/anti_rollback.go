@@ -1,4 +1,4 @@
-package hsmtransit
+package mountseal
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/seal"
 )
 
@@ -24,10 +25,10 @@ import (
 // manifest root is stored (by anchorWriter, off the request path), and
 // unsealing refuses storage whose anchor is below it.
 
-// antiRollbackLabel names the mount's anchor object in the token. Its
+// AntiRollbackLabel names the mount's anchor object in the token. Its
 // existence is what turns the check on: a storage writer cannot remove it.
-func (m *sealManager) antiRollbackLabel() string {
-	return hsmNamespace + m.mountID + "/anti-rollback"
+func (m *Manager) AntiRollbackLabel() string {
+	return hsmkey.Namespace + m.mountID + "/anti-rollback"
 }
 
 // anchorWriter keeps the anchor in the token from a goroutine of its own,
@@ -39,7 +40,7 @@ func (m *sealManager) antiRollbackLabel() string {
 // leaves unanchored only the changes of the last moments before a crash.
 // A clean stop (unmount, reload, emergency seal) writes the last value.
 type anchorWriter struct {
-	m     *sealManager
+	m     *Manager
 	label string
 	want  atomic.Uint64
 	kick  chan struct{}
@@ -49,9 +50,9 @@ type anchorWriter struct {
 	written uint64
 }
 
-func (m *sealManager) startAnchorLocked(written uint64) {
+func (m *Manager) startAnchorLocked(written uint64) {
 	m.stopAnchorLocked()
-	w := &anchorWriter{m: m, label: m.antiRollbackLabel(), kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}), written: written}
+	w := &anchorWriter{m: m, label: m.AntiRollbackLabel(), kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}), written: written}
 	w.want.Store(written)
 	m.anchor = w
 	go w.run()
@@ -59,7 +60,7 @@ func (m *sealManager) startAnchorLocked(written uint64) {
 
 // stopAnchorLocked stops the writer after it wrote the last anchor. m.mu
 // is held.
-func (m *sealManager) stopAnchorLocked() {
+func (m *Manager) stopAnchorLocked() {
 	if w := m.anchor; w != nil {
 		close(w.stop)
 		<-w.done
@@ -99,7 +100,7 @@ func (w *anchorWriter) run() {
 			continue
 		}
 		if err := w.write(); err != nil {
-			w.m.b.Logger().Warn("keeping the anti-rollback anchor in the HSM (retried)", "error", err)
+			w.m.host.Logger().Warn("keeping the anti-rollback anchor in the HSM (retried)", "error", err)
 			timer.Reset(anchorInterval)
 			continue
 		}
@@ -117,7 +118,7 @@ func (w *anchorWriter) write() error {
 	if a <= w.written {
 		return nil
 	}
-	tok := w.m.currentToken()
+	tok := w.m.CurrentToken()
 	if tok == nil {
 		return errors.New("no HSM token is open")
 	}
@@ -130,8 +131,8 @@ func (w *anchorWriter) write() error {
 
 // checkAnchor compares the loaded manifest with the anchor in tok, when
 // there is one, and keeps the anchor current from now on.
-func (m *sealManager) checkAnchor(tok *hsm.Token, sealer *seal.Sealer) error {
-	value, found, err := tok.ReadData(m.antiRollbackLabel())
+func (m *Manager) checkAnchor(tok *hsm.Token, sealer *seal.Sealer) error {
+	value, found, err := tok.ReadData(m.AntiRollbackLabel())
 	if err != nil || !found {
 		return err
 	}
@@ -141,7 +142,7 @@ func (m *sealManager) checkAnchor(tok *hsm.Token, sealer *seal.Sealer) error {
 	kept := binary.BigEndian.Uint64(value)
 	stored, _ := sealer.Anchor()
 	if stored < kept {
-		return fmt.Errorf("%w: the manifest in storage is older than the one anchored in the HSM (anchor %d, the HSM holds %d): storage was rolled back to an earlier snapshot, refused (anti_rollback)", errStorageNotSealed, stored, kept)
+		return fmt.Errorf("%w: the manifest in storage is older than the one anchored in the HSM (anchor %d, the HSM holds %d): storage was rolled back to an earlier snapshot, refused (anti_rollback)", ErrStorageNotSealed, stored, kept)
 	}
 	m.startAnchorLocked(kept)
 	sealer.SetAnchor(m.anchor.set)
@@ -150,12 +151,12 @@ func (m *sealManager) checkAnchor(tok *hsm.Token, sealer *seal.Sealer) error {
 
 // setAntiRollbackLocked turns the anchor on or off for an unsealed mount.
 // m.mu is held.
-func (m *sealManager) setAntiRollbackLocked(ctx context.Context, s logical.Storage, on bool) error {
+func (m *Manager) setAntiRollbackLocked(ctx context.Context, s logical.Storage, on bool) error {
 	snap := m.state.Load()
-	if snap.phase != phaseUnsealed || m.token == nil {
+	if snap.phase != PhaseUnsealed || m.token == nil {
 		return sealUnavailable(snap)
 	}
-	label := m.antiRollbackLabel()
+	label := m.AntiRollbackLabel()
 	if on {
 		// The object first: until the hook is set it may lag behind
 		// storage, which unsealing accepts.
@@ -177,7 +178,7 @@ func (m *sealManager) setAntiRollbackLocked(ctx context.Context, s logical.Stora
 	}
 	meta := *snap.meta
 	meta.AntiRollback = on
-	if err := writeSealMeta(ctx, snap.sealer.Wrap(s), &meta); err != nil {
+	if err := WriteMeta(ctx, snap.sealer.Wrap(s), &meta); err != nil {
 		return err
 	}
 	next := *m.state.Load()

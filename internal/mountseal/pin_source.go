@@ -1,4 +1,4 @@
-package hsmtransit
+package mountseal
 
 import (
 	"errors"
@@ -16,12 +16,12 @@ import (
 // the plugin process (the system's password hashes, the process's own
 // environment under procfs, PATH) and try them on the token.
 const (
-	// pinEnvAllowEnv lists the environment variables env:// may name,
+	// PINEnvAllowEnv lists the environment variables env:// may name,
 	// separated by colons; defaultPINEnv when unset.
-	pinEnvAllowEnv = "HSM_TRANSIT_PIN_ENV"
-	// pinFilesAllowEnv lists the files (or directories whose files) file://
+	PINEnvAllowEnv = "HSM_TRANSIT_PIN_ENV"
+	// PINFilesAllowEnv lists the files (or directories whose files) file://
 	// may name, separated by colons; none when unset.
-	pinFilesAllowEnv = "HSM_TRANSIT_PIN_FILES"
+	PINFilesAllowEnv = "HSM_TRANSIT_PIN_FILES"
 	defaultPINEnv    = "HSM_PIN"
 	// maxPINFileSize bounds a PIN file: a PIN is a few dozen bytes, and an
 	// endless device must not be read without limit.
@@ -35,10 +35,10 @@ func errPINSourceRefused(ref string) error {
 	switch {
 	case strings.HasPrefix(ref, "env://"):
 		return fmt.Errorf("the PIN source %s is not allowed or not set: the operator allows environment variables with vault plugin register -env %s=NAME (default %s) and sets them with -env NAME=<pin>",
-			ref, pinEnvAllowEnv, defaultPINEnv)
+			ref, PINEnvAllowEnv, defaultPINEnv)
 	default:
 		return fmt.Errorf("the PIN source %s is not allowed or cannot be read: the operator allows PIN files with vault plugin register -env %s=/path/to/pin (a regular file of at most %d bytes)",
-			ref, pinFilesAllowEnv, maxPINFileSize)
+			ref, PINFilesAllowEnv, maxPINFileSize)
 	}
 }
 
@@ -71,7 +71,7 @@ func resolvePIN(ref string) (string, error) {
 
 func pinFromEnv(ref string) (string, error) {
 	name := strings.TrimPrefix(ref, "env://")
-	for _, allowed := range allowedList(pinEnvAllowEnv, defaultPINEnv) {
+	for _, allowed := range allowedList(PINEnvAllowEnv, defaultPINEnv) {
 		if name == allowed {
 			if pin := os.Getenv(name); pin != "" {
 				return pin, nil
@@ -106,7 +106,7 @@ func allowedPINFile(path string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	for _, a := range allowedList(pinFilesAllowEnv, "") {
+	for _, a := range allowedList(PINFilesAllowEnv, "") {
 		if !filepath.IsAbs(a) {
 			continue
 		}
