@@ -16,6 +16,7 @@ import (
 func UnaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (interface{}, error) {
 	var r *pb.Request
 	var s *slot
+	decode := fastDecode
 	switch args := req.(type) {
 	case *pb.HandleRequestArgs:
 		if info.FullMethod == pb.Backend_HandleRequest_FullMethodName {
@@ -23,11 +24,11 @@ func UnaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServ
 		}
 	case *pb.HandleExistenceCheckArgs:
 		if info.FullMethod == pb.Backend_HandleExistenceCheck_FullMethodName {
-			r = args.Request
+			r, decode = args.Request, existenceDecode
 		}
 	}
 	if r != nil && len(r.Data) >= fastDecodeMin {
-		if data, ok := fastDecode(r.Data); ok {
+		if data, ok := decode(r.Data); ok {
 			r.Data = emptyBody
 			ctx = context.WithValue(ctx, decodedBodyKey{}, data)
 		}

@@ -43,11 +43,13 @@ func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSP
 		Logger:           logger,
 		TLSProvider:      tlsProvider,
 		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			pool := &bufferPool{}
 			opts = append(opts,
 				grpc.MaxRecvMsgSize(math.MaxInt32),
 				grpc.MaxSendMsgSize(math.MaxInt32),
 				grpc.ChainUnaryInterceptor(UnaryInterceptor),
-				experimental.BufferPool(&bufferPool{}))
+				experimental.BufferPool(pool),
+				grpc.ForceServerCodecV2(codec{pool}))
 			return goplugin.DefaultGRPCServer(opts)
 		},
 	})
