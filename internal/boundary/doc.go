@@ -21,8 +21,18 @@
 //     exactly what encoding/json gives for the same data (AppendString
 //     writes strings as encoding/json does; the callers' tests compare).
 //
+//   - Existence checks: Vault sends a write's body twice, and the existence
+//     check only validates its fields and reads the key's name; it gets
+//     batch_input's array empty (existenceDecode).
+//   - Buffers: gRPC's default buffer pool clears a buffer's whole capacity
+//     at each use (a 1 MiB buffer for a 150 KB batch, each way); the server
+//     gets a pool by power-of-two class that does not (bufferPool), and a
+//     protobuf codec that uses it (codec), since gRPC's own takes the
+//     default pool whatever the server is given.
+//
 // Serve does what the SDK's plugin.ServeMultiplex does, plus the
-// interceptor, which ServeMultiplex has no option for.
+// interceptor, the buffer pool and the codec, which ServeMultiplex has no
+// option for.
 //
 // # When the SDK is upgraded
 //
@@ -43,5 +53,8 @@
 //     (whose output PreEncode's bytes must equal) and decoded into
 //     map[string]interface{};
 //
-// then update sdkChecked and serveSHA256.
+// then update sdkChecked and serveSHA256. When google.golang.org/grpc is
+// upgraded, re-check that its proto codec still marshals and unmarshals as
+// codec does (TestCodecIsProtobufs compares with proto.Marshal), and that
+// experimental.BufferPool and ForceServerCodecV2 still exist.
 package boundary
