@@ -415,7 +415,7 @@ func plaintext(pt []byte, err error) ([]byte, error) {
 // "hsm-transit/root-keyring") can be opened or forged with it, and a
 // ciphertext of one key or version cannot pass for another's.
 func (s *Store) keyAAD(name string, version int, callerAAD []byte) []byte {
-	aad := make([]byte, 0, 64+len(name)+len(callerAAD))
+	aad := make([]byte, 0, 128) // grown by append for long names or AAD
 	aad = append(aad, Namespace+"hsm-key\x00"...)
 	for _, f := range []string{s.mountID, name} {
 		aad = binary.BigEndian.AppendUint32(aad, uint32(len(f)))

@@ -107,6 +107,24 @@ func TestVersionsLiveInTheToken(t *testing.T) {
 	require.Equal(t, "secret", string(pt))
 	_, err = a1.Decrypt(ct1, []byte("other"))
 	requireCaller(t, err, "message authentication failed")
+	empty, err := a1.Encrypt(nil, nil)
+	require.NoError(t, err)
+	require.Len(t, empty, len(Marker)+MinCiphertext)
+	pt, err = a1.Decrypt(empty, nil)
+	require.NoError(t, err, "nothing encrypted decrypts: a marked ciphertext of exactly a nonce and a tag")
+	require.Empty(t, pt)
+	long := []byte(strings.Repeat("a", 300))
+	ctLong, err := a1.Encrypt([]byte("x"), long)
+	require.NoError(t, err)
+	_, err = a1.Decrypt(ctLong, long)
+	require.NoError(t, err, "associated data longer than the AAD's first allocation")
+
+	r1, err := s.Random(32)
+	require.NoError(t, err)
+	r2, err := s.Random(32)
+	require.NoError(t, err)
+	require.Len(t, r1, 32)
+	require.NotEqual(t, r1, r2)
 
 	// Storage holds metadata only: nothing of the plaintext or the
 	// key's bytes, which never leave the token.
