@@ -11,11 +11,16 @@ E2E_TIMEOUT ?= 30m
 default: build
 
 .PHONY: build
-build: $(BIN)/$(PLUGIN)
+build: $(BIN)/$(PLUGIN) $(BIN)/hsm-transit
 
 .PHONY: $(BIN)/$(PLUGIN)
 $(BIN)/$(PLUGIN):
 	CGO_ENABLED=1 go build -trimpath -o $@ ./plugin
+
+# The client-side envelope CLI (cmd/hsm-transit): pure Go, no cgo.
+.PHONY: $(BIN)/hsm-transit
+$(BIN)/hsm-transit:
+	CGO_ENABLED=0 go build -trimpath -o $@ ./cmd/hsm-transit
 
 # The pinned Vault server, built once from the Go module proxy (tools/vault)
 # and reused; delete bin/vault to rebuild.
@@ -86,6 +91,15 @@ clean:
 bench: build vault
 	go build -o $(BIN)/vault-plugin-floor ./bench/floor
 	go run ./cmd/hsm-transit-load -vault $(VAULT) -plugin $(BIN)/$(PLUGIN) -floor $(BIN)/vault-plugin-floor $(BENCH_FLAGS)
+
+# bench-envelope measures the envelope CLI against age (Debian package age)
+# and against the plugin's transit/encrypt in batches, 3 interleaved rounds
+# of 1 GiB through pipes, then its peak memory on 1 MiB, 1 GiB and 10 GiB
+# (BENCHMARKS.md, "Envelope encryption (issue 17)"). Not part of make test.
+.PHONY: bench-envelope
+bench-envelope: build vault
+	@command -v age >/dev/null && test -x /usr/bin/time || { echo "bench-envelope needs age and GNU time: apt-get install -y age time"; exit 1; }
+	go run ./bench/envelope -vault $(VAULT) -plugin $(BIN)/$(PLUGIN) -cli $(BIN)/hsm-transit $(BENCH_ENVELOPE_FLAGS)
 
 # bench-go runs the in-process Go benchmarks.
 .PHONY: bench-go
