@@ -246,40 +246,79 @@ func (r *Reader) Read(p []byte) (int, error) {
 		return 0, r.failed()
 	}
 	for len(r.pending) == 0 {
-		if r.cur != nil {
-			r.outPool.put(r.cur.out)
-			r.cur = nil
-		}
-		if err := r.failed(); err != nil {
+		if err := r.next(); err != nil {
 			return 0, err
 		}
-		if r.sawFinal {
-			return 0, io.EOF
-		}
-		var j *segJob
-		var ok bool
-		select {
-		case j, ok = <-r.p.order:
-		case <-r.ctx.Done():
-			err := r.fail(r.ctx.Err())
-			r.Close()
-			return 0, err
-		}
-		if !ok {
-			return 0, r.fail(fmt.Errorf("envelope: stream stopped before its final segment: %w", ErrTruncated))
-		}
-		<-j.done
-		if j.err != nil {
-			r.outPool.put(j.out)
-			err := r.fail(j.err)
-			r.Close()
-			return 0, err
-		}
-		r.cur, r.pending, r.sawFinal = j, j.res, j.final
 	}
 	n := copy(p, r.pending)
 	r.pending = r.pending[n:]
 	return n, nil
+}
+
+// WriteTo writes the rest of the plaintext to w, each segment as soon as it
+// authenticated and straight from the buffer it was opened into (io.Copy
+// uses it). It returns nil at the end of an authentic stream, and else the
+// error Read would have given.
+func (r *Reader) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		if r.closed.Load() {
+			return total, r.failed()
+		}
+		if len(r.pending) > 0 {
+			n, err := w.Write(r.pending)
+			total += int64(n)
+			r.pending = r.pending[n:]
+			if err == nil && n == 0 {
+				err = io.ErrShortWrite
+			}
+			if err != nil {
+				return total, err
+			}
+			continue
+		}
+		if err := r.next(); err == io.EOF {
+			return total, nil
+		} else if err != nil {
+			return total, err
+		}
+	}
+}
+
+// next makes the next segment's plaintext pending, once it authenticated;
+// io.EOF after the final segment.
+func (r *Reader) next() error {
+	if r.cur != nil {
+		r.outPool.put(r.cur.out)
+		r.cur = nil
+	}
+	if err := r.failed(); err != nil {
+		return err
+	}
+	if r.sawFinal {
+		return io.EOF
+	}
+	var j *segJob
+	var ok bool
+	select {
+	case j, ok = <-r.p.order:
+	case <-r.ctx.Done():
+		err := r.fail(r.ctx.Err())
+		r.Close()
+		return err
+	}
+	if !ok {
+		return r.fail(fmt.Errorf("envelope: stream stopped before its final segment: %w", ErrTruncated))
+	}
+	<-j.done
+	if j.err != nil {
+		r.outPool.put(j.out)
+		err := r.fail(j.err)
+		r.Close()
+		return err
+	}
+	r.cur, r.pending, r.sawFinal = j, j.res, j.final
+	return nil
 }
 
 // Close stops decryption; later Reads fail. It may be called from another

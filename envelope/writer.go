@@ -244,6 +244,60 @@ func (w *Writer) Write(p []byte) (int, error) {
 	return written, nil
 }
 
+// ReadFrom encrypts what src holds until its end, reading it straight into
+// the segments' buffers (io.Copy uses it). Close must still be called.
+func (w *Writer) ReadFrom(src io.Reader) (int64, error) {
+	if w.closed {
+		return 0, errors.New("envelope: write after close")
+	}
+	var total int64
+	for {
+		if err := w.failed(); err != nil {
+			return total, err
+		}
+		if err := w.ctx.Err(); err != nil {
+			w.fail(err)
+			return total, err
+		}
+		if w.cur == nil {
+			w.cur = w.inPool.get()
+		}
+		if w.n == w.segSize {
+			// A full segment goes out only once more data follows: the
+			// last one must carry the final flag, and an empty final
+			// segment after a full one is not a valid file.
+			next := w.inPool.get()
+			n, err := src.Read((*next)[:w.segSize])
+			if n > 0 {
+				if serr := w.send(false); serr != nil {
+					w.inPool.put(next)
+					return total, serr
+				}
+				w.cur, w.n = next, n
+				total += int64(n)
+			} else {
+				w.inPool.put(next)
+			}
+			if err == io.EOF {
+				return total, nil
+			}
+			if err != nil {
+				return total, err
+			}
+			continue
+		}
+		n, err := src.Read((*w.cur)[w.n:w.segSize])
+		w.n += n
+		total += int64(n)
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
 func (w *Writer) send(final bool) error {
 	j := &segJob{idx: w.idx, final: final, in: w.cur, inLen: w.n}
 	w.cur, w.n = nil, 0

@@ -429,6 +429,14 @@ func cmdInspect(args []string, e *env) error {
 // are tagged with their side, so that an I/O failure is not mistaken for a
 // file that is not authentic.
 func copyData(dst io.Writer, src io.Reader, prog *progress) (int64, error) {
+	// The envelope's own copies: plaintext read straight into its
+	// segments, and each authenticated segment written from its buffer.
+	if w, ok := dst.(*envelope.Writer); ok {
+		return w.ReadFrom(&countingReader{src, prog})
+	}
+	if r, ok := src.(*envelope.Reader); ok {
+		return r.WriteTo(&countingWriter{dst, prog})
+	}
 	buf := make([]byte, 1<<20)
 	var total int64
 	for {
@@ -448,4 +456,27 @@ func copyData(dst io.Writer, src io.Reader, prog *progress) (int64, error) {
 			return total, rerr
 		}
 	}
+}
+
+// countingReader and countingWriter count for the progress bar.
+type countingReader struct {
+	r    io.Reader
+	prog *progress
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.prog.add(n)
+	return n, err
+}
+
+type countingWriter struct {
+	w    io.Writer
+	prog *progress
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.prog.add(n)
+	return n, err
 }
