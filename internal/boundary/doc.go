@@ -15,6 +15,7 @@
 //     is decoded by a faster decoder that gives the same map as encoding/json
 //     (TestFastDecodeMatchesStdlib, FuzzFastDecode) and handed to the backend
 //     in the context (DecodedBody); the SDK then decodes only "{}".
+//
 //   - Responses: a handler that can write its response's data as JSON itself
 //     (PreEncode) gives the bytes to the interceptor, which puts them in the
 //     reply in place of the small stand-in the SDK encoded. The bytes must be
@@ -24,6 +25,7 @@
 //   - Existence checks: Vault sends a write's body twice, and the existence
 //     check only validates its fields and reads the key's name; it gets
 //     batch_input's array empty (existenceDecode).
+//
 //   - Buffers: gRPC's default buffer pool clears a buffer's whole capacity
 //     at each use (a 1 MiB buffer for a 150 KB batch, each way); the server
 //     gets a pool by power-of-two class that does not (bufferPool), and a
