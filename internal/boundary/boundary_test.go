@@ -102,18 +102,22 @@ func intercept(t *testing.T, method string, msg interface{}) (context.Context, i
 }
 
 func TestInterceptorHandsTheDecodedBodyToTheBackend(t *testing.T) {
-	body := `{"batch_input":[` + strings.Repeat(`{"plaintext":"aGVsbG8gd29ybGQ="},`, 99) + `{"plaintext":""}]}`
+	body := `{"batch_input":[` + strings.Repeat(`{"plaintext":"aGVsbG8gd29ybGQ="},`, 99) + `{"plaintext":""}],"key_version":2,"context":"\u003cx\u003e"}`
 	want, _ := stdDecode(body)
+	// The existence check gets every field but batch_input's items.
+	wantExists, _ := stdDecode(body)
+	wantExists["batch_input"] = []interface{}{}
 	for _, method := range []string{pb.Backend_HandleRequest_FullMethodName, pb.Backend_HandleExistenceCheck_FullMethodName} {
 		req := &pb.Request{Path: "encrypt/k", Data: body}
 		var msg interface{} = &pb.HandleRequestArgs{Request: req}
+		expected := want
 		if method == pb.Backend_HandleExistenceCheck_FullMethodName {
-			msg = &pb.HandleExistenceCheckArgs{Request: req}
+			msg, expected = &pb.HandleExistenceCheckArgs{Request: req}, wantExists
 		}
 		ctx, got := intercept(t, method, msg)
 		require.Same(t, msg, got)
 		require.Equal(t, emptyBody, req.Data)
-		require.Equal(t, want, ctx.Value(decodedBodyKey{}))
+		require.Equal(t, expected, ctx.Value(decodedBodyKey{}), method)
 	}
 
 	// Small bodies, deeply nested ones, bodies the decoder refuses, and
@@ -264,5 +268,43 @@ func TestNestingDepthJumpsAsItScans(t *testing.T) {
 			b[i] = alphabet[r.IntN(len(alphabet))]
 		}
 		require.Equal(t, nestingDepthByteByByte(string(b)), nestingDepth(string(b)), "%q", b)
+	}
+}
+
+// TestExistenceDecodeIsFastDecodeButTheItems: for every corpus body,
+// existenceDecode gives what encoding/json gives, except an array under
+// batch_input, which it gives empty; a body fastDecode refuses it refuses.
+func TestExistenceDecodeIsFastDecodeButTheItems(t *testing.T) {
+	bodies := []string{
+		`{"batch_input":"not a list","pad":"` + strings.Repeat("p", 1100) + `"}`,
+		`{"batch_input":{"plaintext":"eA=="},"x":[1,2]}`,
+		`{"batch_input":["a",1,null,[2]],"key_version":"3","n":1.5e3}`,
+		`{"batch_input":null,"b":true}`,
+		`{"batch_input":[],"s":"caf\u00e9 \ud83d\ude00"}`,
+		`{"batch_input":[{"plaintext":"eA=="}],"batch_input":"last wins"}`,
+		`{"plain":"x"}`,
+		`{"batch_input":[{"plaintext":"eA=="}]} trailing`,
+		`{"batch_input":[{"plaintext":"eA=="}]`,
+		`[1,2]`,
+	}
+	for _, s := range stringCorpus {
+		q, _ := json.Marshal(s)
+		bodies = append(bodies, `{"batch_input":[{"plaintext":`+string(q)+`}],"reference":`+string(q)+`}`)
+	}
+	for _, body := range bodies {
+		want, wantErr := stdDecode(body)
+		got, ok := existenceDecode(body)
+		_, fastOK := fastDecode(body)
+		require.Equal(t, fastOK, ok, "%.80s", body)
+		if !ok {
+			require.Error(t, wantErr, "refused a body encoding/json decodes: %.80s", body)
+			continue
+		}
+		require.NoError(t, wantErr, "%.80s", body)
+		if items, isList := want["batch_input"].([]interface{}); isList {
+			require.NotNil(t, items)
+			want["batch_input"] = []interface{}{}
+		}
+		require.Equal(t, want, got, "%.80s", body)
 	}
 }
