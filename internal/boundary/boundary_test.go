@@ -283,6 +283,8 @@ func TestExistenceDecodeIsFastDecodeButTheItems(t *testing.T) {
 		`{"batch_input":[],"s":"caf\u00e9 \ud83d\ude00"}`,
 		`{"batch_input":[{"plaintext":"eA=="}],"batch_input":"last wins"}`,
 		`{"plain":"x"}`,
+		`{"batch_input":[{"context":["x"]}],"a":{"b":[1]}}`, // as deep as the fast decoders go
+		`{"batch_input":[{"context":[["x"]]}],"pad":"x"}`,   // one deeper: both leave it to the SDK
 		`{"batch_input":[{"plaintext":"eA=="}]} trailing`,
 		`{"batch_input":[{"plaintext":"eA=="}]`,
 		`[1,2]`,
@@ -297,7 +299,9 @@ func TestExistenceDecodeIsFastDecodeButTheItems(t *testing.T) {
 		_, fastOK := fastDecode(body)
 		require.Equal(t, fastOK, ok, "%.80s", body)
 		if !ok {
-			require.Error(t, wantErr, "refused a body encoding/json decodes: %.80s", body)
+			// Refused: bodies encoding/json refuses too, and those
+			// nested deeper than a batch, left to the SDK.
+			require.True(t, wantErr != nil || nestingDepth(body) > fastDecodeMaxDepth, "refused a body encoding/json decodes: %.80s", body)
 			continue
 		}
 		require.NoError(t, wantErr, "%.80s", body)

@@ -30,10 +30,7 @@ const (
 
 // class is the power of two that holds size bytes.
 func class(size int) int {
-	if size <= 1<<minClass {
-		return minClass
-	}
-	return bits.Len(uint(size - 1))
+	return max(minClass, bits.Len(uint(max(size, 1)-1)))
 }
 
 // Get returns a buffer of length size, with a power-of-two capacity.

@@ -13,7 +13,7 @@ func TestBufferPoolClasses(t *testing.T) {
 	p := &bufferPool{}
 	for _, c := range []struct{ size, capacity int }{
 		{0, 256}, {1, 256}, {256, 256}, {257, 512}, {4096, 4096}, {4097, 8192},
-		{150_000, 1 << 18}, {1 << 24, 1 << 24},
+		{150_000, 1 << 18}, {1<<24 - 1, 1 << 24}, {1 << 24, 1 << 24},
 	} {
 		b := p.Get(c.size)
 		require.Len(t, *b, c.size)
@@ -42,6 +42,21 @@ func TestBufferPoolReusesByClass(t *testing.T) {
 		}
 	}
 	require.True(t, reused, "a buffer of the class came back")
+
+	// The smallest and the largest class are kept too.
+	for _, size := range []int{1 << minClass, 1 << maxClass} {
+		kept := false
+		for range 20 {
+			b := p.Get(size)
+			p.Put(b)
+			again := p.Get(size/2 + 1)
+			if &(*again)[:1][0] == &(*b)[:1][0] {
+				kept = true
+				break
+			}
+		}
+		require.True(t, kept, "a buffer of %d bytes came back", size)
+	}
 
 	// A buffer not made here (capacity not a power of two) is not kept.
 	odd := make([]byte, 3000)

@@ -1,6 +1,7 @@
 package boundary
 
 import (
+	"bytes"
 	"context"
 	"strings"
 	"unsafe"
@@ -115,7 +116,7 @@ func existenceDecode(body string) (data map[string]interface{}, ok bool) {
 	}
 	data = make(map[string]interface{}, len(raw))
 	for k, v := range raw {
-		if k == "batch_input" && len(v) > 0 && v[0] == '[' {
+		if k == "batch_input" && bytes.HasPrefix(v, []byte("[")) {
 			data[k] = []interface{}{}
 			continue
 		}
