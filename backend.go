@@ -103,7 +103,7 @@ func newBackend(conf *logical.BackendConfig) (*backend, error) {
 		mountUUID = conf.BackendUUID
 	}
 	b.seal = mountseal.New(sealHost{b}, mountUUID)
-	b.hsmKeys = hsmkey.NewStore(sealTokens{b.seal}, mountUUID)
+	b.hsmKeys = hsmkey.NewStore(b.seal, mountUUID)
 	b.lifecycle = newLifecycleStore()
 	b.aeads = newAEADCache()
 	b.Backend = &framework.Backend{

@@ -7,9 +7,7 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
-	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/mountseal"
 )
 
 // HSM-resident keys are kept by internal/hsmkey; here is what the requests
@@ -127,9 +125,3 @@ func describeHSMKeyFields(k *hsmkey.Key, label func(name string, version int) st
 func errHSMKeyUnsupported(name, what string) error {
 	return callerErr("key %q is HSM-resident: %s is not supported for it; HSM-resident keys support keys/:name (read, config, rotate, trim, delete), encrypt, decrypt, rewrap and datakey, and their material never leaves the HSM", name, what)
 }
-
-// sealTokens is what the HSM-resident key store needs of the seal.
-type sealTokens struct{ m *mountseal.Manager }
-
-func (t sealTokens) CurrentToken() *hsm.Token               { return t.m.CurrentToken() }
-func (t sealTokens) TokenMechanisms() *hsm.MechanismSupport { return t.m.TokenMechanisms() }

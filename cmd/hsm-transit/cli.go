@@ -341,7 +341,8 @@ func cmdEncrypt(ctx context.Context, args []string, e *env) error {
 		return err
 	}
 	prog := startProgress(e.stderr, size)
-	_, err = copyData(w, src, prog)
+	// Plaintext read straight into the envelope's segments.
+	_, err = w.ReadFrom(&countingReader{src, prog})
 	prog.stop()
 	if err != nil {
 		w.Close()
@@ -386,7 +387,9 @@ func cmdDecrypt(ctx context.Context, args []string, e *env) error {
 	}
 	defer dst.Abort()
 	prog := startProgress(e.stderr, size)
-	_, err = copyData(dst, r, prog)
+	// Each segment written from its buffer once it authenticated; an
+	// error names its side (the envelope's kinds, or the output's I/O).
+	_, err = r.WriteTo(&countingWriter{dst, prog})
 	prog.stop()
 	if err != nil {
 		return err
@@ -422,40 +425,6 @@ func cmdInspect(args []string, e *env) error {
 		return &ioError{op: "writing stdout", err: err}
 	}
 	return nil
-}
-
-// copyData copies src to dst in large blocks (pipes and the envelope
-// streams hand out 64 KiB at a time), counting for the progress bar. Errors
-// are tagged with their side, so that an I/O failure is not mistaken for a
-// file that is not authentic.
-func copyData(dst io.Writer, src io.Reader, prog *progress) (int64, error) {
-	// The envelope's own copies: plaintext read straight into its
-	// segments, and each authenticated segment written from its buffer.
-	if w, ok := dst.(*envelope.Writer); ok {
-		return w.ReadFrom(&countingReader{src, prog})
-	}
-	if r, ok := src.(*envelope.Reader); ok {
-		return r.WriteTo(&countingWriter{dst, prog})
-	}
-	buf := make([]byte, 1<<20)
-	var total int64
-	for {
-		n, rerr := io.ReadFull(src, buf)
-		if n > 0 {
-			if _, err := dst.Write(buf[:n]); err != nil {
-				return total, err
-			}
-			total += int64(n)
-			prog.add(n)
-		}
-		switch rerr {
-		case nil:
-		case io.EOF, io.ErrUnexpectedEOF:
-			return total, nil
-		default:
-			return total, rerr
-		}
-	}
 }
 
 // countingReader and countingWriter count for the progress bar.
