@@ -4,7 +4,11 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"encoding/base64"
 	"strconv"
+	"sync"
+	"sync/atomic"
+	"unsafe"
 
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
@@ -60,38 +64,140 @@ func (a *aeadCache) get(p *keysutil.Policy, ver int) (cipher.AEAD, error) {
 	return aead, nil
 }
 
-// encrypt is EncryptWithOptions for a fast-path key.
-func (a *aeadCache) encrypt(p *keysutil.Policy, it *batchItem) (string, int, error) {
+// memo is what one request's items of a fast-path key share: the AEADs of
+// the versions they used, so that an item finds its version's AEAD without
+// the cache's lock and name. The caller holds the policy locked for the
+// whole request, so a version cannot change under it.
+type aeadMemo struct {
+	versions atomic.Pointer[[]memoEntry]
+}
+
+type memoEntry struct {
+	ver  int
+	aead cipher.AEAD
+}
+
+// maxMemo bounds the versions a memo keeps (a batch normally uses one, a
+// rewrap two).
+const maxMemo = 8
+
+// get returns version ver's AEAD: the memo's, else the cache's (kept in the
+// memo then).
+func (m *aeadMemo) get(a *aeadCache, p *keysutil.Policy, ver int) (cipher.AEAD, error) {
+	var known []memoEntry
+	if v := m.versions.Load(); v != nil {
+		known = *v
+		for _, e := range known {
+			if e.ver == ver {
+				return e.aead, nil
+			}
+		}
+	}
+	aead, err := a.get(p, ver)
+	if err != nil || len(known) >= maxMemo {
+		return aead, err
+	}
+	// Copy on write: other items read the old list meanwhile; if two
+	// store at once, one entry is lost and looked up again later.
+	grown := append(append(make([]memoEntry, 0, len(known)+1), known...), memoEntry{ver, aead})
+	m.versions.Store(&grown)
+	return aead, nil
+}
+
+// AES-GCM's nonce and tag sizes as keysutil uses them (cipher.NewGCM's).
+const (
+	gcmNonceSize = 12
+	gcmTagSize   = 16
+)
+
+// sealBuffer returns a buffer for sealing a plaintext of b64's decoded
+// length in place: room for the nonce, the plaintext decoded from b64,
+// room for the tag. The error is keysutil's for bad base64.
+func sealBuffer(b64 string) ([]byte, error) {
+	buf := make([]byte, gcmNonceSize+base64.StdEncoding.DecodedLen(len(b64))+gcmTagSize)
+	return decodeIntoSealBuffer(buf, b64)
+}
+
+// decodeIntoSealBuffer decodes b64 into buf after the nonce's room and
+// returns buf cut to nonce, plaintext and tag.
+func decodeIntoSealBuffer(buf []byte, b64 string) ([]byte, error) {
+	n, err := base64.StdEncoding.Decode(buf[gcmNonceSize:], unsafe.Slice(unsafe.StringData(b64), len(b64)))
+	if err != nil {
+		return nil, errutil.UserError{Err: err.Error()}
+	}
+	return buf[: gcmNonceSize+n+gcmTagSize : gcmNonceSize+n+gcmTagSize], nil
+}
+
+// encrypt is EncryptWithOptions for a fast-path key. The plaintext is
+// sealed where it was decoded (the item's sealBuf, else a buffer made
+// here), and the result written as transit's string in one allocation.
+func (a *aeadCache) encrypt(p *keysutil.Policy, memo *aeadMemo, it *batchItem) (string, int, error) {
 	ver, err := encryptionVersion(it.KeyVersion, p.LatestVersion, p.MinEncryptionVersion)
 	if err != nil {
 		return "", 0, err
 	}
-	pt, err := decodePlaintext(it.Plaintext)
+	buf := it.sealBuf
+	if buf == nil {
+		if buf, err = sealBuffer(it.Plaintext); err != nil {
+			return "", 0, err
+		}
+	}
+	aead, err := memo.get(a, p, ver)
 	if err != nil {
 		return "", 0, err
 	}
-	aead, err := a.get(p, ver)
-	if err != nil {
-		return "", 0, err
+	if aead.NonceSize() != gcmNonceSize || aead.Overhead() != gcmTagSize {
+		return "", 0, errutil.InternalError{Err: "unexpected AES-GCM nonce or tag size"}
 	}
-	return encryptWith(gcmAEAD{aead}, ver, pt, it.aad)
+	nonce := buf[:gcmNonceSize]
+	if _, err := rand.Read(nonce); err != nil {
+		return "", 0, errutil.InternalError{Err: err.Error()}
+	}
+	// Seal's output starts exactly where the plaintext is, which its
+	// contract allows (in-place encryption).
+	sealed := aead.Seal(nonce, nonce, buf[gcmNonceSize:len(buf)-gcmTagSize], it.aad)
+	// The item's plaintext is now ciphertext: it must not be read again.
+	it.sealBuf = nil
+	return formatCiphertext(ver, sealed), ver, nil
 }
 
+// openScratch holds buffers for the decoded ciphertexts of decrypt, which
+// are opened in place and not kept.
+var openScratch = sync.Pool{New: func() any { return new([]byte) }}
+
+// maxScratch is the largest buffer openScratch keeps.
+const maxScratch = 64 << 10
+
 // decrypt is DecryptWithOptions for a fast-path key.
-func (a *aeadCache) decrypt(p *keysutil.Policy, it *batchItem) (string, error) {
-	ver, raw, err := parseCiphertext(it.Ciphertext, p.LatestVersion, p.MinDecryptionVersion)
+func (a *aeadCache) decrypt(p *keysutil.Policy, memo *aeadMemo, it *batchItem) (string, error) {
+	scratch := openScratch.Get().(*[]byte)
+	defer func() {
+		// The opened plaintext is not left in the pool's buffers.
+		clear((*scratch)[:cap(*scratch)])
+		if cap(*scratch) <= maxScratch {
+			openScratch.Put(scratch)
+		}
+	}()
+	ver, raw, err := parseCiphertextInto(it.Ciphertext, p.LatestVersion, p.MinDecryptionVersion, scratch)
 	if err != nil {
 		return "", err
 	}
-	aead, err := a.get(p, ver)
+	aead, err := memo.get(a, p, ver)
 	if err != nil {
 		return "", err
 	}
-	return decryptWith(gcmAEAD{aead}, raw, it.aad)
+	// (gcmAEAD called as it is: as a byteAEAD, decryptWith's argument, it
+	// would be an allocation per item.)
+	pt, err := gcmAEAD{aead}.Decrypt(raw, it.aad)
+	if err != nil {
+		return "", err
+	}
+	return encodeBase64(pt), nil
 }
 
 // gcmAEAD is a software version's AES-GCM as a byteAEAD, in keysutil's
-// format: a random nonce, then the sealed plaintext and its tag.
+// format: a random nonce, then the sealed plaintext and its tag. Decrypt
+// opens in place: the plaintext it returns overwrites ciphertext.
 type gcmAEAD struct{ aead cipher.AEAD }
 
 func (g gcmAEAD) Encrypt(plaintext, associatedData []byte) ([]byte, error) {

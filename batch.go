@@ -14,10 +14,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
+	segjson "github.com/segmentio/encoding/json"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
 )
@@ -42,13 +44,51 @@ type batchItem struct {
 	nonce   []byte
 	iv      []byte
 	aad     []byte
+
+	// sealBuf, when set (decodePlaintexts), holds the decoded plaintext
+	// with room for an AES-GCM nonce before it and a tag after it: the
+	// software fast path seals it there, and then clears sealBuf.
+	sealBuf []byte
+}
+
+// decodedPlaintext is the item's plaintext, decoded: in sealBuf when
+// decodePlaintexts put it there, else decoded now.
+func (it *batchItem) decodedPlaintext() ([]byte, error) {
+	if it.sealBuf != nil {
+		return it.sealBuf[gcmNonceSize : len(it.sealBuf)-gcmTagSize], nil
+	}
+	return decodePlaintext(it.Plaintext)
+}
+
+// decodePlaintexts base64-decodes the plaintext of every item into one
+// buffer for the whole batch (each item's sealBuf), and reports the items
+// whose plaintext is not base64 to fail, with keysutil's message.
+func decodePlaintexts(items []batchItem, fail func(i int, msg string)) {
+	size := func(it *batchItem) int {
+		return gcmNonceSize + base64.StdEncoding.DecodedLen(len(it.Plaintext)) + gcmTagSize
+	}
+	total := 0
+	for i := range items {
+		total += size(&items[i])
+	}
+	arena := make([]byte, total)
+	for i := range items {
+		n := size(&items[i])
+		buf, err := decodeIntoSealBuffer(arena[:n:n], items[i].Plaintext)
+		arena = arena[n:]
+		if err != nil {
+			fail(i, err.Error())
+			continue
+		}
+		items[i].sealBuf = buf
+	}
 }
 
 // decodeBatchInput turns batch_input into items. required names a field every
 // item must carry ("plaintext" for encrypt, "ciphertext" for decrypt), or "".
 // The error is the caller's: a 400 that names the item and field.
 func decodeBatchInput(raw interface{}, required, requiredMsg string) ([]batchItem, error) {
-	list, ok := raw.([]interface{})
+	list, ok := batchList(raw)
 	if !ok {
 		if _, isString := raw.(string); isString {
 			return nil, errors.New("batch_input must be a JSON list of objects, not a string; send the request body as JSON (for the CLI: vault write <path> @request.json)")
@@ -57,8 +97,15 @@ func decodeBatchInput(raw interface{}, required, requiredMsg string) ([]batchIte
 	}
 	items := make([]batchItem, len(list))
 	var problems []string
+	var w wireItem
 	for i, el := range list {
-		m, ok := el.(map[string]interface{})
+		if obj, ok := el.(*boundary.RawObject); ok && items[i].fromWire(*obj, &w) {
+			if required != "" && w.field(required) == nil {
+				problems = append(problems, fmt.Sprintf("'[%d].%s' %s", i, required, requiredMsg))
+			}
+			continue
+		}
+		m, ok := batchObject(el)
 		if !ok {
 			return nil, fmt.Errorf("[%d] expected a map, got '%T'", i, el)
 		}
@@ -97,6 +144,131 @@ func decodeBatchInput(raw interface{}, required, requiredMsg string) ([]batchIte
 		return nil, fmt.Errorf("%d error(s) decoding batch_input: %s", len(problems), strings.Join(problems, "; "))
 	}
 	return items, nil
+}
+
+// batchList is batch_input's elements: a list as the SDK decodes it, or the
+// interceptor's undecoded objects (boundary.RawBatch).
+func batchList(raw interface{}) ([]interface{}, bool) {
+	switch v := raw.(type) {
+	case []interface{}:
+		return v, true
+	case *boundary.RawBatch:
+		return v.Objects(), true
+	}
+	return nil, false
+}
+
+// batchObject is an element of batch_input as a map: as it came, or decoded
+// from the request body's bytes (boundary.RawObject).
+func batchObject(el interface{}) (map[string]interface{}, bool) {
+	switch e := el.(type) {
+	case map[string]interface{}:
+		return e, true
+	case *boundary.RawObject:
+		return e.Map()
+	}
+	return nil, false
+}
+
+// wireItem is a batch item's fields as they are in the request body: each
+// is the field's JSON value (nil when absent; the last one when repeated,
+// as in a map). The tags are exactly the keys stringField knows, and
+// key_version (TestWireItemKnowsEveryField).
+type wireItem struct {
+	Plaintext            segjson.RawMessage `json:"plaintext"`
+	Ciphertext           segjson.RawMessage `json:"ciphertext"`
+	Context              segjson.RawMessage `json:"context"`
+	Nonce                segjson.RawMessage `json:"nonce"`
+	AssociatedData       segjson.RawMessage `json:"associated_data"`
+	Reference            segjson.RawMessage `json:"reference"`
+	PaddingScheme        segjson.RawMessage `json:"padding_scheme"`
+	EncryptPaddingScheme segjson.RawMessage `json:"encrypt_padding_scheme"`
+	DecryptPaddingScheme segjson.RawMessage `json:"decrypt_padding_scheme"`
+	IV                   segjson.RawMessage `json:"iv"`
+	KeyVersion           segjson.RawMessage `json:"key_version"`
+}
+
+// field is the value of a field that decodeBatchInput can require
+// (plaintext, ciphertext), or nil when the item has none.
+func (w *wireItem) field(key string) segjson.RawMessage {
+	switch key {
+	case "plaintext":
+		return w.Plaintext
+	case "ciphertext":
+		return w.Ciphertext
+	}
+	return nil
+}
+
+// fromWire fills the item from obj, a batch_input object from the request
+// body, without a map: the common case of a batch (base64 strings, a small
+// key_version) is read here, and false sends every other object to the
+// map path, whose decoding and messages are encoding/json's. Read here
+// only when the answer is certainly the map path's:
+//   - obj is printable ASCII and JSON whitespace without a backslash, so a
+//     JSON string's value is its bytes between the quotes (no escape, no
+//     invalid UTF-8 to replace);
+//   - every string field is a string or null, key_version a plain integer
+//     of at most 15 digits (exact as a float64, as the map has it) or null;
+//     fields the item does not know are skipped, whatever their value.
+//
+// w is the caller's, reused from item to item.
+func (it *batchItem) fromWire(obj []byte, w *wireItem) bool {
+	for _, c := range obj {
+		if c == '\\' || (c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c > 0x7e {
+			return false
+		}
+	}
+	*w = wireItem{}
+	if rest, err := segjson.Parse(obj, w, segjson.DontCopyRawMessage|segjson.DontMatchCaseInsensitiveStructFields); err != nil || len(rest) != 0 {
+		return false
+	}
+	// Filled in place (a local item would escape, an allocation per
+	// item), and emptied again for the map path when refused.
+	*it = batchItem{}
+	refuse := func() bool {
+		*it = batchItem{}
+		return false
+	}
+	for _, f := range [...]struct {
+		raw segjson.RawMessage
+		dst *string
+	}{
+		{w.Plaintext, &it.Plaintext}, {w.Ciphertext, &it.Ciphertext}, {w.Context, &it.Context},
+		{w.Nonce, &it.Nonce}, {w.AssociatedData, &it.AssociatedData}, {w.Reference, &it.Reference},
+		{w.PaddingScheme, &it.PaddingScheme}, {w.EncryptPaddingScheme, &it.EncryptPaddingScheme},
+		{w.DecryptPaddingScheme, &it.DecryptPaddingScheme}, {w.IV, &it.IV},
+	} {
+		switch {
+		case f.raw == nil || string(f.raw) == "null":
+		case len(f.raw) >= 2 && f.raw[0] == '"' && f.raw[len(f.raw)-1] == '"':
+			// The body is an immutable string: the value may point
+			// into it, as the map path's strings do.
+			*f.dst = unsafe.String(unsafe.SliceData(f.raw[1:]), len(f.raw)-2)
+		default:
+			return refuse()
+		}
+	}
+	if kv := w.KeyVersion; kv != nil && string(kv) != "null" {
+		digits := kv
+		if digits[0] == '-' {
+			digits = digits[1:]
+		}
+		if len(digits) == 0 || len(digits) > 15 || (len(digits) > 1 && digits[0] == '0') {
+			return refuse()
+		}
+		for _, c := range digits {
+			if c < '0' || c > '9' {
+				return refuse()
+			}
+		}
+		n, err := strconv.Atoi(string(kv))
+		if err != nil {
+			return refuse()
+		}
+		it.KeyVersion = n
+	}
+	return true
 }
 
 // stringField returns the destination of a string batch field, or nil for a
@@ -249,6 +421,9 @@ var errEmptyCiphertext = errors.New("empty ciphertext returned")
 // becomes the caller's error about '[index].field', paddingField naming the
 // path's padding field.
 func atItem(err error, index int, paddingField string) error {
+	if err == nil {
+		return nil // (before fe, which escapes and would be allocated)
+	}
 	var fe *fieldError
 	switch {
 	case errors.As(err, &fe):

@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"strconv"
 	"strings"
+	"unsafe"
 
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
@@ -40,22 +41,42 @@ func decodePlaintext(b64 string) ([]byte, error) {
 	return pt, nil
 }
 
-// formatCiphertext is vault:v<ver>:<base64 of raw>.
+// formatCiphertext is vault:v<ver>:<base64 of raw>, built in one
+// allocation.
 func formatCiphertext(ver int, raw []byte) string {
-	return ciphertextPrefix + strconv.Itoa(ver) + ":" + base64.StdEncoding.EncodeToString(raw)
+	var digits [20]byte
+	v := strconv.AppendInt(digits[:0], int64(ver), 10)
+	out := make([]byte, 0, len(ciphertextPrefix)+len(v)+1+base64.StdEncoding.EncodedLen(len(raw)))
+	out = append(append(append(out, ciphertextPrefix...), v...), ':')
+	out = base64.StdEncoding.AppendEncode(out, raw)
+	// out is not written again: the string may share it.
+	return unsafe.String(unsafe.SliceData(out), len(out))
+}
+
+// encodeBase64 is base64.StdEncoding.EncodeToString in one allocation
+// (EncodeToString makes the bytes, then copies them into the string).
+func encodeBase64(src []byte) string {
+	out := base64.StdEncoding.AppendEncode(make([]byte, 0, base64.StdEncoding.EncodedLen(len(src))), src)
+	return unsafe.String(unsafe.SliceData(out), len(out))
 }
 
 // parseCiphertext reads vault:v<N>:<base64> and checks N against the key's
 // window [minDecryption, latest], in keysutil's order.
 func parseCiphertext(ct string, latest, minDecryption int) (int, []byte, error) {
+	return parseCiphertextInto(ct, latest, minDecryption, nil)
+}
+
+// parseCiphertextInto is parseCiphertext decoding into *scratch when one is
+// given (grown as needed and left there for the caller to reuse).
+func parseCiphertextInto(ct string, latest, minDecryption int, scratch *[]byte) (int, []byte, error) {
 	if !strings.HasPrefix(ct, ciphertextPrefix) {
 		return 0, nil, errutil.UserError{Err: "invalid ciphertext: no prefix"}
 	}
-	parts := strings.SplitN(ct[len(ciphertextPrefix):], ":", 2)
-	if len(parts) != 2 {
+	version, payload, ok := strings.Cut(ct[len(ciphertextPrefix):], ":")
+	if !ok {
 		return 0, nil, errutil.UserError{Err: "invalid ciphertext: wrong number of fields"}
 	}
-	ver, err := strconv.Atoi(parts[0])
+	ver, err := strconv.Atoi(version)
 	if err != nil {
 		return 0, nil, errutil.UserError{Err: "invalid ciphertext: version number could not be decoded"}
 	}
@@ -68,7 +89,18 @@ func parseCiphertext(ct string, latest, minDecryption int) (int, []byte, error) 
 	if minDecryption > 0 && ver < minDecryption {
 		return 0, nil, errutil.UserError{Err: keysutil.ErrTooOld}
 	}
-	raw, err := base64.StdEncoding.DecodeString(parts[1])
+	var raw []byte
+	if scratch == nil {
+		raw, err = base64.StdEncoding.DecodeString(payload)
+	} else {
+		need := base64.StdEncoding.DecodedLen(len(payload))
+		if cap(*scratch) < need {
+			*scratch = make([]byte, need)
+		}
+		var n int
+		n, err = base64.StdEncoding.Decode((*scratch)[:need], unsafe.Slice(unsafe.StringData(payload), len(payload)))
+		raw = (*scratch)[:n]
+	}
 	if err != nil {
 		return 0, nil, errutil.UserError{Err: "invalid ciphertext: could not decode base64"}
 	}

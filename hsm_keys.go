@@ -34,7 +34,7 @@ func hsmItemEncrypt(s *hsmkey.Store, k *hsmkey.Key, it *batchItem) (string, int,
 	if err != nil {
 		return "", 0, err
 	}
-	pt, err := decodePlaintext(it.Plaintext)
+	pt, err := it.decodedPlaintext()
 	if err != nil {
 		return "", 0, err
 	}

@@ -3,7 +3,6 @@ package hsmtransit
 import (
 	"context"
 	"crypto/rand"
-	"encoding/base64"
 	"runtime"
 
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
@@ -64,25 +63,30 @@ func decryptWith(a byteAEAD, raw, aad []byte) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return base64.StdEncoding.EncodeToString(pt), nil
+	return encodeBase64(pt), nil
 }
 
 // softwareCipher is a keysutil policy, held locked by the caller.
 type softwareCipher struct {
 	p     *keysutil.Policy
 	aeads *aeadCache
+	memo  *aeadMemo // this request's
+}
+
+func newSoftwareCipher(p *keysutil.Policy, aeads *aeadCache) softwareCipher {
+	return softwareCipher{p: p, aeads: aeads, memo: &aeadMemo{}}
 }
 
 func (c softwareCipher) encrypt(it *batchItem) (string, int, error) {
 	if fastPath(c.p) && it.Nonce == "" && it.PaddingScheme == "" {
-		return c.aeads.encrypt(c.p, it)
+		return c.aeads.encrypt(c.p, c.memo, it)
 	}
 	return encryptItem(c.p, it)
 }
 
 func (c softwareCipher) decrypt(it *batchItem, paddingScheme string) (string, error) {
 	if fastPath(c.p) && paddingScheme == "" {
-		return c.aeads.decrypt(c.p, it)
+		return c.aeads.decrypt(c.p, c.memo, it)
 	}
 	return decryptItem(c.p, it, paddingScheme)
 }
@@ -155,7 +159,7 @@ func (b *backend) lockedCipher(ctx context.Context, polReq keysutil.PolicyReques
 		return nil, false, unlock, err
 	}
 	if p != nil {
-		return softwareCipher{p: p, aeads: b.aeads}, false, unlock, nil
+		return newSoftwareCipher(p, b.aeads), false, unlock, nil
 	}
 	k, err := b.hsmKeys.Get(ctx, polReq.Storage, polReq.Name)
 	if err != nil {
@@ -171,7 +175,7 @@ func (b *backend) lockedCipher(ctx context.Context, polReq keysutil.PolicyReques
 	if err != nil || p == nil {
 		return nil, false, unlock, err
 	}
-	return softwareCipher{p: p, aeads: b.aeads}, upserted, unlock, nil
+	return newSoftwareCipher(p, b.aeads), upserted, unlock, nil
 }
 
 // lockedHSMCipher read-locks an HSM-resident key for a crypto operation.

@@ -3,7 +3,6 @@ package hsmtransit
 import (
 	"context"
 	"crypto/rsa"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"strings"
@@ -144,10 +143,12 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	results := make([]encryptResult, len(items))
+	decodePlaintexts(items, func(i int, msg string) { results[i].Error = msg })
 	for i := range items {
-		if _, err := base64.StdEncoding.DecodeString(items[i].Plaintext); err != nil {
-			results[i].Error = err.Error()
-		} else if err := items[i].decodeCommon(); err != nil {
+		if results[i].Error != "" {
+			continue
+		}
+		if err := items[i].decodeCommon(); err != nil {
 			results[i].Error = err.Error()
 		}
 	}

@@ -270,7 +270,7 @@ func stringItems(d *framework.FieldData, single func() map[string]string) ([]map
 	if !ok || raw == nil {
 		return []map[string]string{single()}, false, nil
 	}
-	list, ok := raw.([]interface{})
+	list, ok := batchList(raw)
 	if !ok {
 		return nil, true, fmt.Errorf("batch_input must be a list of objects, got %T", raw)
 	}
@@ -279,7 +279,7 @@ func stringItems(d *framework.FieldData, single func() map[string]string) ([]map
 	}
 	items := make([]map[string]string, len(list))
 	for i, el := range list {
-		m, ok := el.(map[string]interface{})
+		m, ok := batchObject(el)
 		if !ok {
 			return nil, true, fmt.Errorf("[%d] expected a map, got '%T'", i, el)
 		}

@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/hashicorp/vault/sdk/plugin/pb"
+	segjson "github.com/segmentio/encoding/json"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 )
@@ -42,6 +43,67 @@ func stdDecode(body string) (map[string]interface{}, error) {
 	return m, err
 }
 
+// fastDecode is decodeWithBatch decoding batch_input as any other field.
+func fastDecode(body string) (map[string]interface{}, bool) {
+	return decodeWithBatch(body, func(segjson.RawMessage) (interface{}, bool) { return nil, false })
+}
+
+// materialize replaces a batch_input of *RawObject by the maps their Map
+// gives, or fails the test when one does not decode.
+func materialize(t testing.TB, data map[string]interface{}) map[string]interface{} {
+	batch, ok := data["batch_input"].(*RawBatch)
+	if !ok {
+		return data
+	}
+	list := batch.Objects()
+	out := make(map[string]interface{}, len(data))
+	for k, v := range data {
+		out[k] = v
+	}
+	maps := make([]interface{}, len(list))
+	for i, el := range list {
+		obj, ok := el.(*RawObject)
+		if !ok {
+			t.Fatalf("batch_input[%d] is a %T among raw objects", i, el)
+		}
+		m, ok := obj.Map()
+		if !ok {
+			t.Fatalf("batch_input[%d] %q does not decode", i, *obj)
+		}
+		maps[i] = m
+	}
+	out["batch_input"] = maps
+	return out
+}
+
+// TestRequestDecodeHandsOverObjects: requestDecode gives batch_input's
+// objects undecoded exactly when it is an array of objects only, and each
+// decodes (Map) to what encoding/json gives for it.
+func TestRequestDecodeHandsOverObjects(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		raw  bool
+	}{
+		{`{"batch_input":[{"plaintext":"eA=="},{"ciphertext":"vault:v1:x","key_version":2}],"k":1}`, true},
+		{`{"batch_input":[ {"a":1} , {"b":[1,null]} ]}`, true},
+		{`{"batch_input":[]}`, true},
+		{`{"batch_input":[{"a":1},"s"]}`, false},
+		{`{"batch_input":[{"a":1},null]}`, false},
+		{`{"batch_input":[[1]]}`, false},
+		{`{"batch_input":{"a":1}}`, false},
+		{`{"batch_input":"[{}]"}`, false},
+		{`{"batch_input":[{"a":"\u00e9\ud800"}],"batch_input":[{"b":2}]}`, true},
+	} {
+		got, ok := requestDecode(tc.body)
+		require.True(t, ok, tc.body)
+		_, raw := got["batch_input"].(*RawBatch)
+		require.Equal(t, tc.raw, raw, tc.body)
+		want, err := stdDecode(tc.body)
+		require.NoError(t, err)
+		require.Equal(t, want, materialize(t, got), tc.body)
+	}
+}
+
 func TestFastDecodeMatchesStdlib(t *testing.T) {
 	for i, body := range fastDecodeCorpus {
 		want, err := stdDecode(body)
@@ -53,6 +115,9 @@ func TestFastDecodeMatchesStdlib(t *testing.T) {
 		}
 		require.True(t, ok, "corpus[%d]: fast decoder refused valid JSON", i)
 		require.True(t, reflect.DeepEqual(want, got), "corpus[%d]:\nstdlib %#v\nfast   %#v", i, want, got)
+		req, ok := requestDecode(body)
+		require.True(t, ok, "corpus[%d]: requestDecode refused valid JSON", i)
+		require.Equal(t, want, materialize(t, req), "corpus[%d]", i)
 	}
 	// What the standard library refuses, the fast decoder refuses too (the
 	// interceptor then leaves the body to the SDK, which reports it).
@@ -62,6 +127,8 @@ func TestFastDecodeMatchesStdlib(t *testing.T) {
 		require.Error(t, err, bad)
 		_, ok := fastDecode(bad)
 		require.False(t, ok, "fast decoder accepted %q", bad)
+		_, ok = requestDecode(bad)
+		require.False(t, ok, "requestDecode accepted %q", bad)
 	}
 }
 
@@ -82,6 +149,13 @@ func FuzzFastDecode(f *testing.F) {
 		}
 		if !reflect.DeepEqual(want, got) {
 			t.Fatalf("%q:\nstdlib %#v\nfast   %#v", body, want, got)
+		}
+		req, ok := requestDecode(body)
+		if !ok {
+			t.Fatalf("requestDecode refused %q, which the fast decoder takes", body)
+		}
+		if req := materialize(t, req); !reflect.DeepEqual(want, req) {
+			t.Fatalf("%q:\nstdlib  %#v\nrequest %#v", body, want, req)
 		}
 	})
 }
@@ -117,7 +191,8 @@ func TestInterceptorHandsTheDecodedBodyToTheBackend(t *testing.T) {
 		ctx, got := intercept(t, method, msg)
 		require.Same(t, msg, got)
 		require.Equal(t, emptyBody, req.Data)
-		require.Equal(t, expected, ctx.Value(decodedBodyKey{}), method)
+		decoded, _ := ctx.Value(decodedBodyKey{}).(map[string]interface{})
+		require.Equal(t, expected, materialize(t, decoded), method)
 	}
 
 	// Small bodies, deeply nested ones, bodies the decoder refuses, and

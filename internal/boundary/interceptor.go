@@ -16,7 +16,7 @@ import (
 func UnaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (interface{}, error) {
 	var r *pb.Request
 	var s *slot
-	decode := fastDecode
+	decode := requestDecode
 	switch args := req.(type) {
 	case *pb.HandleRequestArgs:
 		if info.FullMethod == pb.Backend_HandleRequest_FullMethodName {

@@ -32,32 +32,6 @@ func DecodedBody(ctx context.Context) (map[string]interface{}, bool) {
 	return data, ok
 }
 
-// fastDecode decodes a JSON object as encoding/json.Unmarshal into a
-// map[string]interface{} does, or reports false, and then the SDK decodes
-// it: for a body nested deeper than fastDecodeMaxDepth, one the decoder
-// refuses, and (defensively: every mount shares this process) a panic in the
-// decoder.
-func fastDecode(body string) (data map[string]interface{}, ok bool) {
-	if nestingDepth(body) > fastDecodeMaxDepth {
-		return nil, false
-	}
-	defer func() {
-		if recover() != nil {
-			data, ok = nil, false
-		}
-	}()
-	data = map[string]interface{}{}
-	// The decoder reads the body in place, and its strings point into it
-	// (DontCopyString): the body is an immutable string that nothing else
-	// holds, so neither copy is needed. It never writes to its input.
-	rest, err := segjson.Parse(unsafe.Slice(unsafe.StringData(body), len(body)), &data, segjson.DontCopyString)
-	if err != nil || len(rest) != 0 {
-		// (Unmarshal's rule: anything after the value is an error.)
-		return nil, false
-	}
-	return data, true
-}
-
 // nestingDepth is the deepest nesting of objects and arrays in a JSON text,
 // by one linear scan that skips strings. It does not validate the text.
 func nestingDepth(body string) int {
@@ -91,15 +65,101 @@ func nestingDepth(body string) int {
 	return deepest
 }
 
-// existenceDecode decodes a body for an existence check as fastDecode does,
-// except that an array under "batch_input" is handed over empty. An
+// existenceDecode decodes a body for an existence check as encoding/json
+// does (see decodeWithBatch), except that an array under "batch_input" is handed over empty. An
 // existence check sees the body only through the framework's validation of
 // the path's fields (FieldData.Validate, which accepts any array for a
 // TypeSlice field, as batch_input is wherever it exists) and then reads the
 // key's name from the path: a batch's items, most of the body, are not
 // looked at until the request itself, which decodes them. The items are
 // still scanned (a body Vault sends is always valid JSON: it encoded it).
-func existenceDecode(body string) (data map[string]interface{}, ok bool) {
+func existenceDecode(body string) (map[string]interface{}, bool) {
+	return decodeWithBatch(body, func(segjson.RawMessage) (interface{}, bool) {
+		return []interface{}{}, true
+	})
+}
+
+// RawObject is one object of a request's batch_input, undecoded: its bytes
+// point into the request body, which nothing writes. The backend decodes it
+// into its own type, or into the map encoding/json would have given
+// (Map).
+type RawObject []byte
+
+// Map decodes o as encoding/json.Unmarshal into a map[string]interface{}
+// does (the map the item would have been without requestDecode).
+func (o *RawObject) Map() (m map[string]interface{}, ok bool) {
+	defer func() {
+		if recover() != nil {
+			m, ok = nil, false
+		}
+	}()
+	rest, err := segjson.Parse(*o, &m, segjson.DontCopyString)
+	if err != nil || len(bytes.TrimLeft(rest, " \t\r\n")) != 0 || m == nil {
+		return nil, false
+	}
+	return m, true
+}
+
+// RawBatch is a request's batch_input as requestDecode hands it over: an
+// array whose every element is an object, kept undecoded (Objects).
+//
+// It is not a slice on purpose. The framework validates every field of a
+// request (FieldData.Validate) before the handler runs, and for a TypeSlice
+// field that means mapstructure copying the list element by element, with
+// a field name built for each ("batch_input[i]"): two allocations and a
+// reflective decode per item, for a list nobody reads. Given a value that is
+// not a list, mapstructure's weak decoding lifts it into a list of one
+// element, which costs nothing per item; the handlers then read the value
+// in Raw themselves.
+type RawBatch struct {
+	list []interface{}
+}
+
+// Objects returns the batch's items, each a *RawObject.
+func (b *RawBatch) Objects() []interface{} { return b.list }
+
+// requestDecode decodes a request's body as encoding/json does (see
+// decodeWithBatch), except that a batch_input array whose every element is
+// an object is handed over as a *RawBatch, for the backend to decode its
+// items into its own types without a map per item. Any other batch_input
+// (not an array, or an element that is not an object) is decoded as any
+// other field.
+func requestDecode(body string) (map[string]interface{}, bool) {
+	return decodeWithBatch(body, rawObjects)
+}
+
+// rawObjects splits a batch_input array into its objects, or reports false.
+func rawObjects(v segjson.RawMessage) (interface{}, bool) {
+	var elems []segjson.RawMessage
+	rest, err := segjson.Parse(v, &elems, segjson.DontCopyRawMessage)
+	if err != nil || len(bytes.TrimLeft(rest, " \t\r\n")) != 0 {
+		return nil, false
+	}
+	objs := make([]RawObject, len(elems))
+	list := make([]interface{}, len(elems))
+	for i, e := range elems {
+		e = bytes.TrimLeft(e, " \t\r\n")
+		if len(e) == 0 || e[0] != '{' {
+			return nil, false
+		}
+		objs[i] = RawObject(e)
+		list[i] = &objs[i]
+	}
+	return &RawBatch{list: list}, true
+}
+
+// decodeWithBatch decodes a JSON object as encoding/json.Unmarshal into a
+// map[string]interface{} does, or reports false, and then the SDK decodes
+// it: for a body nested deeper than fastDecodeMaxDepth, one the decoder
+// refuses, and (defensively: every mount shares this process) a panic in the
+// decoder. An array under "batch_input" goes to batch, which returns the
+// value to put there, or false to have it decoded as any other field.
+//
+// The decoder reads the body in place, and its strings point into it
+// (DontCopyString, DontCopyRawMessage): the body is an immutable string that
+// nothing else holds, so neither copy is needed. It never writes to its
+// input.
+func decodeWithBatch(body string, batch func(segjson.RawMessage) (interface{}, bool)) (data map[string]interface{}, ok bool) {
 	if nestingDepth(body) > fastDecodeMaxDepth {
 		return nil, false
 	}
@@ -111,14 +171,16 @@ func existenceDecode(body string) (data map[string]interface{}, ok bool) {
 	in := unsafe.Slice(unsafe.StringData(body), len(body))
 	var raw map[string]segjson.RawMessage
 	rest, err := segjson.Parse(in, &raw, segjson.DontCopyRawMessage)
-	if err != nil || len(rest) != 0 {
+	if err != nil || len(rest) != 0 || raw == nil {
 		return nil, false
 	}
 	data = make(map[string]interface{}, len(raw))
 	for k, v := range raw {
-		if k == "batch_input" && bytes.HasPrefix(v, []byte("[")) {
-			data[k] = []interface{}{}
-			continue
+		if k == "batch_input" && bytes.HasPrefix(bytes.TrimLeft(v, " \t\r\n"), []byte("[")) {
+			if x, ok := batch(v); ok {
+				data[k] = x
+				continue
+			}
 		}
 		var x interface{}
 		if rest, err := segjson.Parse(v, &x, segjson.DontCopyString); err != nil || len(rest) != 0 {

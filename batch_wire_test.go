@@ -1,0 +1,140 @@
+package hsmtransit
+
+import (
+	"encoding/json"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
+)
+
+// wireCorpus holds batch_input objects: the common shapes (read without a
+// map) and those fromWire must leave to the map path (escapes, non-ASCII,
+// values of the wrong type, odd key_versions, repeated keys).
+var wireCorpus = []string{
+	`{"plaintext":"aGVsbG8="}`,
+	`{"plaintext":"aGVsbG8=","reference":"r-1","key_version":2,"context":"Y3R4","nonce":"","associated_data":"YWQ="}`,
+	`{"ciphertext":"vault:v1:abc+/=","iv":"aXY=","padding_scheme":"oaep","encrypt_padding_scheme":"pss","decrypt_padding_scheme":"oaep"}`,
+	` { "plaintext" : "eA==" , "key_version" : -3 } `,
+	`{"plaintext":null,"reference":null,"key_version":null}`,
+	`{"plaintext":"eA==","plaintext":null}`,
+	`{"plaintext":null,"plaintext":"eA=="}`,
+	`{"plaintext":"eA==","plaintext":5}`,
+	`{"plaintext":5,"plaintext":"eA=="}`,
+	`{"Plaintext":"eA=="}`,
+	`{"PLAINTEXT":"eA==","reference":"x"}`,
+	`{}`,
+	`{"reference":"no plaintext"}`,
+	`{"plaintext":"eA==","unknown":{"a":[1,2,{"b":null}]},"other":[true,false]}`,
+	`{"plaintext":"\u0065A=="}`,
+	`{"plaintext":"eA==","reference":"caf\u00e9"}`,
+	`{"plaintext":"eA==","reference":"café"}`,
+	`{"plaintext":"eA==","reference":"\ud800"}`,
+	`{"plaintext":"eA==","reference":"<&>"}`,
+	`{"plain\u0074ext":"eA=="}`,
+	`{"plaintext":true}`,
+	`{"plaintext":["eA=="]}`,
+	`{"plaintext":{"a":"b"}}`,
+	`{"plaintext":1.5}`,
+	`{"plaintext":"eA==","key_version":1.0}`,
+	`{"plaintext":"eA==","key_version":1.5}`,
+	`{"plaintext":"eA==","key_version":1e2}`,
+	`{"plaintext":"eA==","key_version":"2"}`,
+	`{"plaintext":"eA==","key_version":"x"}`,
+	`{"plaintext":"eA==","key_version":true}`,
+	`{"plaintext":"eA==","key_version":-0}`,
+	`{"plaintext":"eA==","key_version":123456789012345}`,
+	`{"plaintext":"eA==","key_version":1234567890123456789}`,
+	`{"plaintext":"eA==","key_version":99999999999999999999999}`,
+	`{"plaintext":"eA==","key_version":2,"key_version":null}`,
+	`{"plaintext":"` + strings.Repeat("QUJD", 300) + `"}`,
+}
+
+// decodeBothWays runs decodeBatchInput on obj twice: as the map the SDK
+// would decode (encoding/json) and as the raw object the interceptor hands
+// over; it reports whether obj is a JSON object at all.
+func decodeBothWays(t testing.TB, objs []string, required string) (bool, []batchItem, error, []batchItem, error) {
+	maps := make([]interface{}, len(objs))
+	raws := make([]interface{}, len(objs))
+	for i, obj := range objs {
+		var m map[string]interface{}
+		if err := json.Unmarshal([]byte(obj), &m); err != nil || m == nil {
+			return false, nil, nil, nil, nil
+		}
+		maps[i] = m
+		o := boundary.RawObject(strings.TrimSpace(obj))
+		raws[i] = &o
+	}
+	wantItems, wantErr := decodeBatchInput(maps, required, "missing it")
+	gotItems, gotErr := decodeBatchInput(raws, required, "missing it")
+	return true, wantItems, wantErr, gotItems, gotErr
+}
+
+// TestWireItemsAreTheMapsItems: decodeBatchInput gives the same items and
+// the same error whether an item comes as a map or as the body's bytes,
+// alone and as a batch of every corpus object, for each required field.
+func TestWireItemsAreTheMapsItems(t *testing.T) {
+	var fast int
+	var w wireItem
+	for _, required := range []string{"plaintext", "ciphertext", ""} {
+		for _, obj := range wireCorpus {
+			ok, want, wantErr, got, gotErr := decodeBothWays(t, []string{obj}, required)
+			require.True(t, ok, obj)
+			require.Equal(t, wantErr, gotErr, "%s (required %q)", obj, required)
+			require.Equal(t, want, got, "%s (required %q)", obj, required)
+			var it batchItem
+			if it.fromWire([]byte(strings.TrimSpace(obj)), &w) {
+				fast++
+			}
+		}
+		ok, want, wantErr, got, gotErr := decodeBothWays(t, wireCorpus, required)
+		require.True(t, ok)
+		require.Equal(t, wantErr, gotErr, "required %q", required)
+		require.Equal(t, want, got, "required %q", required)
+	}
+	// The corpus exercises both paths: the common shapes are read without
+	// a map, the others are not.
+	require.Greater(t, fast, 3*10)
+	require.Less(t, fast, 3*len(wireCorpus)-3*10)
+}
+
+// FuzzWireItems: for any JSON object, an item read from the body's bytes is
+// the item read from encoding/json's map, with the same error.
+func FuzzWireItems(f *testing.F) {
+	for _, obj := range wireCorpus {
+		f.Add(obj)
+	}
+	f.Fuzz(func(t *testing.T, obj string) {
+		ok, want, wantErr, got, gotErr := decodeBothWays(t, []string{obj}, "plaintext")
+		if !ok {
+			return
+		}
+		if !reflect.DeepEqual(wantErr, gotErr) || !reflect.DeepEqual(want, got) {
+			t.Fatalf("%q:\nmap  %#v %v\nwire %#v %v", obj, want, wantErr, got, gotErr)
+		}
+	})
+}
+
+// TestWireItemKnowsEveryField: wireItem's fields are exactly the string
+// fields stringField knows, and key_version.
+func TestWireItemKnowsEveryField(t *testing.T) {
+	wt := reflect.TypeOf(wireItem{})
+	var it batchItem
+	strs := 0
+	for i := 0; i < reflect.TypeOf(it).NumField(); i++ {
+		if f := reflect.TypeOf(it).Field(i); f.IsExported() && f.Type.Kind() == reflect.String {
+			strs++
+		}
+	}
+	require.Equal(t, strs+1, wt.NumField())
+	for i := 0; i < wt.NumField(); i++ {
+		tag := wt.Field(i).Tag.Get("json")
+		if tag == "key_version" {
+			continue
+		}
+		require.NotNil(t, it.stringField(tag), tag)
+	}
+}
