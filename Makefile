@@ -54,10 +54,12 @@ FUZZ_DURATION ?= 5m
 
 .PHONY: fuzz
 fuzz: build vault
-	for t in FuzzCheckBackup FuzzStrictInt FuzzStrictBool FuzzParseCiphertext FuzzDecodeBatchInput FuzzFastDecode; do \
+	for t in FuzzCheckBackup FuzzStrictInt FuzzStrictBool FuzzParseCiphertext FuzzDecodeBatchInput FuzzWireItems; do \
 		go test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_TIME) . || exit 1; done
 	for t in FuzzStoredEntry FuzzManifestPieces; do \
 		go test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_TIME) ./seal/ || exit 1; done
+	for t in FuzzFastDecode FuzzAppendString; do \
+		go test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_TIME) ./internal/boundary/ || exit 1; done
 	HSM_TRANSIT_FUZZ_DURATION=$(FUZZ_DURATION) HSM_TRANSIT_VAULT=$(VAULT) HSM_TRANSIT_PLUGIN=$(BIN)/$(PLUGIN) \
 		go test -count=1 -timeout 60m -v -run TestBlackBoxFuzz ./e2e/
 
