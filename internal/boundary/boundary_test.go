@@ -122,6 +122,11 @@ func TestFastDecodeMatchesStdlib(t *testing.T) {
 	// What the standard library refuses, the fast decoder refuses too (the
 	// interceptor then leaves the body to the SDK, which reports it).
 	for _, bad := range []string{``, `[1,2]`, `"s"`, `{"a":}`, `{"a":1`, `{"a":1}x`, `{'a':1}`, `{"a":01}`, `{"a":NaN}`,
+		// Inside batch_input's objects, which requestDecode hands over
+		// undecoded: they are checked all the same.
+		`{"batch_input":[{"a":tru}]}`, `{"batch_input":[{"a":1,}]}`, `{"batch_input":[{"a" 1}]}`,
+		`{"batch_input":[{"a":01}]}`, `{"batch_input":[{"a":"x}]}`, `{"batch_input":[{"a":1}}]}`,
+		`{"batch_input":[{"a":1},]}`, `{"batch_input":[{"a":"\q"}]}`, `{"batch_input":[{a:1}]}`,
 		`{"a":` + strings.Repeat("[", 10001) + strings.Repeat("]", 10001) + `}`} {
 		_, err := stdDecode(bad)
 		require.Error(t, err, bad)
