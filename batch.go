@@ -1,6 +1,7 @@
 package hsmtransit
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -19,7 +20,6 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
-	segjson "github.com/segmentio/encoding/json"
 
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/boundary"
 )
@@ -97,13 +97,14 @@ func decodeBatchInput(raw interface{}, required, requiredMsg string) ([]batchIte
 	}
 	items := make([]batchItem, len(list))
 	var problems []string
-	var w wireItem
 	for i, el := range list {
-		if obj, ok := el.(*boundary.RawObject); ok && items[i].fromWire(*obj, &w) {
-			if required != "" && w.field(required) == nil {
-				problems = append(problems, fmt.Sprintf("'[%d].%s' %s", i, required, requiredMsg))
+		if obj, ok := el.(*boundary.RawObject); ok {
+			if has, ok := items[i].fromWire(*obj, required); ok {
+				if required != "" && !has {
+					problems = append(problems, fmt.Sprintf("'[%d].%s' %s", i, required, requiredMsg))
+				}
+				continue
 			}
-			continue
 		}
 		m, ok := batchObject(el)
 		if !ok {
@@ -170,105 +171,168 @@ func batchObject(el interface{}) (map[string]interface{}, bool) {
 	return nil, false
 }
 
-// wireItem is a batch item's fields as they are in the request body: each
-// is the field's JSON value (nil when absent; the last one when repeated,
-// as in a map). The tags are exactly the keys stringField knows, and
-// key_version (TestWireItemKnowsEveryField).
-type wireItem struct {
-	Plaintext            segjson.RawMessage `json:"plaintext"`
-	Ciphertext           segjson.RawMessage `json:"ciphertext"`
-	Context              segjson.RawMessage `json:"context"`
-	Nonce                segjson.RawMessage `json:"nonce"`
-	AssociatedData       segjson.RawMessage `json:"associated_data"`
-	Reference            segjson.RawMessage `json:"reference"`
-	PaddingScheme        segjson.RawMessage `json:"padding_scheme"`
-	EncryptPaddingScheme segjson.RawMessage `json:"encrypt_padding_scheme"`
-	DecryptPaddingScheme segjson.RawMessage `json:"decrypt_padding_scheme"`
-	IV                   segjson.RawMessage `json:"iv"`
-	KeyVersion           segjson.RawMessage `json:"key_version"`
-}
-
-// field is the value of a field that decodeBatchInput can require
-// (plaintext, ciphertext), or nil when the item has none.
-func (w *wireItem) field(key string) segjson.RawMessage {
-	switch key {
-	case "plaintext":
-		return w.Plaintext
-	case "ciphertext":
-		return w.Ciphertext
-	}
-	return nil
-}
-
 // fromWire fills the item from obj, a batch_input object from the request
-// body, without a map: the common case of a batch (base64 strings, a small
-// key_version) is read here, and false sends every other object to the
-// map path, whose decoding and messages are encoding/json's. Read here
-// only when the answer is certainly the map path's:
+// body (already checked to be valid JSON: boundary.RawObject), without a
+// map: the common case of a batch (base64 strings, a small key_version) is
+// read here, and false sends every other object to the map path, whose
+// decoding and messages are encoding/json's. Read here only when the answer
+// is certainly the map path's:
 //   - obj is printable ASCII and JSON whitespace without a backslash, so a
 //     JSON string's value is its bytes between the quotes (no escape, no
-//     invalid UTF-8 to replace);
+//     invalid UTF-8 to replace) and a key is its bytes;
 //   - every string field is a string or null, key_version a plain integer
 //     of at most 15 digits (exact as a float64, as the map has it) or null;
-//     fields the item does not know are skipped, whatever their value.
+//     fields the item does not know are skipped if their value is a string,
+//     a number, true, false or null (anything nested: the map path).
 //
-// w is the caller's, reused from item to item.
-func (it *batchItem) fromWire(obj []byte, w *wireItem) bool {
+// A key given twice counts as the last one given, null included, as in a
+// map. has reports whether the object has the key required (even null).
+//
+// The item must be zero on entry (decodeBatchInput's are new), and is left
+// zero when false is returned.
+func (it *batchItem) fromWire(obj []byte, required string) (has, ok bool) {
 	for _, c := range obj {
-		if c == '\\' || (c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c > 0x7e {
-			return false
+		if !wireByte[c] {
+			return false, false
 		}
 	}
-	*w = wireItem{}
-	if rest, err := segjson.Parse(obj, w, segjson.DontCopyRawMessage|segjson.DontMatchCaseInsensitiveStructFields); err != nil || len(rest) != 0 {
-		return false
-	}
-	// Filled in place (a local item would escape, an allocation per
-	// item), and emptied again for the map path when refused.
-	*it = batchItem{}
-	refuse := func() bool {
+	refuse := func() (bool, bool) {
 		*it = batchItem{}
-		return false
+		return false, false
 	}
-	for _, f := range [...]struct {
-		raw segjson.RawMessage
-		dst *string
-	}{
-		{w.Plaintext, &it.Plaintext}, {w.Ciphertext, &it.Ciphertext}, {w.Context, &it.Context},
-		{w.Nonce, &it.Nonce}, {w.AssociatedData, &it.AssociatedData}, {w.Reference, &it.Reference},
-		{w.PaddingScheme, &it.PaddingScheme}, {w.EncryptPaddingScheme, &it.EncryptPaddingScheme},
-		{w.DecryptPaddingScheme, &it.DecryptPaddingScheme}, {w.IV, &it.IV},
-	} {
-		switch {
-		case f.raw == nil || string(f.raw) == "null":
-		case len(f.raw) >= 2 && f.raw[0] == '"' && f.raw[len(f.raw)-1] == '"':
-			// The body is an immutable string: the value may point
-			// into it, as the map path's strings do.
-			*f.dst = unsafe.String(unsafe.SliceData(f.raw[1:]), len(f.raw)-2)
+	i := skipSpace(obj, 0)
+	if i >= len(obj) || obj[i] != '{' {
+		return refuse()
+	}
+	if i = skipSpace(obj, i+1); i < len(obj) && obj[i] == '}' {
+		if skipSpace(obj, i+1) != len(obj) {
+			return refuse()
+		}
+		return false, true
+	}
+	for {
+		key, next, isString := wireToken(obj, i)
+		if !isString {
+			return refuse()
+		}
+		if i = skipSpace(obj, next); i >= len(obj) || obj[i] != ':' {
+			return refuse()
+		}
+		val, next, isString := wireToken(obj, skipSpace(obj, i+1))
+		if val == nil || !it.setWire(key, val, isString) {
+			return refuse()
+		}
+		if required != "" && unsafe.String(unsafe.SliceData(key), len(key)) == required {
+			has = true
+		}
+		switch i = skipSpace(obj, next); {
+		case i < len(obj) && obj[i] == ',':
+			i = skipSpace(obj, i+1)
+		case i < len(obj) && obj[i] == '}':
+			if skipSpace(obj, i+1) != len(obj) {
+				return refuse()
+			}
+			return has, true
 		default:
 			return refuse()
 		}
 	}
-	if kv := w.KeyVersion; kv != nil && string(kv) != "null" {
-		digits := kv
+}
+
+// setWire sets the field key to a JSON value: a string's contents
+// (isString), or a scalar's literal. False: a value the map path must read.
+func (it *batchItem) setWire(key, val []byte, isString bool) bool {
+	name := unsafe.String(unsafe.SliceData(key), len(key))
+	null := !isString && string(val) == "null"
+	if name == "key_version" {
+		if null {
+			it.KeyVersion = 0
+			return true
+		}
+		if isString {
+			return false
+		}
+		digits := val
 		if digits[0] == '-' {
 			digits = digits[1:]
 		}
 		if len(digits) == 0 || len(digits) > 15 || (len(digits) > 1 && digits[0] == '0') {
-			return refuse()
+			return false
 		}
 		for _, c := range digits {
 			if c < '0' || c > '9' {
-				return refuse()
+				return false
 			}
 		}
-		n, err := strconv.Atoi(string(kv))
+		n, err := strconv.Atoi(string(val))
 		if err != nil {
-			return refuse()
+			return false
 		}
 		it.KeyVersion = n
+		return true
+	}
+	dst := it.stringField(name)
+	switch {
+	case dst == nil:
+		return true // a field the item does not know, as the map path
+	case null:
+		*dst = ""
+	case isString:
+		// The body is an immutable string: the value may point into it,
+		// as the map path's strings do.
+		*dst = unsafe.String(unsafe.SliceData(val), len(val))
+	default:
+		return false
 	}
 	return true
+}
+
+// wireToken reads the JSON value at obj[i]: a string's contents (isString),
+// or a scalar's literal; nil for an object or array, or the end of obj.
+// next is the index after it.
+func wireToken(obj []byte, i int) (val []byte, next int, isString bool) {
+	if i >= len(obj) {
+		return nil, i, false
+	}
+	switch obj[i] {
+	case '"':
+		j := bytes.IndexByte(obj[i+1:], '"')
+		if j < 0 {
+			return nil, i, false
+		}
+		return obj[i+1 : i+1+j], i + 2 + j, true
+	case '{', '[':
+		return nil, i, false
+	}
+	j := i
+	for j < len(obj) && obj[j] != ',' && obj[j] != '}' && !jsonSpace(obj[j]) {
+		j++
+	}
+	if j == i {
+		return nil, i, false
+	}
+	return obj[i:j], j, false
+}
+
+// wireByte marks the bytes fromWire reads itself: printable ASCII but the
+// backslash, and JSON whitespace.
+var wireByte = func() (t [256]bool) {
+	for c := 0x20; c <= 0x7e; c++ {
+		t[c] = c != '\\'
+	}
+	t['\t'], t['\n'], t['\r'] = true, true, true
+	return t
+}()
+
+func jsonSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
+
+// skipSpace returns the index of the first byte at or after i that is not
+// JSON whitespace.
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && jsonSpace(b[i]) {
+		i++
+	}
+	return i
 }
 
 // stringField returns the destination of a string batch field, or nil for a
