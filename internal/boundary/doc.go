@@ -14,7 +14,13 @@
 //   - Requests: a body of 1 KiB or more, nested no deeper than a batch is,
 //     is decoded by a faster decoder that gives the same map as encoding/json
 //     (TestFastDecodeMatchesStdlib, FuzzFastDecode) and handed to the backend
-//     in the context (DecodedBody); the SDK then decodes only "{}".
+//     in the context (DecodedBody); the SDK then decodes only "{}". A
+//     batch_input that is an array of objects is handed over undecoded, as a
+//     RawBatch of RawObjects pointing into the body: the backend reads its
+//     items into its own type without a map per item, and the framework's
+//     validation does not copy the list item by item (RawBatch says why).
+//     Every object has been checked to be valid JSON, and RawObject.Map
+//     gives the map encoding/json would have.
 //
 //   - Responses: a handler that can write its response's data as JSON itself
 //     (PreEncode) gives the bytes to the interceptor, which puts them in the
@@ -54,6 +60,10 @@
 //   - plugin/pb/translation.go: the data is still encoded with encoding/json
 //     (whose output PreEncode's bytes must equal) and decoded into
 //     map[string]interface{};
+//   - framework/field_data.go: FieldData.Validate still converts a TypeSlice
+//     field with mapstructure's weak decoding, which lifts a value that is
+//     not a list (RawBatch) into a list of one; if it refused it, every
+//     batch would be refused (the root package's boundary tests would fail);
 //
 // then update sdkChecked and serveSHA256. When google.golang.org/grpc is
 // upgraded, re-check that its proto codec still marshals and unmarshals as
