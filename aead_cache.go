@@ -64,7 +64,7 @@ func (a *aeadCache) get(p *keysutil.Policy, ver int) (cipher.AEAD, error) {
 	return aead, nil
 }
 
-// memo is what one request's items of a fast-path key share: the AEADs of
+// aeadMemo is what one request's items of a fast-path key share: the AEADs of
 // the versions they used, so that an item finds its version's AEAD without
 // the cache's lock and name. The caller holds the policy locked for the
 // whole request, so a version cannot change under it.
@@ -146,18 +146,14 @@ func (a *aeadCache) encrypt(p *keysutil.Policy, memo *aeadMemo, it *batchItem) (
 	if err != nil {
 		return "", 0, err
 	}
-	if aead.NonceSize() != gcmNonceSize || aead.Overhead() != gcmTagSize {
-		return "", 0, errutil.InternalError{Err: "unexpected AES-GCM nonce or tag size"}
-	}
-	nonce := buf[:gcmNonceSize]
-	if _, err := rand.Read(nonce); err != nil {
-		return "", 0, errutil.InternalError{Err: err.Error()}
-	}
-	// Seal's output starts exactly where the plaintext is, which its
-	// contract allows (in-place encryption).
-	sealed := aead.Seal(nonce, nonce, buf[gcmNonceSize:len(buf)-gcmTagSize], it.aad)
-	// The item's plaintext is now ciphertext: it must not be read again.
+	// The item's plaintext becomes ciphertext: it must not be read again.
 	it.sealBuf = nil
+	// (gcmAEAD called as it is: as a byteAEAD, encryptWith's argument, it
+	// would be an allocation per item.)
+	sealed, err := gcmAEAD{aead}.sealInPlace(buf, it.aad)
+	if err != nil {
+		return "", 0, err
+	}
 	return formatCiphertext(ver, sealed), ver, nil
 }
 
@@ -173,7 +169,7 @@ func (a *aeadCache) decrypt(p *keysutil.Policy, memo *aeadMemo, it *batchItem) (
 	scratch := openScratch.Get().(*[]byte)
 	defer func() {
 		// The opened plaintext is not left in the pool's buffers.
-		clear((*scratch)[:cap(*scratch)])
+		clear(*scratch)
 		if cap(*scratch) <= maxScratch {
 			openScratch.Put(scratch)
 		}
@@ -196,17 +192,32 @@ func (a *aeadCache) decrypt(p *keysutil.Policy, memo *aeadMemo, it *batchItem) (
 }
 
 // gcmAEAD is a software version's AES-GCM as a byteAEAD, in keysutil's
-// format: a random nonce, then the sealed plaintext and its tag. Decrypt
-// opens in place: the plaintext it returns overwrites ciphertext.
+// format: a random nonce, then the sealed plaintext and its tag. The batch
+// path calls its in-place forms directly (sealInPlace, and Decrypt, which
+// opens in place: the plaintext it returns overwrites ciphertext).
 type gcmAEAD struct{ aead cipher.AEAD }
 
+var _ byteAEAD = gcmAEAD{}
+
 func (g gcmAEAD) Encrypt(plaintext, associatedData []byte) ([]byte, error) {
-	n := g.aead.NonceSize()
-	out := make([]byte, n, n+len(plaintext)+g.aead.Overhead())
-	if _, err := rand.Read(out); err != nil {
+	buf := make([]byte, gcmNonceSize+len(plaintext)+gcmTagSize)
+	copy(buf[gcmNonceSize:], plaintext)
+	return g.sealInPlace(buf, associatedData)
+}
+
+// sealInPlace seals buf, which holds room for the nonce, the plaintext and
+// room for the tag, into nonce || ciphertext || tag in the same bytes.
+func (g gcmAEAD) sealInPlace(buf, associatedData []byte) ([]byte, error) {
+	if g.aead.NonceSize() != gcmNonceSize || g.aead.Overhead() != gcmTagSize || len(buf) < gcmNonceSize+gcmTagSize {
+		return nil, errutil.InternalError{Err: "unexpected AES-GCM nonce or tag size"}
+	}
+	nonce := buf[:gcmNonceSize]
+	if _, err := rand.Read(nonce); err != nil {
 		return nil, errutil.InternalError{Err: err.Error()}
 	}
-	return g.aead.Seal(out, out[:n], plaintext, associatedData), nil
+	// Seal's output starts exactly where the plaintext is, which its
+	// contract allows (in-place encryption).
+	return g.aead.Seal(nonce, nonce, buf[gcmNonceSize:len(buf)-gcmTagSize], associatedData), nil
 }
 
 func (g gcmAEAD) Decrypt(ciphertext, associatedData []byte) ([]byte, error) {

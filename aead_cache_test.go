@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/hashicorp/vault/sdk/helper/keysutil"
 	"github.com/stretchr/testify/require"
 )
 
@@ -105,4 +106,52 @@ func TestAEADMemoKeepsVersionsApart(t *testing.T) {
 		}
 	}
 	require.Len(t, *c.memo.versions.Load(), maxMemo)
+}
+
+// TestGCMAEADIsKeysutilsFormat: the software version's byte-level AEAD
+// (gcmAEAD, a byteAEAD) writes what keysutil decrypts, through
+// encryptWith and through the in-place seal the batch path uses, and opens
+// what keysutil wrote; a changed byte or other associated data is refused.
+func TestGCMAEADIsKeysutilsFormat(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/k", nil)
+	p, unlock, err := e.b.readPolicy(t.Context(), e.sealed(t), "k", false)
+	require.NoError(t, err)
+	defer unlock()
+	aead, err := e.b.aeads.get(p, 1)
+	require.NoError(t, err)
+	var g byteAEAD = gcmAEAD{aead}
+	pt := []byte("byte-level AEAD")
+	ct, ver, err := encryptWith(g, 1, pt, nil)
+	require.NoError(t, err)
+	require.Equal(t, 1, ver)
+	got, err := p.Decrypt(nil, nil, ct)
+	require.NoError(t, err)
+	require.Equal(t, base64.StdEncoding.EncodeToString(pt), got)
+
+	buf := make([]byte, gcmNonceSize+len(pt)+gcmTagSize)
+	copy(buf[gcmNonceSize:], pt)
+	sealed, err := gcmAEAD{aead}.sealInPlace(buf, nil)
+	require.NoError(t, err)
+	require.Equal(t, &buf[0], &sealed[0], "sealed where it lay")
+	got, err = p.Decrypt(nil, nil, formatCiphertext(1, sealed))
+	require.NoError(t, err)
+	require.Equal(t, base64.StdEncoding.EncodeToString(pt), got)
+	_, err = gcmAEAD{aead}.sealInPlace(make([]byte, gcmNonceSize+gcmTagSize-1), nil)
+	require.Error(t, err)
+
+	kct, err := p.EncryptWithOptions(keysutil.EncryptionOptions{}, base64.StdEncoding.EncodeToString(pt))
+	require.NoError(t, err)
+	_, raw, err := parseCiphertext(kct, 1, 0)
+	require.NoError(t, err)
+	opened, err := g.Decrypt(append([]byte(nil), raw...), nil)
+	require.NoError(t, err)
+	require.Equal(t, pt, opened)
+	_, err = g.Decrypt(append([]byte(nil), raw...), []byte("other"))
+	require.Error(t, err)
+	raw[len(raw)-1] ^= 1
+	_, err = g.Decrypt(raw, nil)
+	require.Error(t, err)
+	_, err = g.Decrypt(raw[:gcmNonceSize-1], nil)
+	require.Error(t, err)
 }

@@ -97,8 +97,9 @@ func parseCiphertextInto(ct string, latest, minDecryption int, scratch *[]byte) 
 		if cap(*scratch) < need {
 			*scratch = make([]byte, need)
 		}
+		*scratch = (*scratch)[:need] // its length is what the caller clears
 		var n int
-		n, err = base64.StdEncoding.Decode((*scratch)[:need], unsafe.Slice(unsafe.StringData(payload), len(payload)))
+		n, err = base64.StdEncoding.Decode(*scratch, unsafe.Slice(unsafe.StringData(payload), len(payload)))
 		raw = (*scratch)[:n]
 	}
 	if err != nil {
