@@ -334,18 +334,20 @@ func TestWaitingForAnUnsealUnderWay(t *testing.T) {
 	// (the waiter took the lock and gave it back)
 
 	// The mount becomes unsealed while the lock is still held.
+	// (Each wait has a variable of its own: a condition of Never may still
+	// be running when Never returns, and must not race with a new one.)
 	lock()
-	got = wait(context.Background())
-	require.Never(t, func() bool { return len(got) > 0 }, 100*time.Millisecond, 10*time.Millisecond)
+	gotUnsealed := wait(context.Background())
+	require.Never(t, func() bool { return len(gotUnsealed) > 0 }, 100*time.Millisecond, 10*time.Millisecond)
 	m.setState(unsealed)
-	require.Same(t, unsealed, soon(got))
+	require.Same(t, unsealed, soon(gotUnsealed))
 
 	// The request's context ends first.
 	m.setState(sealed)
 	ctx, cancel := context.WithCancel(context.Background())
-	got = wait(ctx)
+	gotCancelled := wait(ctx)
 	cancel()
-	require.Same(t, sealed, soon(got))
+	require.Same(t, sealed, soon(gotCancelled))
 	m.setState(unsealed)
 	unlock()
 }
