@@ -146,6 +146,27 @@ func OpenWithShares(parts []string, info, sealed []byte) (*Keyring, error) {
 	return ring, err
 }
 
+// distinctShares refuses what shamir.Combine would refuse as a "duplicate
+// part": two shares with the same x-coordinate (a share's last byte). The
+// same share given twice is the caller's slip, said as such; two different
+// shares with the same coordinate cannot come from one recovery set (a
+// set's shares have distinct coordinates), so they do not open it, whose
+// error is the one every other share of another set gets.
+func distinctShares(decoded [][]byte) error {
+	for i := range decoded {
+		for j := i + 1; j < len(decoded); j++ {
+			if decoded[i][len(decoded[i])-1] != decoded[j][len(decoded[j])-1] {
+				continue
+			}
+			if bytes.Equal(decoded[i], decoded[j]) {
+				return fmt.Errorf("share %d and share %d are the same share; give shares that are all different", i+1, j+1)
+			}
+			return ErrSharesDoNotOpen
+		}
+	}
+	return nil
+}
+
 // OpenRecovery rebuilds the recovery key from shares and opens the copy. An
 // authenticated copy whose tag does not verify is refused; authenticated
 // reports whether the copy carried a tag (copies made before they were
@@ -166,6 +187,9 @@ func OpenRecovery(parts []string, info, sealed []byte) (ring *Keyring, authentic
 	}
 	if len(decoded) < 2 {
 		return nil, false, ErrSharesDoNotOpen
+	}
+	if err := distinctShares(decoded); err != nil {
+		return nil, false, err
 	}
 	seed, err := shamir.Combine(decoded)
 	if err != nil {
