@@ -47,6 +47,9 @@ var wireCorpus = []string{
 	`{"plaintext":"eA==","key_version":true}`,
 	`{"plaintext":"eA==","key_version":-0}`,
 	`{"plaintext":"eA==","key_version":123456789012345}`,
+	`{"plaintext":"eA==","key_version":999999999999999}`,
+	`{"plaintext":"eA==","key_version":9007199254740993}`, // 16 digits, above 2^53: rounded as a float64
+	`{"plaintext":"eA==","key_version":-9007199254740993}`,
 	`{"plaintext":"eA==","key_version":1234567890123456789}`,
 	`{"plaintext":"eA==","key_version":99999999999999999999999}`,
 	`{"plaintext":"eA==","key_version":2,"key_version":null}`,
