@@ -509,13 +509,13 @@ func TestMoveToAnotherToken(t *testing.T) {
 	require.True(t, done.AntiRollback)
 	// The new token holds the anchor as soon as the move is done, before
 	// any further write.
-	v, found, err := openTokenOf(t, done.Config).ReadData(m.AntiRollbackLabel())
+	_, found, err := openTokenOf(t, done.Config).ReadData(m.AntiRollbackLabel())
 	require.NoError(t, err)
 	require.True(t, found, "the anchor is in the new token at once")
 	put(t, m, s, "policy/a", "w")
 	m.Close()
 
-	v, found, err = openTokenOf(t, old).ReadData(m.AntiRollbackLabel())
+	v, found, err := openTokenOf(t, old).ReadData(m.AntiRollbackLabel())
 	require.NoError(t, err)
 	require.True(t, found)
 	require.Equal(t, uint64(math.MaxUint64), binary.BigEndian.Uint64(v), "retired in the old token")
