@@ -65,9 +65,12 @@ func nestingDepth(body string) int {
 	return deepest
 }
 
+// jsonSpace is JSON's whitespace.
+const jsonSpace = " \t\r\n"
+
 // existenceDecode decodes a body for an existence check as encoding/json
-// does (see decodeWithBatch), except that an array under "batch_input" is handed over empty. An
-// existence check sees the body only through the framework's validation of
+// does (see decodeWithBatch), except that an array under "batch_input" is
+// handed over empty. An existence check sees the body only through the framework's validation of
 // the path's fields (FieldData.Validate, which accepts any array for a
 // TypeSlice field, as batch_input is wherever it exists) and then reads the
 // key's name from the path: a batch's items, most of the body, are not
@@ -94,7 +97,7 @@ func (o *RawObject) Map() (m map[string]interface{}, ok bool) {
 		}
 	}()
 	rest, err := segjson.Parse(*o, &m, segjson.DontCopyString)
-	if err != nil || len(bytes.TrimLeft(rest, " \t\r\n")) != 0 || m == nil {
+	if err != nil || len(bytes.TrimLeft(rest, jsonSpace)) != 0 || m == nil {
 		return nil, false
 	}
 	return m, true
@@ -132,13 +135,13 @@ func requestDecode(body string) (map[string]interface{}, bool) {
 func rawObjects(v segjson.RawMessage) (interface{}, bool) {
 	var elems []segjson.RawMessage
 	rest, err := segjson.Parse(v, &elems, segjson.DontCopyRawMessage)
-	if err != nil || len(bytes.TrimLeft(rest, " \t\r\n")) != 0 {
+	if err != nil || len(bytes.TrimLeft(rest, jsonSpace)) != 0 {
 		return nil, false
 	}
 	objs := make([]RawObject, len(elems))
 	list := make([]interface{}, len(elems))
 	for i, e := range elems {
-		e = bytes.TrimLeft(e, " \t\r\n")
+		e = bytes.TrimLeft(e, jsonSpace)
 		if len(e) == 0 || e[0] != '{' {
 			return nil, false
 		}
@@ -176,7 +179,7 @@ func decodeWithBatch(body string, batch func(segjson.RawMessage) (interface{}, b
 	}
 	data = make(map[string]interface{}, len(raw))
 	for k, v := range raw {
-		if k == "batch_input" && bytes.HasPrefix(bytes.TrimLeft(v, " \t\r\n"), []byte("[")) {
+		if k == "batch_input" && bytes.HasPrefix(bytes.TrimLeft(v, jsonSpace), []byte("[")) {
 			if x, ok := batch(v); ok {
 				data[k] = x
 				continue
