@@ -102,6 +102,15 @@ func (h *fakeHost) counts() (unsealed, dropped int) {
 	return h.unsealed, h.dropped
 }
 
+// waitUnsealedHook is requireUnsealedHook for an unseal made in the
+// background: the unsealed state is published before the hook runs (both
+// under the seal's lock, which the background retry holds, not the test).
+func (h *fakeHost) waitUnsealedHook(tb testing.TB, want int) {
+	tb.Helper()
+	require.Eventually(tb, func() bool { n, _ := h.counts(); return n >= want }, 10*time.Second, 10*time.Millisecond)
+	h.requireUnsealedHook(tb, want)
+}
+
 // requireUnsealedHook fails unless the on-unseal hook ran want times, with
 // a view through the seal (one whose writes storage holds sealed).
 func (h *fakeHost) requireUnsealedHook(tb testing.TB, want int) {

@@ -87,7 +87,7 @@ func TestManagerAlone(t *testing.T) {
 	m = newManager(t, h, mount)
 	m.Start(s)
 	require.Eventually(t, func() bool { return m.Snapshot().Phase() == PhaseUnsealed }, 10*time.Second, 10*time.Millisecond)
-	h.requireUnsealedHook(t, 1)
+	h.waitUnsealedHook(t, 1)
 	require.Equal(t, "key material", get(t, m, s, "policy/k"))
 
 	// A wrong PIN is refused and the mount keeps its token.

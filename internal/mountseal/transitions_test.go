@@ -404,7 +404,7 @@ func TestBackgroundRetryAfterStorageChecksOut(t *testing.T) {
 
 	require.NoError(t, s.Put(ctx, meta))
 	require.Eventually(t, func() bool { return restarted.Snapshot().Phase() == PhaseUnsealed }, 5*time.Second, 10*time.Millisecond)
-	h.requireUnsealedHook(t, 1)
+	h.waitUnsealedHook(t, 1)
 }
 
 // A first seal over storage that a seal wrote before (its configuration
