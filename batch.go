@@ -439,13 +439,26 @@ const parallelThreshold = 64
 // runs of indexes. f must touch only its own index's data; results keep
 // their place, so the batch's order is kept.
 func forEachItem(n, workers int, f func(i int)) {
-	if n < parallelThreshold || workers <= 1 {
-		for i := 0; i < n; i++ {
+	forEachRun(n, workers, func(start, end int) {
+		for i := start; i < end; i++ {
 			f(i)
+		}
+	})
+}
+
+// itemRun is how many contiguous items a worker takes at once.
+const itemRun = 16
+
+// forEachRun is forEachItem for f that takes a run of at most itemRun
+// contiguous items [start, end) at once (an HSM-resident key encrypts a run
+// in one call to the token).
+func forEachRun(n, workers int, f func(start, end int)) {
+	if n < parallelThreshold || workers <= 1 {
+		for start := 0; start < n; start += itemRun {
+			f(start, min(start+itemRun, n))
 		}
 		return
 	}
-	const run = 16
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	for w := 0; w < workers; w++ {
@@ -453,13 +466,11 @@ func forEachItem(n, workers int, f func(i int)) {
 		go func() {
 			defer wg.Done()
 			for {
-				start := int(next.Add(run)) - run
+				start := int(next.Add(itemRun)) - itemRun
 				if start >= n {
 					return
 				}
-				for i := start; i < min(start+run, n); i++ {
-					f(i)
-				}
+				f(start, min(start+itemRun, n))
 			}
 		}()
 	}

@@ -7,6 +7,7 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/hsm"
 	"github.com/hsm-transit/vault-plugin-secrets-hsm-transit/internal/hsmkey"
 )
 
@@ -27,14 +28,7 @@ var hsmCiphertextMarker = hsmkey.Marker
 // hsmItemEncrypt encrypts a decoded item with version it.KeyVersion (0:
 // latest) inside the HSM; k is read-locked.
 func hsmItemEncrypt(s *hsmkey.Store, k *hsmkey.Key, it *batchItem) (string, int, error) {
-	if err := checkHSMItem(it, it.PaddingScheme); err != nil {
-		return "", 0, err
-	}
-	ver, err := encryptionVersion(it.KeyVersion, k.LatestVersion, k.MinEncryptionVersion)
-	if err != nil {
-		return "", 0, err
-	}
-	pt, err := it.decodedPlaintext()
+	ver, pt, err := hsmEncryptInput(k, it)
 	if err != nil {
 		return "", 0, err
 	}
@@ -43,6 +37,79 @@ func hsmItemEncrypt(s *hsmkey.Store, k *hsmkey.Key, it *batchItem) (string, int,
 		return "", 0, err
 	}
 	return encryptWith(aead, ver, pt, it.aad)
+}
+
+// hsmEncryptInput checks an item for encryption with an HSM-resident key,
+// and returns the version to use and the plaintext.
+func hsmEncryptInput(k *hsmkey.Key, it *batchItem) (int, []byte, error) {
+	if err := checkHSMItem(it, it.PaddingScheme); err != nil {
+		return 0, nil, err
+	}
+	ver, err := encryptionVersion(it.KeyVersion, k.LatestVersion, k.MinEncryptionVersion)
+	if err != nil {
+		return 0, nil, err
+	}
+	pt, err := it.decodedPlaintext()
+	if err != nil {
+		return 0, nil, err
+	}
+	return ver, pt, nil
+}
+
+// hsmItemsEncrypt is hsmItemEncrypt of items[i] for each i in todo,
+// answered through put, with one call to the token for each version's items
+// (hsmkey.AEAD.EncryptBatch) instead of one per item.
+func hsmItemsEncrypt(s *hsmkey.Store, k *hsmkey.Key, items []batchItem, todo []int, put func(i int, ct string, ver int, err error)) {
+	type input struct {
+		i, ver int
+		pt     []byte
+	}
+	ready := make([]input, 0, len(todo))
+	for _, i := range todo {
+		ver, pt, err := hsmEncryptInput(k, &items[i])
+		if err != nil {
+			put(i, "", 0, err)
+			continue
+		}
+		ready = append(ready, input{i, ver, pt})
+	}
+	// Items name their version; most batches use one. Each pass takes the
+	// first left's version, and the items of that version, as many as one
+	// call takes.
+	pts := make([][]byte, 0, hsm.MaxGCMBatch)
+	aads := make([][]byte, 0, hsm.MaxGCMBatch)
+	batch := make([]input, 0, hsm.MaxGCMBatch)
+	for len(ready) > 0 {
+		ver := ready[0].ver
+		left := ready[:0]
+		pts, aads, batch = pts[:0], aads[:0], batch[:0]
+		for _, in := range ready {
+			if in.ver != ver || len(batch) == hsm.MaxGCMBatch {
+				left = append(left, in)
+				continue
+			}
+			batch = append(batch, in)
+			pts = append(pts, in.pt)
+			aads = append(aads, items[in.i].aad)
+		}
+		ready = left
+		aead, err := s.AEAD(k, ver)
+		var sealed [][]byte
+		var errs []error
+		if err == nil {
+			sealed, errs, err = aead.EncryptBatch(pts, aads)
+		}
+		for j, in := range batch {
+			switch {
+			case err != nil:
+				put(in.i, "", 0, err)
+			case errs[j] != nil:
+				put(in.i, "", 0, errs[j])
+			default:
+				put(in.i, formatCiphertext(ver, sealed[j]), ver, nil)
+			}
+		}
+	}
 }
 
 // hsmItemDecrypt decrypts a decoded item inside the HSM; k is read-locked.

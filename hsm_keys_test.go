@@ -2,6 +2,7 @@ package hsmtransit
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -471,4 +472,121 @@ func TestHSMKeyRotationWriteThatLandedKeepsItsObject(t *testing.T) {
 	// A restart reads the same.
 	e2 := e.restart(t)
 	require.Equal(t, "after", e2.decrypt(t, "hk", ct2, nil))
+}
+
+// TestHSMKeyBatchRuns: a batch on an HSM-resident key is encrypted in runs,
+// one call to the token per run and version (hsmItemsEncrypt); every item
+// still gets its own answer: the version it asked for, its own plaintext
+// and associated data, and for an item refused, the error that item alone
+// gets in a request of its own. The batch is large enough to be spread
+// over workers and mixes versions within runs, through the plugin boundary
+// and without it.
+func TestHSMKeyBatchRuns(t *testing.T) {
+	e := getTestBackend(t)
+	e.mustWrite(t, "keys/hk", map[string]interface{}{"hsm": true})
+	e.mustWrite(t, "keys/hk/rotate", nil)
+	e.mustWrite(t, "keys/hk/rotate", nil) // versions 1 to 3
+
+	const n = 150
+	items := make([]interface{}, n)
+	for i := range items {
+		it := map[string]interface{}{"plaintext": b64(fmt.Sprintf("item %d", i)), "reference": fmt.Sprint(i)}
+		if v := i % 4; v != 0 {
+			it["key_version"] = v
+		}
+		if i%5 == 1 {
+			it["associated_data"] = b64(fmt.Sprintf("row %d", i))
+		}
+		switch {
+		case i%13 == 5:
+			it["plaintext"] = "%%not base64"
+		case i%17 == 6:
+			it["key_version"] = 9
+		case i%19 == 7:
+			it["nonce"] = b64("twelve bytes")
+		}
+		items[i] = it
+	}
+	check := func(t *testing.T, results []interface{}, refusals bool) {
+		require.Equal(t, len(items), len(results), "results")
+		failed := 0
+		for i, r := range results {
+			got := r.(map[string]interface{})
+			in := items[i].(map[string]interface{})
+			require.Equal(t, in["reference"], got["reference"], "item %d", i)
+			single := e.write(t, "encrypt/hk", in)
+			if msg, _ := got["error"].(string); msg != "" {
+				failed++
+				requireStatus(t, single, 400, "")
+				require.Equal(t, single.errorMessage(), msg, "item %d: the batch's error is not the item's own", i)
+				continue
+			}
+			requireStatus(t, single, 200, "")
+			want := in["key_version"]
+			if want == nil {
+				want = 3
+			}
+			ct := got["ciphertext"].(string)
+			require.True(t, strings.HasPrefix(ct, fmt.Sprintf("vault:v%d:", want)), "item %d: %s", i, ct)
+			extra := map[string]interface{}{}
+			if ad, ok := in["associated_data"]; ok {
+				extra["associated_data"] = ad
+				// Bound to its own associated data.
+				requireStatus(t, e.write(t, "decrypt/hk", map[string]interface{}{"ciphertext": ct}), 400, "message authentication failed")
+			}
+			require.Equal(t, unb64(t, in["plaintext"].(string)), e.decrypt(t, "hk", ct, extra), "item %d", i)
+		}
+		if refusals {
+			require.Greater(t, failed, 20, "the refused items are there")
+		} else {
+			require.Zero(t, failed)
+		}
+	}
+
+	t.Run("map", func(t *testing.T) {
+		r := e.write(t, "encrypt/hk", map[string]interface{}{"batch_input": items})
+		requireStatus(t, r, 400, "")
+		require.Contains(t, r.data, "batch_results", "%s", r.errorMessage())
+		check(t, r.data["batch_results"].([]interface{}), true)
+	})
+	// Through the boundary, a batch with refused items comes back as a
+	// 400 with a raw body; one without, pre-encoded (boundary.PreEncode).
+	viaBoundary := func(t *testing.T, items []interface{}) []interface{} {
+		body, err := json.Marshal(map[string]interface{}{"batch_input": items})
+		require.NoError(t, err)
+		var reply struct {
+			Status       int           `json:"http_status_code"`
+			Body         string        `json:"http_raw_body"`
+			BatchResults []interface{} `json:"batch_results"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(e.viaBoundary(t, "encrypt/hk", string(body), true)), &reply))
+		if reply.Status == 0 {
+			return reply.BatchResults
+		}
+		require.Equal(t, 400, reply.Status)
+		var coded struct {
+			Data struct {
+				BatchResults []interface{} `json:"batch_results"`
+			} `json:"data"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(reply.Body), &coded))
+		return coded.Data.BatchResults
+	}
+	t.Run("boundary", func(t *testing.T) {
+		check(t, viaBoundary(t, items), true)
+	})
+	t.Run("boundary, none refused", func(t *testing.T) {
+		var good []interface{}
+		for _, it := range items {
+			in := it.(map[string]interface{})
+			if single := e.write(t, "encrypt/hk", in); single.status == 200 {
+				good = append(good, it)
+			}
+		}
+		require.Greater(t, len(good), 100)
+		saved := items
+		items = good
+		defer func() { items = saved }()
+		check(t, viaBoundary(t, good), false)
+	})
 }

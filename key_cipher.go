@@ -37,6 +37,27 @@ type keyCipher interface {
 	parallelism() int
 }
 
+// eachEncrypter is a key that encrypts several items at a lower cost than
+// one by one: an HSM-resident key, one call to the token for a run.
+type eachEncrypter interface {
+	// encryptEach is encrypt of each item items[i], i in todo, answered
+	// through put.
+	encryptEach(items []batchItem, todo []int, put func(i int, ct string, ver int, err error))
+}
+
+// encryptEach encrypts items[i] for each i in todo with c, answering
+// through put, all at once when c can.
+func encryptEach(c keyCipher, items []batchItem, todo []int, put func(i int, ct string, ver int, err error)) {
+	if e, ok := c.(eachEncrypter); ok {
+		e.encryptEach(items, todo, put)
+		return
+	}
+	for _, i := range todo {
+		ct, ver, err := c.encrypt(&items[i])
+		put(i, ct, ver, err)
+	}
+}
+
 // byteAEAD is one key version as a cipher over bytes, in the spirit of
 // Tink's AEAD: Encrypt returns everything Decrypt needs (nonce, ciphertext,
 // tag, and for an HSM-resident key its format's marker). The item code
@@ -116,6 +137,10 @@ type hsmCipher struct {
 
 func (c hsmCipher) encrypt(it *batchItem) (string, int, error) {
 	return hsmItemEncrypt(c.s, c.k, it)
+}
+
+func (c hsmCipher) encryptEach(items []batchItem, todo []int, put func(i int, ct string, ver int, err error)) {
+	hsmItemsEncrypt(c.s, c.k, items, todo, put)
 }
 
 func (c hsmCipher) decrypt(it *batchItem, paddingScheme string) (string, error) {

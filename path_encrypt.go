@@ -175,15 +175,22 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 	}
 
 	errs := make(itemErrors, len(items))
-	forEachItem(len(items), c.parallelism(), func(i int) {
-		if results[i].Error != "" {
-			return
+	forEachRun(len(items), c.parallelism(), func(start, end int) {
+		var buf [itemRun]int
+		todo := buf[:0]
+		for i := start; i < end; i++ {
+			if results[i].Error != "" {
+				continue
+			}
+			if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
+				continue
+			}
+			todo = append(todo, i)
 		}
-		if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
-			return
-		}
-		results[i].Ciphertext, results[i].KeyVersion, errs[i] = c.encrypt(&items[i])
-		errs[i] = atItem(errs[i], i, "padding_scheme")
+		encryptEach(c, items, todo, func(i int, ct string, ver int, err error) {
+			results[i].Ciphertext, results[i].KeyVersion = ct, ver
+			errs[i] = atItem(err, i, "padding_scheme")
+		})
 	})
 	outcome, err := errs.outcome(func(i int) bool { return results[i].Error != "" },
 		func(i int, msg string) { results[i].Error = msg })

@@ -117,11 +117,15 @@ type connection struct {
 	// the token answered in module generation kwpGen (guarded by mu).
 	kwp    uint
 	kwpGen uint64
-	// recentIVs are the last AES-GCM IVs the token used (recentIVOrder
-	// in order), to refuse one used again: GCM under a repeated IV loses
-	// both confidentiality and authenticity.
+	// recentIVs are the last AES-GCM IVs the token used, to refuse one
+	// used again: GCM under a repeated IV loses both confidentiality and
+	// authenticity. recentIVOrder holds them as a ring once full, the
+	// oldest at ivNext. ivMu guards the three (not mu: every encryption
+	// takes it).
+	ivMu          sync.Mutex
 	recentIVs     map[[GCMNonceSize]byte]struct{}
 	recentIVOrder [][GCMNonceSize]byte
+	ivNext        int
 	// tokenIV is set once the token refused a caller's AES-GCM IV: it
 	// makes its own (FIPS mode), and is given a zeroed buffer to fill.
 	tokenIV atomic.Bool

@@ -373,6 +373,46 @@ func (a AEAD) Encrypt(plaintext, associatedData []byte) ([]byte, error) {
 	return append(append(make([]byte, 0, len(Marker)+len(sealed)), Marker...), sealed...), nil
 }
 
+// EncryptBatch is Encrypt of each plaintext with its associated data
+// (associatedData[i], or none when shorter), at most hsm.MaxGCMBatch of
+// them, in one call to the token (Token.EncryptGCMBatch): sealed[i] or
+// errs[i] is item i's; err is what fails them all.
+func (a AEAD) EncryptBatch(plaintexts, associatedData [][]byte) (sealed [][]byte, errs []error, err error) {
+	tok, err := a.s.Token()
+	if err != nil {
+		return nil, nil, err
+	}
+	var buf [hsm.MaxGCMBatch]hsm.GCMItem
+	if len(plaintexts) > len(buf) {
+		return nil, nil, fmt.Errorf("%d items in one HSM batch; at most %d", len(plaintexts), len(buf))
+	}
+	items := buf[:len(plaintexts)]
+	var bare []byte // the key's associated data alone, shared by items without their own
+	for i, pt := range plaintexts {
+		items[i].Plaintext = pt
+		if i < len(associatedData) && len(associatedData[i]) > 0 {
+			items[i].AAD = a.s.keyAAD(a.name, a.version, associatedData[i])
+			continue
+		}
+		if bare == nil {
+			bare = a.s.keyAAD(a.name, a.version, nil)
+		}
+		items[i].AAD = bare
+	}
+	if err := tok.EncryptGCMBatch(a.s.Label(a.name, a.version), items); err != nil {
+		return nil, nil, CryptoError(err)
+	}
+	sealed, errs = make([][]byte, len(items)), make([]error, len(items))
+	for i, it := range items {
+		if it.Err != nil {
+			errs[i] = CryptoError(it.Err)
+			continue
+		}
+		sealed[i] = append(append(make([]byte, 0, len(Marker)+len(it.Sealed)), Marker...), it.Sealed...)
+	}
+	return sealed, errs, nil
+}
+
 // Decrypt opens what Encrypt made, or a ciphertext of the first format
 // (the caller's associated data alone, no Marker).
 func (a AEAD) Decrypt(ciphertext, associatedData []byte) ([]byte, error) {
