@@ -3,6 +3,7 @@ package boundary
 import (
 	"bytes"
 	"context"
+	"strconv"
 	"strings"
 	"unsafe"
 
@@ -121,6 +122,54 @@ type RawBatch struct {
 // Objects returns the batch's items, each a *RawObject.
 func (b *RawBatch) Objects() []interface{} { return b.list }
 
+// numbersFit reports whether every number of a JSON text (valid JSON)
+// fits a float64, as encoding/json requires of a number it decodes into an
+// interface{}: 1e400 is an error there. A RawMessage is only checked for
+// syntax, so the objects handed over undecoded (RawObject) are checked here.
+// Without this, a body encoding/json refuses was accepted: fromWire skips
+// an out-of-range number in a field it does not know, and the map path
+// refused the item as "expected a map, got '*boundary.RawObject'". Only a
+// number with an exponent, or longer than 308 bytes, can be out of range:
+// those are parsed.
+func numbersFit(b []byte) bool {
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		switch {
+		case c == '"':
+			// Jump to the string's closing quote, past escaped bytes.
+			for {
+				j := bytes.IndexByte(b[i+1:], '"')
+				if j < 0 {
+					return true
+				}
+				if k := bytes.IndexByte(b[i+1:i+1+j], '\\'); k >= 0 {
+					i += k + 2 // the backslash and the byte it escapes
+					continue
+				}
+				i += j + 1
+				break
+			}
+		case c == '-' || ('0' <= c && c <= '9'):
+			j, exp := i, false
+			for ; j < len(b); j++ {
+				d := b[j]
+				if d == 'e' || d == 'E' {
+					exp = true
+				} else if d != '-' && d != '+' && d != '.' && (d < '0' || d > '9') {
+					break
+				}
+			}
+			if exp || j-i > 308 {
+				if _, err := strconv.ParseFloat(string(b[i:j]), 64); err != nil {
+					return false
+				}
+			}
+			i = j - 1
+		}
+	}
+	return true
+}
+
 // requestDecode decodes a request's body as encoding/json does (see
 // decodeWithBatch), except that a batch_input array whose every element is
 // an object is handed over as a *RawBatch, for the backend to decode its
@@ -135,7 +184,7 @@ func requestDecode(body string) (map[string]interface{}, bool) {
 func rawObjects(v segjson.RawMessage) (interface{}, bool) {
 	var elems []segjson.RawMessage
 	rest, err := segjson.Parse(v, &elems, segjson.DontCopyRawMessage)
-	if err != nil || len(bytes.TrimLeft(rest, jsonSpace)) != 0 {
+	if err != nil || len(bytes.TrimLeft(rest, jsonSpace)) != 0 || !numbersFit(v) {
 		return nil, false
 	}
 	objs := make([]RawObject, len(elems))
