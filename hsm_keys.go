@@ -60,44 +60,21 @@ func hsmEncryptInput(k *hsmkey.Key, it *batchItem) (int, []byte, error) {
 // answered through put, with one call to the token for each version's items
 // (hsmkey.AEAD.EncryptBatch) instead of one per item.
 func hsmItemsEncrypt(s *hsmkey.Store, k *hsmkey.Key, items []batchItem, todo []int, put func(i int, ct string, ver int, err error)) {
-	type input struct {
-		i, ver int
-		pt     []byte
-	}
-	ready := make([]input, 0, len(todo))
+	ready := make([]hsmInput, 0, len(todo))
 	for _, i := range todo {
 		ver, pt, err := hsmEncryptInput(k, &items[i])
 		if err != nil {
 			put(i, "", 0, err)
 			continue
 		}
-		ready = append(ready, input{i, ver, pt})
+		ready = append(ready, hsmInput{i, ver, pt})
 	}
-	// Items name their version; most batches use one. Each pass takes the
-	// first left's version, and the items of that version, as many as one
-	// call takes.
-	pts := make([][]byte, 0, hsm.MaxGCMBatch)
-	aads := make([][]byte, 0, hsm.MaxGCMBatch)
-	batch := make([]input, 0, hsm.MaxGCMBatch)
-	for len(ready) > 0 {
-		ver := ready[0].ver
-		left := ready[:0]
-		pts, aads, batch = pts[:0], aads[:0], batch[:0]
-		for _, in := range ready {
-			if in.ver != ver || len(batch) == hsm.MaxGCMBatch {
-				left = append(left, in)
-				continue
-			}
-			batch = append(batch, in)
-			pts = append(pts, in.pt)
-			aads = append(aads, items[in.i].aad)
-		}
-		ready = left
+	byVersion(ready, func(ver int, batch []hsmInput) {
 		aead, err := s.AEAD(k, ver)
 		var sealed [][]byte
 		var errs []error
 		if err == nil {
-			sealed, errs, err = aead.EncryptBatch(pts, aads)
+			sealed, errs, err = aead.EncryptBatch(inputsOf(batch, items))
 		}
 		for j, in := range batch {
 			switch {
@@ -109,27 +86,107 @@ func hsmItemsEncrypt(s *hsmkey.Store, k *hsmkey.Key, items []batchItem, todo []i
 				put(in.i, formatCiphertext(ver, sealed[j]), ver, nil)
 			}
 		}
+	})
+}
+
+// hsmInput is an item ready for the token: its index, the version to use
+// and the bytes to encrypt or decrypt.
+type hsmInput struct {
+	i, ver int
+	in     []byte
+}
+
+// byVersion calls f with the inputs of each version, at most
+// hsm.MaxGCMBatch at a time. Items name their version; most batches use
+// one. Each pass takes the first left's version, and the items of that
+// version, as many as one call to the token takes.
+func byVersion(ready []hsmInput, f func(ver int, batch []hsmInput)) {
+	batch := make([]hsmInput, 0, hsm.MaxGCMBatch)
+	for len(ready) > 0 {
+		ver := ready[0].ver
+		left := ready[:0]
+		batch = batch[:0]
+		for _, in := range ready {
+			if in.ver != ver || len(batch) == hsm.MaxGCMBatch {
+				left = append(left, in)
+				continue
+			}
+			batch = append(batch, in)
+		}
+		ready = left
+		f(ver, batch)
 	}
+}
+
+// inputsOf returns the bytes and the associated data of a batch's items.
+func inputsOf(batch []hsmInput, items []batchItem) (in, aad [][]byte) {
+	in, aad = make([][]byte, len(batch)), make([][]byte, len(batch))
+	for j, b := range batch {
+		in[j], aad[j] = b.in, items[b.i].aad
+	}
+	return in, aad
 }
 
 // hsmItemDecrypt decrypts a decoded item inside the HSM; k is read-locked.
 // The errors are those of a software key.
 func hsmItemDecrypt(s *hsmkey.Store, k *hsmkey.Key, it *batchItem, paddingScheme string) (string, error) {
-	if err := checkHSMItem(it, paddingScheme); err != nil {
-		return "", err
-	}
-	ver, sealed, err := parseCiphertext(it.Ciphertext, k.LatestVersion, k.MinDecryptionVersion)
+	ver, sealed, err := hsmDecryptInput(k, it, paddingScheme)
 	if err != nil {
 		return "", err
-	}
-	if len(sealed) < hsmkey.MinCiphertext {
-		return "", errutil.UserError{Err: "invalid ciphertext length"}
 	}
 	aead, err := s.AEAD(k, ver)
 	if err != nil {
 		return "", err
 	}
 	return decryptWith(aead, sealed, it.aad)
+}
+
+// hsmDecryptInput checks an item for decryption with an HSM-resident key,
+// and returns its version and payload.
+func hsmDecryptInput(k *hsmkey.Key, it *batchItem, paddingScheme string) (int, []byte, error) {
+	if err := checkHSMItem(it, paddingScheme); err != nil {
+		return 0, nil, err
+	}
+	ver, sealed, err := parseCiphertext(it.Ciphertext, k.LatestVersion, k.MinDecryptionVersion)
+	if err != nil {
+		return 0, nil, err
+	}
+	if len(sealed) < hsmkey.MinCiphertext {
+		return 0, nil, errutil.UserError{Err: "invalid ciphertext length"}
+	}
+	return ver, sealed, nil
+}
+
+// hsmItemsDecrypt is hsmItemDecrypt of items[i] (with its own padding
+// scheme) for each i in todo, answered through put, as hsmItemsEncrypt.
+func hsmItemsDecrypt(s *hsmkey.Store, k *hsmkey.Key, items []batchItem, todo []int, put func(i int, pt string, err error)) {
+	ready := make([]hsmInput, 0, len(todo))
+	for _, i := range todo {
+		ver, sealed, err := hsmDecryptInput(k, &items[i], items[i].PaddingScheme)
+		if err != nil {
+			put(i, "", err)
+			continue
+		}
+		ready = append(ready, hsmInput{i, ver, sealed})
+	}
+	byVersion(ready, func(ver int, batch []hsmInput) {
+		aead, err := s.AEAD(k, ver)
+		var opened [][]byte
+		var errs []error
+		if err == nil {
+			opened, errs, err = aead.DecryptBatch(inputsOf(batch, items))
+		}
+		for j, in := range batch {
+			switch {
+			case err != nil:
+				put(in.i, "", err)
+			case errs[j] != nil:
+				put(in.i, "", errs[j])
+			default:
+				put(in.i, encodeBase64(opened[j]), nil)
+			}
+		}
+	})
 }
 
 // checkHSMItem refuses what an HSM-resident key does not do.

@@ -474,8 +474,9 @@ func TestHSMKeyRotationWriteThatLandedKeepsItsObject(t *testing.T) {
 	require.Equal(t, "after", e2.decrypt(t, "hk", ct2, nil))
 }
 
-// TestHSMKeyBatchRuns: a batch on an HSM-resident key is encrypted in runs,
-// one call to the token per run and version (hsmItemsEncrypt); every item
+// TestHSMKeyBatchRuns: a batch on an HSM-resident key is encrypted and
+// decrypted in runs, one call to the token per run and version
+// (hsmItemsEncrypt, hsmItemsDecrypt); every item
 // still gets its own answer: the version it asked for, its own plaintext
 // and associated data, and for an item refused, the error that item alone
 // gets in a request of its own. The batch is large enough to be spread
@@ -543,11 +544,13 @@ func TestHSMKeyBatchRuns(t *testing.T) {
 		}
 	}
 
+	var sealed []interface{} // the map run's results
 	t.Run("map", func(t *testing.T) {
 		r := e.write(t, "encrypt/hk", map[string]interface{}{"batch_input": items})
 		requireStatus(t, r, 400, "")
 		require.Contains(t, r.data, "batch_results", "%s", r.errorMessage())
-		check(t, r.data["batch_results"].([]interface{}), true)
+		sealed = r.data["batch_results"].([]interface{})
+		check(t, sealed, true)
 	})
 	// Through the boundary, a batch with refused items comes back as a
 	// 400 with a raw body; one without, pre-encoded (boundary.PreEncode).
@@ -588,5 +591,56 @@ func TestHSMKeyBatchRuns(t *testing.T) {
 		items = good
 		defer func() { items = saved }()
 		check(t, viaBoundary(t, good), false)
+	})
+
+	// Decryption in runs too: each answer, plaintext or error, is the
+	// item's own request's, with ciphertexts tampered with, under the
+	// wrong associated data, of a version that is not there, too short.
+	t.Run("decrypt", func(t *testing.T) {
+		var dec []interface{}
+		for i, r := range sealed {
+			ct, _ := r.(map[string]interface{})["ciphertext"].(string)
+			if ct == "" {
+				continue
+			}
+			it := map[string]interface{}{"ciphertext": ct, "reference": fmt.Sprint(i)}
+			if ad, ok := items[i].(map[string]interface{})["associated_data"]; ok {
+				it["associated_data"] = ad
+			}
+			switch {
+			case i%7 == 3:
+				it["associated_data"] = b64("not this item's")
+			case i%11 == 4:
+				flip := []byte(ct)
+				flip[len(flip)-5] ^= 1
+				it["ciphertext"] = string(flip)
+			case i%13 == 2:
+				it["ciphertext"] = "vault:v9:" + strings.SplitN(ct, ":", 3)[2]
+			case i%17 == 8:
+				it["ciphertext"] = "vault:v1:aHNrAgAA"
+			}
+			dec = append(dec, it)
+		}
+		require.Greater(t, len(dec), 100)
+		r := e.write(t, "decrypt/hk", map[string]interface{}{"batch_input": dec})
+		requireStatus(t, r, 400, "")
+		results := r.data["batch_results"].([]interface{})
+		require.Equal(t, len(dec), len(results))
+		failed := 0
+		for j, res := range results {
+			got := res.(map[string]interface{})
+			single := e.write(t, "decrypt/hk", dec[j].(map[string]interface{}))
+			require.Equal(t, dec[j].(map[string]interface{})["reference"], got["reference"])
+			if msg, _ := got["error"].(string); msg != "" {
+				failed++
+				requireStatus(t, single, 400, "")
+				require.Equal(t, single.errorMessage(), msg, "item %d", j)
+				continue
+			}
+			requireStatus(t, single, 200, "")
+			require.Equal(t, single.data["plaintext"], got["plaintext"], "item %d", j)
+		}
+		require.Greater(t, failed, 20)
+		require.Less(t, failed, len(dec)-50)
 	})
 }

@@ -45,6 +45,26 @@ type eachEncrypter interface {
 	encryptEach(items []batchItem, todo []int, put func(i int, ct string, ver int, err error))
 }
 
+// eachDecrypter is eachEncrypter for decryption.
+type eachDecrypter interface {
+	// decryptEach is decrypt of each item items[i], i in todo, with its
+	// own padding scheme, answered through put.
+	decryptEach(items []batchItem, todo []int, put func(i int, pt string, err error))
+}
+
+// decryptEach decrypts items[i] for each i in todo with c, each with its
+// own padding scheme, answering through put, all at once when c can.
+func decryptEach(c keyCipher, items []batchItem, todo []int, put func(i int, pt string, err error)) {
+	if e, ok := c.(eachDecrypter); ok {
+		e.decryptEach(items, todo, put)
+		return
+	}
+	for _, i := range todo {
+		pt, err := c.decrypt(&items[i], items[i].PaddingScheme)
+		put(i, pt, err)
+	}
+}
+
 // encryptEach encrypts items[i] for each i in todo with c, answering
 // through put, all at once when c can.
 func encryptEach(c keyCipher, items []batchItem, todo []int, put func(i int, ct string, ver int, err error)) {
@@ -145,6 +165,10 @@ func (c hsmCipher) encryptEach(items []batchItem, todo []int, put func(i int, ct
 
 func (c hsmCipher) decrypt(it *batchItem, paddingScheme string) (string, error) {
 	return hsmItemDecrypt(c.s, c.k, it, paddingScheme)
+}
+
+func (c hsmCipher) decryptEach(items []batchItem, todo []int, put func(i int, pt string, err error)) {
+	hsmItemsDecrypt(c.s, c.k, items, todo, put)
 }
 
 // refusesNonce is false: an HSM-resident key checks each item's fields as

@@ -119,11 +119,17 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 	}
 
 	errs := make(itemErrors, len(items))
-	forEachItem(len(items), c.parallelism(), func(i int) {
-		if results[i].Error == "" {
-			results[i].Plaintext, errs[i] = c.decrypt(&items[i], items[i].PaddingScheme)
-			errs[i] = atItem(errs[i], i, "padding_scheme")
+	forEachRun(len(items), c.parallelism(), func(start, end int) {
+		var buf [itemRun]int
+		todo := buf[:0]
+		for i := start; i < end; i++ {
+			if results[i].Error == "" {
+				todo = append(todo, i)
+			}
 		}
+		decryptEach(c, items, todo, func(i int, pt string, err error) {
+			results[i].Plaintext, errs[i] = pt, atItem(err, i, "padding_scheme")
+		})
 	})
 	outcome, err := errs.outcome(func(i int) bool { return results[i].Error != "" },
 		func(i int, msg string) { results[i].Error = msg })

@@ -16,7 +16,7 @@ import (
 func batchItems(n int) []GCMItem {
 	items := make([]GCMItem, n)
 	for i := range items {
-		items[i].Plaintext = bytes.Repeat([]byte{byte('a' + i)}, i*7)
+		items[i].In = bytes.Repeat([]byte{byte('a' + i)}, i*7)
 		if i%3 != 0 {
 			items[i].AAD = []byte(fmt.Sprintf("aad-%d", i))
 		}
@@ -37,18 +37,18 @@ func TestEncryptGCMBatch(t *testing.T) {
 	ivs := map[string]int{}
 	for i, it := range items {
 		require.NoError(t, it.Err, "item %d", i)
-		require.Len(t, it.Sealed, GCMNonceSize+len(it.Plaintext)+GCMTagSize, "item %d", i)
-		iv := string(it.Sealed[:GCMNonceSize])
+		require.Len(t, it.Out, GCMNonceSize+len(it.In)+GCMTagSize, "item %d", i)
+		iv := string(it.Out[:GCMNonceSize])
 		prev, seen := ivs[iv]
 		require.False(t, seen, "items %d and %d share an IV", prev, i)
 		ivs[iv] = i
-		got, err := tok.DecryptGCM(kek, it.Sealed, it.AAD)
+		got, err := tok.DecryptGCM(kek, it.Out, it.AAD)
 		require.NoError(t, err, "item %d", i)
-		require.Equal(t, it.Plaintext, got, "item %d", i)
+		require.Equal(t, it.In, got, "item %d", i)
 		// Bound to its own associated data, not a neighbour's.
 		other := items[(i+1)%len(items)].AAD
 		if !bytes.Equal(other, it.AAD) {
-			_, err = tok.DecryptGCM(kek, it.Sealed, other)
+			_, err = tok.DecryptGCM(kek, it.Out, other)
 			require.Equal(t, Failed, KindOf(err), "item %d opened with item %d's associated data", i, (i+1)%len(items))
 		}
 	}
@@ -68,7 +68,7 @@ func TestEncryptGCMBatch(t *testing.T) {
 	err = tok.EncryptGCMBatch(uniqueLabel("absent"), missing)
 	require.Equal(t, NotFound, KindOf(err), "%v", err)
 	for i, it := range missing {
-		require.Nil(t, it.Sealed, "item %d has a result from a failed call", i)
+		require.Nil(t, it.Out, "item %d has a result from a failed call", i)
 		require.NoError(t, it.Err, "item %d: the call's error is not copied to items", i)
 	}
 }
@@ -89,12 +89,12 @@ func TestEncryptGCMBatchItemRefused(t *testing.T) {
 	for i := 1; i < len(items); i++ {
 		require.Equal(t, Failed, KindOf(items[i].Err), "item %d: %v", i, items[i].Err)
 		require.Contains(t, items[i].Err.Error(), "IV it had used before")
-		require.Nil(t, items[i].Sealed, "item %d", i)
+		require.Nil(t, items[i].Out, "item %d", i)
 	}
 	shim.Set()
-	got, err := tok.DecryptGCM(kek, items[0].Sealed, items[0].AAD)
+	got, err := tok.DecryptGCM(kek, items[0].Out, items[0].AAD)
 	require.NoError(t, err)
-	require.Equal(t, items[0].Plaintext, got)
+	require.Equal(t, items[0].In, got)
 }
 
 // TestEncryptGCMBatchDeadline: a batch on a token that stops answering
@@ -116,12 +116,58 @@ func TestEncryptGCMBatchDeadline(t *testing.T) {
 	require.True(t, IsTimeout(err), "%v", err)
 	require.Less(t, time.Since(start), deadline+2*time.Second)
 	for i, it := range items {
-		require.Nil(t, it.Sealed, "item %d", i)
+		require.Nil(t, it.Out, "item %d", i)
 	}
 	shim.Set()
 
 	shim.Set(p11shim.DeviceError)
 	err = tok.EncryptGCMBatch(kek, batchItems(3))
 	require.Equal(t, Unavailable, KindOf(err), "%v", err)
+	shim.Set()
+}
+
+// TestDecryptGCMBatch: each item of a batch opens to its own plaintext, and
+// an item that does not open (tampered, under another item's associated
+// data, too short) fails alone, as DecryptGCM fails it.
+func TestDecryptGCMBatch(t *testing.T) {
+	shim, label := newShim(t)
+	tok := openShim(t, shim, label, 0)
+	kek := uniqueLabel("kek")
+	require.NoError(t, tok.GenerateKey(kek))
+	sealed := batchItems(MaxGCMBatch)
+	require.NoError(t, tok.EncryptGCMBatch(kek, sealed))
+
+	open := make([]GCMItem, len(sealed))
+	for i, it := range sealed {
+		open[i] = GCMItem{In: bytes.Clone(it.Out), AAD: it.AAD}
+	}
+	open[3].In[len(open[3].In)-1] ^= 1       // tampered tag
+	open[4].AAD = []byte("another item's")   // wrong associated data
+	open[5].In = open[5].In[:GCMNonceSize+3] // too short
+	open[7].In[GCMNonceSize] ^= 0x80         // tampered ciphertext
+	refused := map[int]bool{3: true, 4: true, 5: true, 7: true}
+	require.NoError(t, tok.DecryptGCMBatch(kek, open))
+	for i, it := range open {
+		if refused[i] {
+			require.Equal(t, Failed, KindOf(it.Err), "item %d: %v", i, it.Err)
+			require.Nil(t, it.Out, "item %d", i)
+			_, single := tok.DecryptGCM(kek, it.In, it.AAD)
+			require.Equal(t, Failed, KindOf(single), "item %d alone", i)
+			continue
+		}
+		require.NoError(t, it.Err, "item %d", i)
+		require.Equal(t, sealed[i].In, it.Out, "item %d", i)
+	}
+	require.Contains(t, open[5].Err.Error(), "too short")
+
+	require.Error(t, tok.DecryptGCMBatch(kek, make([]GCMItem, MaxGCMBatch+1)))
+	err := tok.DecryptGCMBatch(uniqueLabel("absent"), open[:2])
+	require.Equal(t, NotFound, KindOf(err), "%v", err)
+
+	shim.Set(p11shim.DeviceError)
+	again := []GCMItem{{In: sealed[1].Out, AAD: sealed[1].AAD}}
+	err = tok.DecryptGCMBatch(kek, again)
+	require.Equal(t, Unavailable, KindOf(err), "%v", err)
+	require.Nil(t, again[0].Out)
 	shim.Set()
 }

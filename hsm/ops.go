@@ -280,15 +280,19 @@ func (t *Token) EncryptGCM(label string, plaintext, aad []byte) ([]byte, error) 
 	return out, nil
 }
 
-// GCMItem is one encryption of EncryptGCMBatch: its input, then its output
-// (iv || ciphertext || tag, as EncryptGCM returns) or its error.
+// GCMItem is one item of EncryptGCMBatch or DecryptGCMBatch: its input
+// and associated data, then its output or its error. Sealed is iv ||
+// ciphertext || tag, as EncryptGCM returns it.
 type GCMItem struct {
-	Plaintext, AAD []byte
-	Sealed         []byte
-	Err            error
+	// In is the plaintext to encrypt, or what to decrypt (sealed).
+	In, AAD []byte
+	// Out is the item's sealed output, or its plaintext; nil on Err.
+	Out []byte
+	Err error
 }
 
-// MaxGCMBatch is the most items EncryptGCMBatch takes at once: they share
+// MaxGCMBatch is the most items EncryptGCMBatch or DecryptGCMBatch takes
+// at once: they share
 // one deadline, the token's call timeout (5 s by default, so a token may
 // take up to about 300 ms per encryption before a full batch misses it).
 const MaxGCMBatch = 16
@@ -318,7 +322,7 @@ func (t *Token) EncryptGCMBatch(label string, items []GCMItem) error {
 		var out [MaxGCMBatch][]byte
 		var outErrs [MaxGCMBatch]error
 		for i := range items {
-			out[i], outErrs[i] = t.sealGCM(ctx, s, h, items[i].Plaintext, items[i].AAD)
+			out[i], outErrs[i] = t.sealGCM(ctx, s, h, items[i].In, items[i].AAD)
 			if outErrs[i] != nil && needsReconnect(outErrs[i]) {
 				return outErrs[i]
 			}
@@ -330,7 +334,7 @@ func (t *Token) EncryptGCMBatch(label string, items []GCMItem) error {
 		return err
 	}
 	for i := range items {
-		items[i].Sealed, items[i].Err = sealed[i], classify("encrypt", errs[i])
+		items[i].Out, items[i].Err = sealed[i], classify("encrypt", errs[i])
 	}
 	return nil
 }
@@ -429,8 +433,8 @@ func (c *connection) rememberIV(iv []byte) error {
 
 // DecryptGCM opens iv || ciphertext || tag made by EncryptGCM.
 func (t *Token) DecryptGCM(label string, sealed, aad []byte) ([]byte, error) {
-	if len(sealed) < GCMNonceSize+GCMTagSize {
-		return nil, newError(Failed, "decrypt", errors.New("ciphertext too short"))
+	if err := checkSealed(sealed); err != nil {
+		return nil, err
 	}
 	var out []byte
 	err := t.do("decrypt", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
@@ -438,25 +442,80 @@ func (t *Token) DecryptGCM(label string, sealed, aad []byte) ([]byte, error) {
 		if err != nil {
 			return err
 		}
-		params := pkcs11.NewGCMParams(sealed[:GCMNonceSize], aad, GCMTagSize*8)
-		defer params.Free()
-		if err := ctx.DecryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+		pt, err := openGCM(ctx, s, h, sealed, aad)
+		if err != nil {
 			return err
 		}
-		pt, err := ctx.Decrypt(s, sealed[GCMNonceSize:])
-		if err != nil && tokenStillThere(ctx, s) {
-			// Tokens report a failed tag check in different ways, some
-			// (SoftHSM2) as CKR_GENERAL_ERROR; with the session alive,
-			// it is the input's fault.
-			return newError(Failed, "decrypt", fmt.Errorf("ciphertext or associated data do not authenticate (%v)", err))
-		}
 		out = pt
-		return err
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
+}
+
+// DecryptGCMBatch does DecryptGCM for each item, as EncryptGCMBatch does
+// EncryptGCM: on one session within one deadline, an item that does not
+// open (or that the token refuses) with its own error.
+func (t *Token) DecryptGCMBatch(label string, items []GCMItem) error {
+	if len(items) > MaxGCMBatch {
+		return newError(Failed, "decrypt", fmt.Errorf("%d items in one batch; at most %d", len(items), MaxGCMBatch))
+	}
+	var opened [MaxGCMBatch][]byte
+	var errs [MaxGCMBatch]error
+	err := t.do("decrypt", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
+		h, err := t.conn.objectHandle(ctx, s, gen, label)
+		if err != nil {
+			return err
+		}
+		var out [MaxGCMBatch][]byte
+		var outErrs [MaxGCMBatch]error
+		for i := range items {
+			if outErrs[i] = checkSealed(items[i].In); outErrs[i] != nil {
+				continue
+			}
+			out[i], outErrs[i] = openGCM(ctx, s, h, items[i].In, items[i].AAD)
+			if outErrs[i] != nil && needsReconnect(outErrs[i]) {
+				return outErrs[i]
+			}
+		}
+		opened, errs = out, outErrs
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for i := range items {
+		items[i].Out, items[i].Err = opened[i], classify("decrypt", errs[i])
+	}
+	return nil
+}
+
+// checkSealed refuses what cannot be iv || ciphertext || tag.
+func checkSealed(sealed []byte) error {
+	if len(sealed) < GCMNonceSize+GCMTagSize {
+		return newError(Failed, "decrypt", errors.New("ciphertext too short"))
+	}
+	return nil
+}
+
+// openGCM is one DecryptGCM on session s with key h. A failure with the
+// session still answering is the input's: Failed.
+func openGCM(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, sealed, aad []byte) ([]byte, error) {
+	params := pkcs11.NewGCMParams(sealed[:GCMNonceSize], aad, GCMTagSize*8)
+	defer params.Free()
+	if err := ctx.DecryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+		return nil, err
+	}
+	pt, err := ctx.Decrypt(s, sealed[GCMNonceSize:])
+	if err != nil && tokenStillThere(ctx, s) {
+		// Tokens report a failed tag check in different ways, some
+		// (SoftHSM2) as CKR_GENERAL_ERROR; with the session alive,
+		// it is the input's fault.
+		return nil, newError(Failed, "decrypt", fmt.Errorf("ciphertext or associated data do not authenticate (%v)", err))
+	}
+	return pt, err
 }
 
 // tokenStillThere reports whether the session still answers, to tell a

@@ -389,7 +389,7 @@ func (a AEAD) EncryptBatch(plaintexts, associatedData [][]byte) (sealed [][]byte
 	items := buf[:len(plaintexts)]
 	var bare []byte // the key's associated data alone, shared by items without their own
 	for i, pt := range plaintexts {
-		items[i].Plaintext = pt
+		items[i].In = pt
 		if i < len(associatedData) && len(associatedData[i]) > 0 {
 			items[i].AAD = a.s.keyAAD(a.name, a.version, associatedData[i])
 			continue
@@ -408,7 +408,7 @@ func (a AEAD) EncryptBatch(plaintexts, associatedData [][]byte) (sealed [][]byte
 			errs[i] = CryptoError(it.Err)
 			continue
 		}
-		sealed[i] = append(append(make([]byte, 0, len(Marker)+len(it.Sealed)), Marker...), it.Sealed...)
+		sealed[i] = append(append(make([]byte, 0, len(Marker)+len(it.Out)), Marker...), it.Out...)
 	}
 	return sealed, errs, nil
 }
@@ -432,16 +432,90 @@ func (a AEAD) Decrypt(ciphertext, associatedData []byte) ([]byte, error) {
 		// A ciphertext of the first format whose random nonce happens
 		// to start with the marker: try it as such below.
 	}
-	// The first format bound the caller's associated data alone. It stays
-	// readable, but never with associated data in the plugin's own
-	// namespace, which its own HSM operations (the sealed root keyring)
-	// use.
+	return a.decryptFirstFormat(tok, label, ciphertext, associatedData)
+}
+
+// decryptFirstFormat opens a ciphertext of the first format, which bound
+// the caller's associated data alone. It stays readable, but never with
+// associated data in the plugin's own namespace, which its own HSM
+// operations (the sealed root keyring) use.
+func (a AEAD) decryptFirstFormat(tok *hsm.Token, label string, ciphertext, associatedData []byte) ([]byte, error) {
 	if bytes.HasPrefix(associatedData, []byte(Namespace)) {
 		return nil, errutil.UserError{Err: "cipher: message authentication failed"}
 	}
 	return plaintext(tok.DecryptGCM(label, ciphertext, associatedData))
 }
 
+// DecryptBatch is Decrypt of each ciphertext with its associated data
+// (associatedData[i], or none when shorter), at most hsm.MaxGCMBatch of
+// them: the ciphertexts of the current format in one call to the token
+// (Token.DecryptGCMBatch); those of the first format, and those that do
+// not open as the current one, each as Decrypt tries them.
+func (a AEAD) DecryptBatch(ciphertexts, associatedData [][]byte) (plaintexts [][]byte, errs []error, err error) {
+	if len(ciphertexts) > hsm.MaxGCMBatch {
+		return nil, nil, fmt.Errorf("%d items in one HSM batch; at most %d", len(ciphertexts), hsm.MaxGCMBatch)
+	}
+	tok, err := a.s.Token()
+	if err != nil {
+		return nil, nil, err
+	}
+	ad := func(i int) []byte {
+		if i < len(associatedData) {
+			return associatedData[i]
+		}
+		return nil
+	}
+	label := a.s.Label(a.name, a.version)
+	plaintexts, errs = make([][]byte, len(ciphertexts)), make([]error, len(ciphertexts))
+	var buf [hsm.MaxGCMBatch]hsm.GCMItem
+	var at [hsm.MaxGCMBatch]int // the item of each of buf's
+	current := buf[:0]
+	var bare []byte // the key's associated data alone, shared by items without their own
+	for i, ct := range ciphertexts {
+		if len(ct) < MinCiphertext {
+			errs[i] = errutil.UserError{Err: "invalid ciphertext length"}
+			continue
+		}
+		body, ok := bytes.CutPrefix(ct, Marker)
+		if !ok || len(body) < MinCiphertext {
+			plaintexts[i], errs[i] = a.decryptFirstFormat(tok, label, ct, ad(i))
+			continue
+		}
+		it := hsm.GCMItem{In: body}
+		if len(ad(i)) > 0 {
+			it.AAD = a.s.keyAAD(a.name, a.version, ad(i))
+		} else {
+			if bare == nil {
+				bare = a.s.keyAAD(a.name, a.version, nil)
+			}
+			it.AAD = bare
+		}
+		at[len(current)] = i
+		current = append(current, it)
+	}
+	if len(current) == 0 {
+		return plaintexts, errs, nil
+	}
+	if err := tok.DecryptGCMBatch(label, current); err != nil {
+		return nil, nil, CryptoError(err)
+	}
+	for j, it := range current {
+		i := at[j]
+		switch {
+		case it.Err == nil:
+			plaintexts[i] = it.Out
+		case hsm.KindOf(it.Err) == hsm.Failed:
+			// Perhaps of the first format, its nonce starting with
+			// the marker.
+			plaintexts[i], errs[i] = a.decryptFirstFormat(tok, label, ciphertexts[i], ad(i))
+		default:
+			errs[i] = CryptoError(it.Err)
+		}
+	}
+	return plaintexts, errs, nil
+}
+
+// plaintext is a token's answer to a decryption, its error as a request's.
 func plaintext(pt []byte, err error) ([]byte, error) {
 	if err != nil {
 		return nil, CryptoError(err)

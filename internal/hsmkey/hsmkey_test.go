@@ -1,6 +1,7 @@
 package hsmkey
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -375,4 +376,62 @@ func TestCache(t *testing.T) {
 	require.NoError(t, storage.Put(ctx, &logical.StorageEntry{Key: StoragePrefix + "bad", Value: []byte("{")}))
 	_, err = s.Get(ctx, storage, "bad")
 	require.ErrorContains(t, err, `decoding HSM key "bad"`)
+}
+
+// DecryptBatch answers each item as Decrypt answers it alone: ciphertexts
+// of the current format (with and without associated data, tampered, under
+// the wrong associated data), of the first format, forged in the plugin's
+// namespace, too short; EncryptBatch's ciphertexts open with Decrypt.
+func TestBatchesAreOneByOne(t *testing.T) {
+	ctx, ts := context.Background(), openToken(t)
+	s := NewStore(ts, mountID(t))
+	k, err := s.Create(ctx, &logical.InmemStorage{}, "batch", 0)
+	require.NoError(t, err)
+	tok := ts.CurrentToken()
+	a, _ := s.AEAD(k, 1)
+
+	pts := [][]byte{[]byte("one"), {}, []byte("three"), []byte("four"), []byte("five")}
+	ads := [][]byte{nil, []byte("row 2"), nil, []byte("row 4")} // shorter: the last has none
+	sealed, errs, err := a.EncryptBatch(pts, ads)
+	require.NoError(t, err)
+	for i := range pts {
+		require.NoError(t, errs[i])
+		var ad []byte
+		if i < len(ads) {
+			ad = ads[i]
+		}
+		got, err := a.Decrypt(sealed[i], ad)
+		require.NoError(t, err, "item %d", i)
+		require.Equal(t, string(pts[i]), string(got), "item %d", i)
+	}
+
+	first, err := tok.EncryptGCM(s.Label("batch", 1), []byte("first format"), []byte("user aad"))
+	require.NoError(t, err)
+	ns := []byte(Namespace + "root-keyring")
+	forged, err := tok.EncryptGCM(s.Label("batch", 1), []byte("forged"), ns)
+	require.NoError(t, err)
+	tampered := bytes.Clone(sealed[2])
+	tampered[len(tampered)-1] ^= 1
+	cts := [][]byte{sealed[0], sealed[1], tampered, sealed[3], first, forged, sealed[4][:MinCiphertext-1], sealed[4]}
+	cads := [][]byte{nil, []byte("row 2"), nil, []byte("not row 4"), []byte("user aad"), ns, nil, nil}
+	opened, errs, err := a.DecryptBatch(cts, cads)
+	require.NoError(t, err)
+	for i := range cts {
+		want, wantErr := a.Decrypt(cts[i], cads[i])
+		if wantErr != nil {
+			require.EqualError(t, errs[i], wantErr.Error(), "item %d", i)
+			require.Nil(t, opened[i], "item %d", i)
+			continue
+		}
+		require.NoError(t, errs[i], "item %d", i)
+		require.Equal(t, string(want), string(opened[i]), "item %d", i)
+	}
+	require.Equal(t, "first format", string(opened[4]))
+	require.Error(t, errs[2])
+	require.Error(t, errs[5])
+
+	_, _, err = a.DecryptBatch(make([][]byte, hsm.MaxGCMBatch+1), nil)
+	require.Error(t, err)
+	_, _, err = a.EncryptBatch(make([][]byte, hsm.MaxGCMBatch+1), nil)
+	require.Error(t, err)
 }
