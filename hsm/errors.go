@@ -53,7 +53,11 @@
 //
 // Every call has a deadline (Config.CallTimeout): a token that hangs makes
 // operations fail as Unavailable instead of holding their callers, and the
-// hung call is left to finish on its own goroutine. Errors carry a Kind that
+// hung call is left to finish on its own goroutine. EncryptGCMBatch and
+// DecryptGCMBatch run up to MaxGCMBatch (16) AES-GCM operations as one call,
+// on one session within one deadline: a goroutine, a deadline, a session and
+// a key-handle lookup per operation were most of a batch request's own CPU
+// around the token's. Errors carry a Kind that
 // says what the caller should do (KindOf): wait and retry (Unavailable), fix
 // the PIN (Credentials), create or name another key (NotFound), fix the
 // configuration (Configuration), or accept that the token refused these
