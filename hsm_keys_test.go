@@ -474,9 +474,9 @@ func TestHSMKeyRotationWriteThatLandedKeepsItsObject(t *testing.T) {
 	require.Equal(t, "after", e2.decrypt(t, "hk", ct2, nil))
 }
 
-// TestHSMKeyBatchRuns: a batch on an HSM-resident key is encrypted and
-// decrypted in runs, one call to the token per run and version
-// (hsmItemsEncrypt, hsmItemsDecrypt); every item
+// TestHSMKeyBatchRuns: a batch on an HSM-resident key is encrypted,
+// decrypted and rewrapped in runs, one call to the token per run, step and
+// version (hsmItemsEncrypt, hsmItemsDecrypt, rewrapEach); every item
 // still gets its own answer: the version it asked for, its own plaintext
 // and associated data, and for an item refused, the error that item alone
 // gets in a request of its own. The batch is large enough to be spread
@@ -596,8 +596,8 @@ func TestHSMKeyBatchRuns(t *testing.T) {
 	// Decryption in runs too: each answer, plaintext or error, is the
 	// item's own request's, with ciphertexts tampered with, under the
 	// wrong associated data, of a version that is not there, too short.
+	var dec []interface{} // the decrypt run's items
 	t.Run("decrypt", func(t *testing.T) {
-		var dec []interface{}
 		for i, r := range sealed {
 			ct, _ := r.(map[string]interface{})["ciphertext"].(string)
 			if ct == "" {
@@ -639,6 +639,45 @@ func TestHSMKeyBatchRuns(t *testing.T) {
 			}
 			requireStatus(t, single, 200, "")
 			require.Equal(t, single.data["plaintext"], got["plaintext"], "item %d", j)
+		}
+		require.Greater(t, failed, 20)
+		require.Less(t, failed, len(dec)-50)
+	})
+
+	// Rewrap in runs: each answer is the item's own request's, its
+	// ciphertext of the same version opening to the same plaintext.
+	t.Run("rewrap", func(t *testing.T) {
+		require.NotEmpty(t, dec)
+		withNonce := map[string]interface{}{}
+		for k, v := range dec[0].(map[string]interface{}) {
+			withNonce[k] = v
+		}
+		withNonce["nonce"] = b64("twelve bytes")
+		dec := append(append([]interface{}{}, dec...), withNonce)
+		r := e.write(t, "rewrap/hk", map[string]interface{}{"batch_input": dec})
+		requireStatus(t, r, 200, "")
+		results := r.data["batch_results"].([]interface{})
+		require.Equal(t, len(dec), len(results))
+		failed := 0
+		for j, res := range results {
+			got := res.(map[string]interface{})
+			in := dec[j].(map[string]interface{})
+			require.Equal(t, in["reference"], got["reference"])
+			single := e.write(t, "rewrap/hk", in)
+			if msg, _ := got["error"].(string); msg != "" {
+				failed++
+				requireStatus(t, single, 400, "")
+				require.Equal(t, single.errorMessage(), msg, "item %d", j)
+				continue
+			}
+			requireStatus(t, single, 200, "")
+			require.Equal(t, single.data["key_version"], got["key_version"], "item %d", j)
+			extra := map[string]interface{}{}
+			if ad, ok := in["associated_data"]; ok {
+				extra["associated_data"] = ad
+			}
+			require.Equal(t, e.decrypt(t, "hk", single.data["ciphertext"].(string), extra),
+				e.decrypt(t, "hk", got["ciphertext"].(string), extra), "item %d", j)
 		}
 		require.Greater(t, failed, 20)
 		require.Less(t, failed, len(dec)-50)

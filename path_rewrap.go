@@ -2,6 +2,7 @@ package hsmtransit
 
 import (
 	"context"
+	"slices"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/keysutil"
@@ -97,14 +98,21 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 	}
 
 	errs := make([]error, len(items))
-	forEachItem(len(items), c.parallelism(), func(i int) {
-		if results[i].Error != "" {
-			return
+	forEachRun(len(items), c.parallelism(), func(start, end int) {
+		var buf [itemRun]int
+		todo := buf[:0]
+		for i := start; i < end; i++ {
+			if results[i].Error != "" {
+				continue
+			}
+			if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
+				continue
+			}
+			todo = append(todo, i)
 		}
-		if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
-			return
-		}
-		results[i].Ciphertext, results[i].KeyVersion, errs[i] = rewrapItem(c, &items[i], i)
+		rewrapEach(c, items, todo, func(i int, ct string, ver int, err error) {
+			results[i].Ciphertext, results[i].KeyVersion, errs[i] = ct, ver, err
+		})
 	})
 	for i, err := range errs {
 		switch {
@@ -120,6 +128,59 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 	// Internal errors failed the request above: an item's error is the
 	// caller's, and a batch is a 200 whatever its items' errors.
 	return itemsResponse(d, items, results, false, encryptFields)
+}
+
+// rewrapEach is rewrapItem of items[i] for each i in todo, answered
+// through put; a key that decrypts and encrypts several items at once (an
+// HSM-resident key) does each step for all of them at once.
+func rewrapEach(c keyCipher, items []batchItem, todo []int, put func(i int, ct string, ver int, err error)) {
+	_, decrypts := c.(eachDecrypter)
+	_, encrypts := c.(eachEncrypter)
+	if !decrypts || !encrypts {
+		for _, i := range todo {
+			ct, ver, err := rewrapItem(c, &items[i], i)
+			put(i, ct, ver, err)
+		}
+		return
+	}
+	// Both steps work on copies, indexed from 0, whose padding scheme is
+	// that of the step (as rewrapItem's).
+	work := make([]batchItem, 0, len(todo))
+	at := make([]int, 0, len(todo)) // the item of each of work's
+	for _, i := range todo {
+		if items[i].Nonce != "" && c.refusesNonce() {
+			put(i, "", 0, errNonceNotAllowed)
+			continue
+		}
+		it := items[i]
+		it.PaddingScheme = it.DecryptPaddingScheme
+		work = append(work, it)
+		at = append(at, i)
+	}
+	opened := make([]int, 0, len(work))
+	decryptEach(c, work, indices(len(work)), func(j int, pt string, err error) {
+		if err != nil {
+			put(at[j], "", 0, atItem(err, at[j], "decrypt_padding_scheme"))
+			return
+		}
+		work[j].Plaintext = pt
+		work[j].PaddingScheme = work[j].EncryptPaddingScheme
+		opened = append(opened, j)
+	})
+	// (decryptEach answers each item once, on this goroutine.)
+	slices.Sort(opened)
+	encryptEach(c, work, opened, func(j int, ct string, ver int, err error) {
+		put(at[j], ct, ver, atItem(err, at[j], "padding_scheme"))
+	})
+}
+
+// indices is 0, 1, ..., n-1.
+func indices(n int) []int {
+	s := make([]int, n)
+	for i := range s {
+		s[i] = i
+	}
+	return s
 }
 
 // rewrapItem decrypts and re-encrypts item index with c, held locked by
