@@ -434,24 +434,15 @@ func (it *batchItem) decodeCommon() error {
 // goroutines; below it, the goroutines cost more than they save.
 const parallelThreshold = 64
 
-// forEachItem runs f for every index in [0, n): in order on one goroutine
-// for small batches, else over workers goroutines, each taking contiguous
-// runs of indexes. f must touch only its own index's data; results keep
-// their place, so the batch's order is kept.
-func forEachItem(n, workers int, f func(i int)) {
-	forEachRun(n, workers, func(start, end int) {
-		for i := start; i < end; i++ {
-			f(i)
-		}
-	})
-}
-
 // itemRun is how many contiguous items a worker takes at once.
 const itemRun = 16
 
-// forEachRun is forEachItem for f that takes a run of at most itemRun
-// contiguous items [start, end) at once (an HSM-resident key encrypts a run
-// in one call to the token).
+// forEachRun runs f over every index in [0, n), in runs [start, end) of at
+// most itemRun contiguous indexes: in order on one goroutine for small
+// batches, else over workers goroutines, each taking the next run. f must
+// touch only its own indexes' data; results keep their place, so the
+// batch's order is kept. (An HSM-resident key encrypts a run in one call
+// to the token.)
 func forEachRun(n, workers int, f func(start, end int)) {
 	if n < parallelThreshold || workers <= 1 {
 		for start := 0; start < n; start += itemRun {
@@ -514,7 +505,7 @@ func atItem(err error, index int, paddingField string) error {
 }
 
 // itemErrors collects the per-item errors of a batch processed by
-// forEachItem, and answers for the batch.
+// forEachRun, and answers for the batch.
 type itemErrors []error
 
 // outcome tallies the errors into the batch's outcome, writes their

@@ -368,7 +368,7 @@ func TestReviewCraftedJSONEncryptSameBothWays(t *testing.T) {
 // parallel batches (model 1). Attack: get one item's plaintext into
 // another item's ciphertext, or an item sealed with another item's
 // associated data or key version, through the shared arena (a seal running
-// past its room), the goroutines of forEachItem, or the aeadMemo shared by
+// past its room), the goroutines of forEachRun, or the aeadMemo shared by
 // the request's items. 300 items (parallel) of random lengths, each with
 // its own associated data and a key version cycling over 1..3, some with
 // bad base64: each ciphertext opens with its own item's associated data
