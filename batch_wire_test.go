@@ -115,6 +115,58 @@ func TestWireItemsAreTheMapsItems(t *testing.T) {
 	require.Less(t, fast, 3*len(wireCorpus)-3*10)
 }
 
+// TestWireTakesTheCommonShapes: fromWire reads without a map exactly what
+// its doc promises to (plain ASCII strings, null, plain integers of up to
+// 15 digits for key_version, scalars in fields it does not know), and
+// leaves the rest to the map path. Both give the same items
+// (TestWireItemsAreTheMapsItems); this is about which one does the work: a
+// check that refused a common shape by mistake would cost the fast path
+// silently.
+func TestWireTakesTheCommonShapes(t *testing.T) {
+	for obj, fast := range map[string]bool{
+		`{"plaintext":"aGVsbG8="}`: true,
+		`{"plaintext":"aGVsbG8=","reference":"r-1","key_version":2,"context":"Y3R4","nonce":"","associated_data":"YWQ="}`: true,
+		` { "plaintext" : "eA==" , "key_version" : -3 } `:                                                                 true,
+		"{\t\"plaintext\"\r\n:\n\"eA==\"\t}":                                                                              true,
+		`{"plaintext":null,"reference":null,"key_version":null}`:                                                          true,
+		`{"plaintext":"eA==","plaintext":null}`:                                                                           true,
+		`{}`:                                                                                                              true,
+		` { } `:                                                                                                           true,
+		`{"reference":"no plaintext"}`:                                                                                    true,
+		`{"plaintext":"eA==","n":-1.5e3,"t":true,"f":false,"z":null,"s":"x"}`:                                             true,
+		`{"plaintext":"eA==","key_version":0}`:                                                                            true,
+		`{"plaintext":"eA==","key_version":-0}`:                                                                           true,
+		`{"plaintext":"eA==","key_version":9}`:                                                                            true,
+		`{"plaintext":"eA==","key_version":10}`:                                                                           true,
+		`{"plaintext":"eA==","key_version":-12}`:                                                                          true,
+		`{"plaintext":"eA==","key_version":123456789012345}`:                                                              true,
+		`{"plaintext":"eA==","key_version":999999999999999}`:                                                              true,
+		`{"":"empty key","plaintext":"eA=="}`:                                                                             true,
+
+		`{"plaintext":"\u0065A=="}`:                            false,
+		`{"plaintext":"eA==","reference":"café"}`:              false,
+		`{"plaintext":true}`:                                   false,
+		`{"plaintext":1.5}`:                                    false,
+		`{"plaintext":["eA=="]}`:                               false,
+		`{"plaintext":{"a":"b"}}`:                              false,
+		`{"plaintext":"eA==","unknown":{"a":1}}`:               false,
+		`{"plaintext":"eA==","unknown":[1]}`:                   false,
+		`{"plaintext":"eA==","key_version":1.0}`:               false,
+		`{"plaintext":"eA==","key_version":1e2}`:               false,
+		`{"plaintext":"eA==","key_version":"2"}`:               false,
+		`{"plaintext":"eA==","key_version":true}`:              false,
+		`{"plaintext":"eA==","key_version":1234567890123456}`:  false,
+		`{"plaintext":"eA==","key_version":-9007199254740993}`: false,
+	} {
+		var it batchItem
+		_, ok := it.fromWire([]byte(strings.TrimSpace(obj)), "plaintext")
+		require.Equal(t, fast, ok, "%s", obj)
+		if !ok {
+			require.Equal(t, batchItem{}, it, "%s: an item left to the map path is left zero", obj)
+		}
+	}
+}
+
 // FuzzWireItems: for any JSON object, an item read from the body's bytes is
 // the item read from encoding/json's map, with the same error.
 func FuzzWireItems(f *testing.F) {
