@@ -142,6 +142,7 @@ func TestWireTakesTheCommonShapes(t *testing.T) {
 		`{"plaintext":"eA==","key_version":123456789012345}`:                                                              true,
 		`{"plaintext":"eA==","key_version":999999999999999}`:                                                              true,
 		`{"":"empty key","plaintext":"eA=="}`:                                                                             true,
+		`{"plaintext":"eA==","reference":" !#~"}`:                                                                         true,
 
 		`{"plaintext":"\u0065A=="}`:                            false,
 		`{"plaintext":"eA==","reference":"café"}`:              false,
