@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -185,4 +186,38 @@ func FuzzWireItems(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestForEachRunPartitions: forEachRun hands f every index of [0, n)
+// exactly once, in runs of 1 to itemRun contiguous indexes (never an empty
+// one), in order when the batch is small or there is one worker.
+func TestForEachRunPartitions(t *testing.T) {
+	for _, n := range []int{0, 1, itemRun - 1, itemRun, itemRun + 1, parallelThreshold - 1, parallelThreshold, parallelThreshold + 1, 1000} {
+		for _, workers := range []int{1, 2, 16} {
+			var mu sync.Mutex
+			var runs [][2]int
+			seen := make([]int, n)
+			forEachRun(n, workers, func(start, end int) {
+				mu.Lock()
+				defer mu.Unlock()
+				runs = append(runs, [2]int{start, end})
+				for i := start; i < end; i++ {
+					seen[i]++
+				}
+			})
+			for _, r := range runs {
+				require.Greater(t, r[1], r[0], "n=%d workers=%d: an empty run %v", n, workers, r)
+				require.LessOrEqual(t, r[1]-r[0], itemRun, "n=%d workers=%d: run %v", n, workers, r)
+			}
+			for i, c := range seen {
+				require.Equal(t, 1, c, "n=%d workers=%d: index %d handed %d times", n, workers, i, c)
+			}
+			require.Equal(t, (n+itemRun-1)/itemRun, len(runs), "n=%d workers=%d", n, workers)
+			if n < parallelThreshold || workers == 1 {
+				for k := 1; k < len(runs); k++ {
+					require.Equal(t, runs[k-1][1], runs[k][0], "n=%d workers=%d: runs out of order", n, workers)
+				}
+			}
+		}
+	}
 }
