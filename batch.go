@@ -468,6 +468,22 @@ func forEachRun(n, workers int, f func(start, end int)) {
 	wg.Wait()
 }
 
+// toEncrypt appends to todo the indexes of [start, end) to encrypt: those
+// not failed already whose version may still encrypt. An item whose
+// version reached its cap gets spent's error in errs.
+func toEncrypt(todo []int, start, end int, items []batchItem, spent map[int]error, errs []error, failed func(i int) bool) []int {
+	for i := start; i < end; i++ {
+		if failed(i) {
+			continue
+		}
+		if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
+			continue
+		}
+		todo = append(todo, i)
+	}
+	return todo
+}
+
 // fieldError is a field of an item that a key refuses. The key does not
 // know where the item sits in the batch, or what the caller's path calls
 // the field (padding_scheme, or decrypt_padding_scheme on rewrap): atItem

@@ -100,16 +100,7 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 	errs := make([]error, len(items))
 	forEachRun(len(items), c.parallelism(), func(start, end int) {
 		var buf [itemRun]int
-		todo := buf[:0]
-		for i := start; i < end; i++ {
-			if results[i].Error != "" {
-				continue
-			}
-			if errs[i] = spent[items[i].KeyVersion]; errs[i] != nil {
-				continue
-			}
-			todo = append(todo, i)
-		}
+		todo := toEncrypt(buf[:0], start, end, items, spent, errs, func(i int) bool { return results[i].Error != "" })
 		rewrapEach(c, items, todo, func(i int, ct string, ver int, err error) {
 			results[i].Ciphertext, results[i].KeyVersion, errs[i] = ct, ver, err
 		})

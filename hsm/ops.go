@@ -307,12 +307,18 @@ const MaxGCMBatch = 16
 // failure that voids the connection runs the whole batch once more on a
 // fresh one, as EncryptGCM does for its one item.
 func (t *Token) EncryptGCMBatch(label string, items []GCMItem) error {
+	return t.gcmBatch("encrypt", label, items, t.sealGCM)
+}
+
+// gcmBatch runs one(item's In, AAD) for each item on one pooled session
+// within one deadline, for EncryptGCMBatch and DecryptGCMBatch (op).
+func (t *Token) gcmBatch(op, label string, items []GCMItem, one func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, in, aad []byte) ([]byte, error)) error {
 	if len(items) > MaxGCMBatch {
-		return newError(Failed, "encrypt", fmt.Errorf("%d items in one batch; at most %d", len(items), MaxGCMBatch))
+		return newError(Failed, op, fmt.Errorf("%d items in one batch; at most %d", len(items), MaxGCMBatch))
 	}
-	var sealed [MaxGCMBatch][]byte
+	var results [MaxGCMBatch][]byte
 	var errs [MaxGCMBatch]error
-	err := t.do("encrypt", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
+	err := t.do(op, true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
 		h, err := t.conn.objectHandle(ctx, s, gen, label)
 		if err != nil {
 			return err
@@ -322,19 +328,19 @@ func (t *Token) EncryptGCMBatch(label string, items []GCMItem) error {
 		var out [MaxGCMBatch][]byte
 		var outErrs [MaxGCMBatch]error
 		for i := range items {
-			out[i], outErrs[i] = t.sealGCM(ctx, s, h, items[i].In, items[i].AAD)
+			out[i], outErrs[i] = one(ctx, s, h, items[i].In, items[i].AAD)
 			if outErrs[i] != nil && needsReconnect(outErrs[i]) {
 				return outErrs[i]
 			}
 		}
-		sealed, errs = out, outErrs
+		results, errs = out, outErrs
 		return nil
 	})
 	if err != nil {
 		return err
 	}
 	for i := range items {
-		items[i].Out, items[i].Err = sealed[i], classify("encrypt", errs[i])
+		items[i].Out, items[i].Err = results[i], classify(op, errs[i])
 	}
 	return nil
 }
@@ -459,37 +465,12 @@ func (t *Token) DecryptGCM(label string, sealed, aad []byte) ([]byte, error) {
 // EncryptGCM: on one session within one deadline, an item that does not
 // open (or that the token refuses) with its own error.
 func (t *Token) DecryptGCMBatch(label string, items []GCMItem) error {
-	if len(items) > MaxGCMBatch {
-		return newError(Failed, "decrypt", fmt.Errorf("%d items in one batch; at most %d", len(items), MaxGCMBatch))
-	}
-	var opened [MaxGCMBatch][]byte
-	var errs [MaxGCMBatch]error
-	err := t.do("decrypt", true, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, gen uint64) error {
-		h, err := t.conn.objectHandle(ctx, s, gen, label)
-		if err != nil {
-			return err
+	return t.gcmBatch("decrypt", label, items, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, sealed, aad []byte) ([]byte, error) {
+		if err := checkSealed(sealed); err != nil {
+			return nil, err
 		}
-		var out [MaxGCMBatch][]byte
-		var outErrs [MaxGCMBatch]error
-		for i := range items {
-			if outErrs[i] = checkSealed(items[i].In); outErrs[i] != nil {
-				continue
-			}
-			out[i], outErrs[i] = openGCM(ctx, s, h, items[i].In, items[i].AAD)
-			if outErrs[i] != nil && needsReconnect(outErrs[i]) {
-				return outErrs[i]
-			}
-		}
-		opened, errs = out, outErrs
-		return nil
+		return openGCM(ctx, s, h, sealed, aad)
 	})
-	if err != nil {
-		return err
-	}
-	for i := range items {
-		items[i].Out, items[i].Err = opened[i], classify("decrypt", errs[i])
-	}
-	return nil
 }
 
 // checkSealed refuses what cannot be iv || ciphertext || tag.
