@@ -60,30 +60,50 @@ func hsmEncryptInput(k *hsmkey.Key, it *batchItem) (int, []byte, error) {
 // answered through put, with one call to the token for each version's items
 // (hsmkey.AEAD.EncryptBatch) instead of one per item.
 func hsmItemsEncrypt(s *hsmkey.Store, k *hsmkey.Key, items []batchItem, todo []int, put func(i int, ct string, ver int, err error)) {
+	hsmItems(s, k, items, todo,
+		func(it *batchItem) (int, []byte, error) { return hsmEncryptInput(k, it) },
+		hsmkey.AEAD.EncryptBatch,
+		func(i, ver int, sealed []byte, err error) {
+			if err != nil {
+				put(i, "", 0, err)
+				return
+			}
+			put(i, formatCiphertext(ver, sealed), ver, nil)
+		})
+}
+
+// hsmItems runs items[i], i in todo, through the token in batches: input
+// checks an item and gives its version and bytes, call is the batch
+// operation of an AEAD, put gets each item's output or error.
+func hsmItems(s *hsmkey.Store, k *hsmkey.Key, items []batchItem, todo []int,
+	input func(it *batchItem) (int, []byte, error),
+	call func(a hsmkey.AEAD, in, aad [][]byte) ([][]byte, []error, error),
+	put func(i, ver int, out []byte, err error)) {
 	ready := make([]hsmInput, 0, len(todo))
 	for _, i := range todo {
-		ver, pt, err := hsmEncryptInput(k, &items[i])
+		ver, in, err := input(&items[i])
 		if err != nil {
-			put(i, "", 0, err)
+			put(i, 0, nil, err)
 			continue
 		}
-		ready = append(ready, hsmInput{i, ver, pt})
+		ready = append(ready, hsmInput{i, ver, in})
 	}
 	byVersion(ready, func(ver int, batch []hsmInput) {
 		aead, err := s.AEAD(k, ver)
-		var sealed [][]byte
+		var out [][]byte
 		var errs []error
 		if err == nil {
-			sealed, errs, err = aead.EncryptBatch(inputsOf(batch, items))
+			in, aad := inputsOf(batch, items)
+			out, errs, err = call(aead, in, aad)
 		}
-		for j, in := range batch {
+		for j, b := range batch {
 			switch {
 			case err != nil:
-				put(in.i, "", 0, err)
+				put(b.i, ver, nil, err)
 			case errs[j] != nil:
-				put(in.i, "", 0, errs[j])
+				put(b.i, ver, nil, errs[j])
 			default:
-				put(in.i, formatCiphertext(ver, sealed[j]), ver, nil)
+				put(b.i, ver, out[j], nil)
 			}
 		}
 	})
@@ -160,33 +180,16 @@ func hsmDecryptInput(k *hsmkey.Key, it *batchItem, paddingScheme string) (int, [
 // hsmItemsDecrypt is hsmItemDecrypt of items[i] (with its own padding
 // scheme) for each i in todo, answered through put, as hsmItemsEncrypt.
 func hsmItemsDecrypt(s *hsmkey.Store, k *hsmkey.Key, items []batchItem, todo []int, put func(i int, pt string, err error)) {
-	ready := make([]hsmInput, 0, len(todo))
-	for _, i := range todo {
-		ver, sealed, err := hsmDecryptInput(k, &items[i], items[i].PaddingScheme)
-		if err != nil {
-			put(i, "", err)
-			continue
-		}
-		ready = append(ready, hsmInput{i, ver, sealed})
-	}
-	byVersion(ready, func(ver int, batch []hsmInput) {
-		aead, err := s.AEAD(k, ver)
-		var opened [][]byte
-		var errs []error
-		if err == nil {
-			opened, errs, err = aead.DecryptBatch(inputsOf(batch, items))
-		}
-		for j, in := range batch {
-			switch {
-			case err != nil:
-				put(in.i, "", err)
-			case errs[j] != nil:
-				put(in.i, "", errs[j])
-			default:
-				put(in.i, encodeBase64(opened[j]), nil)
+	hsmItems(s, k, items, todo,
+		func(it *batchItem) (int, []byte, error) { return hsmDecryptInput(k, it, it.PaddingScheme) },
+		hsmkey.AEAD.DecryptBatch,
+		func(i, _ int, opened []byte, err error) {
+			if err != nil {
+				put(i, "", err)
+				return
 			}
-		}
-	})
+			put(i, encodeBase64(opened), nil)
+		})
 }
 
 // checkHSMItem refuses what an HSM-resident key does not do.

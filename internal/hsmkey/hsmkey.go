@@ -370,7 +370,28 @@ func (a AEAD) Encrypt(plaintext, associatedData []byte) ([]byte, error) {
 	if err != nil {
 		return nil, CryptoError(err)
 	}
-	return append(append(make([]byte, 0, len(Marker)+len(sealed)), Marker...), sealed...), nil
+	return withMarker(sealed), nil
+}
+
+// withMarker is Marker followed by what the token sealed.
+func withMarker(sealed []byte) []byte {
+	return append(append(make([]byte, 0, len(Marker)+len(sealed)), Marker...), sealed...)
+}
+
+// batchAAD returns the associated data the token binds to item i of a
+// batch: the key's with associatedData[i] (none when shorter), the key's
+// alone made once for every item without its own.
+func (a AEAD) batchAAD(associatedData [][]byte) func(i int) []byte {
+	var bare []byte
+	return func(i int) []byte {
+		if i < len(associatedData) && len(associatedData[i]) > 0 {
+			return a.s.keyAAD(a.name, a.version, associatedData[i])
+		}
+		if bare == nil {
+			bare = a.s.keyAAD(a.name, a.version, nil)
+		}
+		return bare
+	}
 }
 
 // EncryptBatch is Encrypt of each plaintext with its associated data
@@ -387,17 +408,9 @@ func (a AEAD) EncryptBatch(plaintexts, associatedData [][]byte) (sealed [][]byte
 		return nil, nil, fmt.Errorf("%d items in one HSM batch; at most %d", len(plaintexts), len(buf))
 	}
 	items := buf[:len(plaintexts)]
-	var bare []byte // the key's associated data alone, shared by items without their own
+	aad := a.batchAAD(associatedData)
 	for i, pt := range plaintexts {
-		items[i].In = pt
-		if i < len(associatedData) && len(associatedData[i]) > 0 {
-			items[i].AAD = a.s.keyAAD(a.name, a.version, associatedData[i])
-			continue
-		}
-		if bare == nil {
-			bare = a.s.keyAAD(a.name, a.version, nil)
-		}
-		items[i].AAD = bare
+		items[i].In, items[i].AAD = pt, aad(i)
 	}
 	if err := tok.EncryptGCMBatch(a.s.Label(a.name, a.version), items); err != nil {
 		return nil, nil, CryptoError(err)
@@ -408,7 +421,7 @@ func (a AEAD) EncryptBatch(plaintexts, associatedData [][]byte) (sealed [][]byte
 			errs[i] = CryptoError(it.Err)
 			continue
 		}
-		sealed[i] = append(append(make([]byte, 0, len(Marker)+len(it.Out)), Marker...), it.Out...)
+		sealed[i] = withMarker(it.Out)
 	}
 	return sealed, errs, nil
 }
@@ -470,7 +483,7 @@ func (a AEAD) DecryptBatch(ciphertexts, associatedData [][]byte) (plaintexts [][
 	var buf [hsm.MaxGCMBatch]hsm.GCMItem
 	var at [hsm.MaxGCMBatch]int // the item of each of buf's
 	current := buf[:0]
-	var bare []byte // the key's associated data alone, shared by items without their own
+	aad := a.batchAAD(associatedData)
 	for i, ct := range ciphertexts {
 		if len(ct) < MinCiphertext {
 			errs[i] = errutil.UserError{Err: "invalid ciphertext length"}
@@ -481,17 +494,8 @@ func (a AEAD) DecryptBatch(ciphertexts, associatedData [][]byte) (plaintexts [][
 			plaintexts[i], errs[i] = a.decryptFirstFormat(tok, label, ct, ad(i))
 			continue
 		}
-		it := hsm.GCMItem{In: body}
-		if len(ad(i)) > 0 {
-			it.AAD = a.s.keyAAD(a.name, a.version, ad(i))
-		} else {
-			if bare == nil {
-				bare = a.s.keyAAD(a.name, a.version, nil)
-			}
-			it.AAD = bare
-		}
 		at[len(current)] = i
-		current = append(current, it)
+		current = append(current, hsm.GCMItem{In: body, AAD: aad(i)})
 	}
 	if len(current) == 0 {
 		return plaintexts, errs, nil
