@@ -712,6 +712,14 @@ func (t *Token) openOAEP(label string, blob, aad []byte) ([]byte, error) {
 			return err
 		}
 		if err := ctx.DecryptInit(s, oaepMechanism(h.hash, h.mgf), priv); err != nil {
+			var rv pkcs11.Error
+			// A hash the token refuses (SoftHSM2 2.6: any but SHA-1)
+			// is one it never sealed with (sealOAEP falls back): the
+			// blob's fault, not the token's.
+			if errors.As(err, &rv) && (rv == pkcs11.CKR_MECHANISM_PARAM_INVALID || rv == pkcs11.CKR_ARGUMENTS_BAD) &&
+				tokenStillThere(ctx, s) {
+				return errNotAuthentic(op, err)
+			}
 			return err
 		}
 		k, err := ctx.Decrypt(s, wrapped)

@@ -223,3 +223,30 @@ func TestSealKeysRefused(t *testing.T) {
 		require.Contains(t, err.Error(), "aes-gcm, aes-kwp, aes-cbc-hmac, rsa-oaep")
 	})
 }
+
+// TestOAEPBlobNamingAnotherHash: an rsa-oaep blob that names a hash other
+// than the one it was sealed with (a foreign blob whose first byte happens
+// to be a hash id, as another mechanism's blob was, now and then, in
+// TestSealMechanismsRoundTrip) is refused as not authentic, whether or not
+// the token can do that hash (SoftHSM2 2.6 answers CKR_ARGUMENTS_BAD to
+// any but SHA-1), never as the token being unavailable.
+func TestOAEPBlobNamingAnotherHash(t *testing.T) {
+	tok := openToken(t, "token-a", testPIN)
+	aad := []byte("mount-1234/root-keyring")
+	k := sealKeysFor(RSAOAEP)
+	require.NoError(t, tok.EnsureSealKeys(k, true))
+	blob, err := tok.Seal(k, []byte("root keyring"), aad)
+	require.NoError(t, err)
+	for _, h := range oaepHashes {
+		if h.id == blob[0] {
+			continue
+		}
+		other := append([]byte{h.id}, blob[1:]...)
+		got, err := tok.Open(k, other, aad)
+		require.Equal(t, Failed, KindOf(err), "blob relabelled with hash %d: %v", h.id, err)
+		require.Nil(t, got)
+	}
+	got, err := tok.Open(k, blob, aad)
+	require.NoError(t, err)
+	require.Equal(t, "root keyring", string(got))
+}
