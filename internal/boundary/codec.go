@@ -30,6 +30,12 @@ func protoMessage(v any) (proto.Message, error) {
 }
 
 func (c codec) Marshal(v any) (mem.BufferSlice, error) {
+	if r, ok := v.(*pooledReply); ok {
+		// The message copies the answer's bytes; then they are not
+		// needed any more.
+		defer r.release()
+		v = r.HandleRequestReply
+	}
 	m, err := protoMessage(v)
 	if err != nil {
 		return nil, err

@@ -2,11 +2,14 @@ package boundary
 
 import (
 	"bytes"
+	"context"
 	"strings"
 	"testing"
 
+	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/hashicorp/vault/sdk/plugin/pb"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 )
@@ -46,4 +49,43 @@ func TestCodecIsProtobufs(t *testing.T) {
 	require.ErrorContains(t, err, "not a protobuf message")
 	require.ErrorContains(t, c.Unmarshal(nil, 42), "not a protobuf message")
 	require.Equal(t, "proto", c.Name())
+}
+
+// A pre-encoded answer goes out as the SDK's reply would, and its buffer
+// comes back to the pool cleared, with the reply no longer pointing at it.
+func TestCodecReleasesPooledAnswer(t *testing.T) {
+	c := codec{&bufferPool{}}
+	answer := `{"batch_results":[{"plaintext":"` + strings.Repeat("c2VjcmV0", 4000) + `","reference":""}]}`
+	for round := 0; round < 4; round++ {
+		handler := func(ctx context.Context, _ interface{}) (interface{}, error) {
+			resp := &logical.Response{Data: map[string]interface{}{"batch_results": "replaced"}}
+			require.True(t, PreEncode(ctx, resp, func(dst []byte) []byte { return append(dst, answer...) }))
+			return &pb.HandleRequestReply{Response: &pb.Response{Data: standInJSON}}, nil
+		}
+		args := &pb.HandleRequestArgs{Request: &pb.Request{Path: "decrypt/k", Data: "{}"}}
+		out, err := UnaryInterceptor(context.Background(), args, &grpc.UnaryServerInfo{FullMethod: pb.Backend_HandleRequest_FullMethodName}, func(ctx context.Context, req interface{}) (interface{}, error) {
+			return handler(ctx, req)
+		})
+		require.NoError(t, err)
+		require.Equal(t, answer, Reply(out).Response.Data)
+		pr, ok := out.(*pooledReply)
+		if round == 0 {
+			// The first answer of its size outgrows the buffer it
+			// got; the next ones fit theirs.
+			continue
+		}
+		require.True(t, ok, "round %d: a pre-encoded answer in a pooled buffer comes back as a pooledReply, got %T", round, out)
+		buf := pr.buf
+
+		want, err := proto.Marshal(&pb.HandleRequestReply{Response: &pb.Response{Data: answer}})
+		require.NoError(t, err)
+		got, err := c.Marshal(out)
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(want, got.Materialize()), "round %d", round)
+		got.Free()
+
+		require.Empty(t, pr.Response.Data, "the reply still points at the released buffer")
+		require.Nil(t, pr.buf)
+		require.Equal(t, make([]byte, len(answer)), (*buf)[:len(answer)], "the answer's bytes were not cleared")
+	}
 }

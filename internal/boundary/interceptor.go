@@ -12,7 +12,8 @@ import (
 // HandleRequest and HandleExistenceCheck it decodes a large request body
 // itself (DecodedBody) and replaces it by "{}"; for HandleRequest it also
 // lets the handler pre-encode the response's data (PreEncode) and puts
-// those bytes in the reply. Every other call passes through untouched.
+// those bytes in the reply (a pooledReply when they are in a pooled buffer,
+// which codec.Marshal puts back). Every other call passes through untouched.
 func UnaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (interface{}, error) {
 	var r *pb.Request
 	var s *slot
@@ -41,6 +42,9 @@ func UnaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServ
 		// The slot's bytes are not written again: the string may share
 		// them instead of copying a large answer.
 		reply.Response.Data = unsafe.String(unsafe.SliceData(s.data), len(s.data))
+		if s.buf != nil && err == nil {
+			return &pooledReply{HandleRequestReply: reply, buf: s.buf}, nil
+		}
 	}
 	return out, err
 }

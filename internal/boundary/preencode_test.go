@@ -33,7 +33,7 @@ func TestPreEncodedResponseReachesTheReply(t *testing.T) {
 		out, err := boundary.UnaryInterceptor(context.Background(), &pb.HandleRequestArgs{Request: &pb.Request{Path: "decrypt/k", Operation: "update", Data: "{}"}},
 			&grpc.UnaryServerInfo{FullMethod: pb.Backend_HandleRequest_FullMethodName}, boundarytest.SDKHandleRequest(backend))
 		require.NoError(t, err)
-		return out.(*pb.HandleRequestReply)
+		return boundary.Reply(out)
 	}
 	require.Equal(t, handlers, call(pre).Response.Data)
 

@@ -3,15 +3,63 @@ package boundary
 import (
 	"context"
 	"encoding/json"
+	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/logical"
+	"github.com/hashicorp/vault/sdk/plugin/pb"
 )
 
 // slotKey carries the slot for a response's pre-encoded data from
 // UnaryInterceptor to the backend.
 type slotKey struct{}
 
-type slot struct{ data []byte }
+type slot struct {
+	data []byte
+	// buf is the pooled buffer data was written in, when it still is.
+	buf *[]byte
+}
+
+// answers is the pool of buffers batch answers are written in: an answer is
+// written once, copied into the gRPC message by codec.Marshal, and its
+// buffer cleared and put back there (pooledReply).
+var answers bufferPool
+
+// answerHint is about the size of the last answer written, to get a buffer
+// of its size class for the next one rather than grow it from nothing.
+var answerHint atomic.Int64
+
+// pooledReply is the HandleRequest reply whose response data is written in
+// buf: UnaryInterceptor returns it in place of the bare reply, gRPC hands it
+// unchanged to codec.Marshal (the reply of a unary call goes to the codec
+// as the handler returned it), and Marshal puts buf back in answers once the
+// message holds a copy of the data.
+type pooledReply struct {
+	*pb.HandleRequestReply
+	buf *[]byte
+}
+
+// Reply is the HandleRequest reply in what UnaryInterceptor returned, for
+// callers in the same process (tests), which get a pooledReply when the
+// answer was pre-encoded. Its buffer is then left to the garbage collector.
+func Reply(out interface{}) *pb.HandleRequestReply {
+	switch r := out.(type) {
+	case *pb.HandleRequestReply:
+		return r
+	case *pooledReply:
+		return r.HandleRequestReply
+	}
+	return nil
+}
+
+// release clears the answer's bytes (a decrypt answer holds plaintexts) and
+// puts its buffer back, after the reply no longer points at them.
+func (r *pooledReply) release() {
+	n := len(r.Response.Data)
+	r.Response.Data = ""
+	clear((*r.buf)[:n])
+	answers.Put(r.buf)
+	r.buf = nil
+}
 
 // standIn is the data a response carries while its real data waits in the
 // slot; standInJSON is how the SDK encodes it, which the interceptor
@@ -41,7 +89,20 @@ func PreEncode(ctx context.Context, resp *logical.Response, encode func(dst []by
 	if !ok || resp == nil {
 		return false
 	}
-	s.data = encode(s.data[:0])
+	hint := int(answerHint.Load())
+	buf := answers.Get(hint)
+	s.data = encode((*buf)[:0])
+	s.buf = buf
+	if cap(s.data) != cap(*buf) {
+		// It grew out of the pooled buffer, which holds a partial copy.
+		clear((*buf)[:cap(*buf)])
+		answers.Put(buf)
+		s.buf = nil
+	}
+	// A margin over this answer's size, so that the next one of about
+	// the same size does not outgrow its buffer (appendBatch reserves
+	// an eighth more than it needs).
+	answerHint.Store(int64(len(s.data) + len(s.data)/4))
 	resp.Data = map[string]interface{}{standInKey: true}
 	return true
 }

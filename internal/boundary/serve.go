@@ -2,6 +2,7 @@ package boundary
 
 import (
 	"math"
+	"runtime"
 
 	"github.com/hashicorp/go-hclog"
 	goplugin "github.com/hashicorp/go-plugin"
@@ -18,6 +19,13 @@ import (
 const (
 	sdkChecked  = "v0.20.0"
 	serveSHA256 = "f69219a95e5b9a20774b6e000d063102f53209d3b706695e646767391c37757b"
+)
+
+// The gRPC server's flow-control windows and I/O buffers (see Serve).
+const (
+	streamWindow = 1 << 20
+	connWindow   = 4 << 20
+	ioBuffer     = 256 << 10
 )
 
 // Serve serves factory's backend to Vault as the SDK's plugin.ServeMultiplex
@@ -47,6 +55,17 @@ func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSP
 			opts = append(opts,
 				grpc.MaxRecvMsgSize(math.MaxInt32),
 				grpc.MaxSendMsgSize(math.MaxInt32),
+				// A batch request is hundreds of KB: windows that take one
+				// whole, so Vault sends it without waiting for window
+				// updates, and buffers that read and write it in few calls.
+				grpc.InitialWindowSize(streamWindow),
+				grpc.InitialConnWindowSize(connWindow),
+				grpc.ReadBufferSize(ioBuffer),
+				grpc.WriteBufferSize(ioBuffer),
+				// Calls run on long-lived goroutines, whose stacks have
+				// grown already, rather than on a new one each; when
+				// all are busy gRPC starts one as it would without.
+				grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 				grpc.ChainUnaryInterceptor(UnaryInterceptor),
 				experimental.BufferPool(pool),
 				grpc.ForceServerCodecV2(codec{pool}))

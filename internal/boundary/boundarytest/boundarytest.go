@@ -46,6 +46,6 @@ func HandleRequest(backend Backend, path, body string, intercepted bool) (*pb.Ha
 	} else {
 		out, err = handler(context.Background(), args)
 	}
-	reply, _ := out.(*pb.HandleRequestReply)
+	reply := boundary.Reply(out)
 	return reply, err
 }
