@@ -9,9 +9,10 @@ import (
 // it). gRPC's default pool clears a buffer's whole capacity at every Get,
 // and gives a 150 KB batch request a 1 MiB buffer: clearing it was about a
 // tenth of the plugin's CPU on batches (pprof). This one keeps buffers by
-// power-of-two capacity and does not clear them: gRPC asks for exactly the
-// length it then reads into (a frame, a message) and fills it, so no byte
-// of an earlier message is ever read from a buffer it gets. (gRPC clears its
+// power-of-two capacity and does not clear them at Get: gRPC asks for
+// exactly the length it then reads into (a frame, a message) and fills it,
+// so no byte of an earlier message is ever read from a buffer it gets. Put
+// clears what was written instead (see Put). (gRPC clears its
 // global pool's buffers as a defence against a consumer that would read
 // memory it did not fill; its maintainers plan uninitialised buffers for
 // their own internal uses, grpc-go issue 8790 and pull request 8910. This
@@ -50,7 +51,14 @@ func (p *bufferPool) Get(size int) *[]byte {
 
 // Put keeps buf for a later Get of its class; a buffer whose capacity is
 // not one of the classes (not made here) is left to the garbage collector.
+// Either way, buf's bytes up to its length are cleared first: messages in
+// and out carry plaintexts (an encrypt request's, a decrypt answer's), and
+// a pooled buffer would keep them in memory until it is used again. The
+// length is what was filled (Get gives a buffer of the size asked, gRPC
+// and the codec fill it), so this costs a clear of what was written, not of
+// the whole capacity as gRPC's default pool's Get does.
 func (p *bufferPool) Put(buf *[]byte) {
+	clear(*buf)
 	c := cap(*buf)
 	if c < 1<<minClass || c > 1<<maxClass || c&(c-1) != 0 {
 		return

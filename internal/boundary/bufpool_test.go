@@ -66,3 +66,18 @@ func TestBufferPoolReusesByClass(t *testing.T) {
 		require.NotSame(t, &odd[0], &(*got)[0])
 	}
 }
+
+// Put clears what was written in a buffer, in the class it keeps and beyond
+// the classes alike, before anyone can Get it again.
+func TestBufferPoolPutClears(t *testing.T) {
+	p := &bufferPool{}
+	for _, size := range []int{10, 3000, 150_000, 1<<24 + 1} {
+		b := p.Get(size)
+		for i := range *b {
+			(*b)[i] = 0xaa
+		}
+		kept := *b
+		p.Put(b)
+		require.Equal(t, make([]byte, size), kept, "size %d", size)
+	}
+}

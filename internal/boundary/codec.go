@@ -31,6 +31,10 @@ func protoMessage(v any) (proto.Message, error) {
 
 func (c codec) Marshal(v any) (mem.BufferSlice, error) {
 	if r, ok := v.(*pooledReply); ok {
+		if r.buf == nil {
+			// Released by an earlier Marshal: its answer is gone.
+			return nil, fmt.Errorf("proto codec: a pooled reply marshalled again after its answer was released")
+		}
 		// The message copies the answer's bytes; then they are not
 		// needed any more.
 		defer r.release()

@@ -81,7 +81,9 @@
 // experimental.BufferPool, ForceServerCodecV2 and NumStreamWorkers still
 // exist, and that a unary handler's reply still reaches the codec as the
 // interceptor returned it (server.go, processUnaryRPC and sendResponse): a
-// pooledReply is not a protobuf message, and only codec knows it. If gRPC
-// ever refused it, every pre-encoded batch answer would fail, which the
-// end-to-end suite would show at once.
+// pooledReply embeds the reply, so it is a protobuf message too (its
+// methods are promoted), but only codec releases its buffer: a reply that
+// reached another codec would go out unchanged and its buffer, uncleared,
+// be left to the garbage collector, which no test would show (a binary
+// log or a stats handler given it after the send sees its Data emptied).
 package boundary

@@ -28,6 +28,12 @@ var answers bufferPool
 // of its size class for the next one rather than grow it from nothing.
 var answerHint atomic.Int64
 
+// maxAnswerHint bounds the buffer a hint gets: the hint is the last answer
+// of anyone's, and one huge batch answer must not make every answer that
+// starts before the next one allocate (and zero) as much. Larger answers
+// grow from there (appendBatch reserves their room at the first item).
+const maxAnswerHint = 1 << 20
+
 // pooledReply is the HandleRequest reply whose response data is written in
 // buf: UnaryInterceptor returns it in place of the bare reply, gRPC hands it
 // unchanged to codec.Marshal (the reply of a unary call goes to the codec
@@ -56,7 +62,7 @@ func Reply(out interface{}) *pb.HandleRequestReply {
 func (r *pooledReply) release() {
 	n := len(r.Response.Data)
 	r.Response.Data = ""
-	clear((*r.buf)[:n])
+	*r.buf = (*r.buf)[:n] // what Put clears
 	answers.Put(r.buf)
 	r.buf = nil
 }
@@ -89,13 +95,13 @@ func PreEncode(ctx context.Context, resp *logical.Response, encode func(dst []by
 	if !ok || resp == nil {
 		return false
 	}
-	hint := int(answerHint.Load())
+	hint := min(int(answerHint.Load()), maxAnswerHint)
 	buf := answers.Get(hint)
 	s.data = encode((*buf)[:0])
 	s.buf = buf
 	if cap(s.data) != cap(*buf) {
 		// It grew out of the pooled buffer, which holds a partial copy.
-		clear((*buf)[:cap(*buf)])
+		*buf = (*buf)[:cap(*buf)] // all of it, for Put to clear
 		answers.Put(buf)
 		s.buf = nil
 	}
