@@ -181,3 +181,38 @@ func TestDecryptGCMBatch(t *testing.T) {
 	require.Nil(t, again[0].Out)
 	shim.Set()
 }
+
+// An item the token refuses with a PKCS#11 return value (here
+// CKR_MECHANISM_INVALID from a token without AES-GCM) gets the error a
+// single EncryptGCM or DecryptGCM gets for it: classified, with its kind,
+// not the bare return value.
+func TestGCMBatchItemErrorsAreClassified(t *testing.T) {
+	shim, label := newShim(t)
+	tok := openShim(t, shim, label, 0)
+	kek := uniqueLabel("kek")
+	require.NoError(t, tok.GenerateKey(kek))
+	sealed := batchItems(3)
+	require.NoError(t, tok.EncryptGCMBatch(kek, sealed))
+
+	shim.Set(p11shim.NoGCM)
+	defer shim.Set()
+	_, single := tok.EncryptGCM(kek, sealed[0].In, sealed[0].AAD)
+	require.NotZero(t, KindOf(single), "%v", single)
+	items := batchItems(3)
+	require.NoError(t, tok.EncryptGCMBatch(kek, items))
+	for i, it := range items {
+		require.Equal(t, KindOf(single), KindOf(it.Err), "encrypt item %d: %v", i, it.Err)
+		require.Equal(t, single.Error(), it.Err.Error(), "encrypt item %d", i)
+	}
+
+	_, single = tok.DecryptGCM(kek, sealed[0].Out, sealed[0].AAD)
+	require.NotZero(t, KindOf(single), "%v", single)
+	open := make([]GCMItem, len(sealed))
+	for i, it := range sealed {
+		open[i] = GCMItem{In: it.Out, AAD: it.AAD}
+	}
+	require.NoError(t, tok.DecryptGCMBatch(kek, open))
+	for i, it := range open {
+		require.Equal(t, KindOf(single), KindOf(it.Err), "decrypt item %d: %v", i, it.Err)
+	}
+}
