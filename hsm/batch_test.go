@@ -78,10 +78,7 @@ func TestEncryptGCMBatch(t *testing.T) {
 // its own error; the items before it keep their results, and the batch
 // does not stop at it.
 func TestEncryptGCMBatchItemRefused(t *testing.T) {
-	shim, label := newShim(t)
-	tok := openShim(t, shim, label, 0)
-	kek := uniqueLabel("kek")
-	require.NoError(t, tok.GenerateKey(kek))
+	shim, tok, kek := shimWithKEK(t)
 	shim.Set(p11shim.IVRepeat)
 	items := batchItems(4)
 	require.NoError(t, tok.EncryptGCMBatch(kek, items))
@@ -140,10 +137,7 @@ func TestEncryptGCMBatchDeadline(t *testing.T) {
 // an item that does not open (tampered, under another item's associated
 // data, too short) fails alone, as DecryptGCM fails it.
 func TestDecryptGCMBatch(t *testing.T) {
-	shim, label := newShim(t)
-	tok := openShim(t, shim, label, 0)
-	kek := uniqueLabel("kek")
-	require.NoError(t, tok.GenerateKey(kek))
+	shim, tok, kek := shimWithKEK(t)
 	sealed := batchItems(MaxGCMBatch)
 	require.NoError(t, tok.EncryptGCMBatch(kek, sealed))
 
@@ -187,10 +181,7 @@ func TestDecryptGCMBatch(t *testing.T) {
 // single EncryptGCM or DecryptGCM gets for it: classified, with its kind,
 // not the bare return value.
 func TestGCMBatchItemErrorsAreClassified(t *testing.T) {
-	shim, label := newShim(t)
-	tok := openShim(t, shim, label, 0)
-	kek := uniqueLabel("kek")
-	require.NoError(t, tok.GenerateKey(kek))
+	shim, tok, kek := shimWithKEK(t)
 	sealed := batchItems(3)
 	require.NoError(t, tok.EncryptGCMBatch(kek, sealed))
 
@@ -215,4 +206,15 @@ func TestGCMBatchItemErrorsAreClassified(t *testing.T) {
 	for i, it := range open {
 		require.Equal(t, KindOf(single), KindOf(it.Err), "decrypt item %d: %v", i, it.Err)
 	}
+}
+
+// shimWithKEK is a token behind the shim, with no deadline, and the label
+// of an AES key generated in it.
+func shimWithKEK(t *testing.T) (*p11shim.Shim, *Token, string) {
+	t.Helper()
+	shim, label := newShim(t)
+	tok := openShim(t, shim, label, 0)
+	kek := uniqueLabel("kek")
+	require.NoError(t, tok.GenerateKey(kek))
+	return shim, tok, kek
 }

@@ -20,7 +20,6 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/proto"
@@ -59,7 +58,40 @@ func interceptPooled(t testing.TB, answer string, herr error) (interface{}, erro
 // bytes, and the codec must write exactly what proto.Marshal writes.
 func TestAttackConcurrentAnswersStayTheirOwn(t *testing.T) {
 	c := codec{&bufferPool{}}
-	const workers, rounds = 8, 60
+	concurrently(t, 8, 60, func(id int) error {
+		answer := attackAnswer(id)
+		out, err := interceptPooled(t, answer, nil)
+		if err != nil {
+			return err
+		}
+		for i := 0; i < 3; i++ {
+			runtime.Gosched()
+		}
+		if got := Reply(out).Response.Data; got != answer {
+			return fmt.Errorf("request %d: its answer changed before it was marshalled (%d bytes, want %d)", id, len(got), len(answer))
+		}
+		want, _ := proto.Marshal(&pb.HandleRequestReply{Response: &pb.Response{Data: answer}})
+		got, err := c.Marshal(out)
+		if err != nil {
+			return err
+		}
+		runtime.Gosched()
+		if !bytes.Equal(want, got.Materialize()) {
+			return fmt.Errorf("request %d: the message is not its answer", id)
+		}
+		got.Free()
+		if pr, ok := out.(*pooledReply); ok && (pr.Response.Data != "" || pr.buf != nil) {
+			return fmt.Errorf("request %d: the released reply still points at its buffer", id)
+		}
+		return nil
+	})
+}
+
+// concurrently runs f for ids 0 to workers*rounds-1 on workers goroutines,
+// each taking rounds ids in turn and stopping at its first error; every
+// error fails t.
+func concurrently(t *testing.T, workers, rounds int, f func(id int) error) {
+	t.Helper()
 	var wg sync.WaitGroup
 	errs := make(chan error, workers)
 	for w := 0; w < workers; w++ {
@@ -67,34 +99,8 @@ func TestAttackConcurrentAnswersStayTheirOwn(t *testing.T) {
 		go func(w int) {
 			defer wg.Done()
 			for r := 0; r < rounds; r++ {
-				id := w*rounds + r
-				answer := attackAnswer(id)
-				out, err := interceptPooled(t, answer, nil)
-				if err != nil {
+				if err := f(w*rounds + r); err != nil {
 					errs <- err
-					return
-				}
-				for i := 0; i < 3; i++ {
-					runtime.Gosched()
-				}
-				if got := Reply(out).Response.Data; got != answer {
-					errs <- fmt.Errorf("request %d: its answer changed before it was marshalled (%d bytes, want %d)", id, len(got), len(answer))
-					return
-				}
-				want, _ := proto.Marshal(&pb.HandleRequestReply{Response: &pb.Response{Data: answer}})
-				got, err := c.Marshal(out)
-				if err != nil {
-					errs <- err
-					return
-				}
-				runtime.Gosched()
-				if !bytes.Equal(want, got.Materialize()) {
-					errs <- fmt.Errorf("request %d: the message is not its answer", id)
-					return
-				}
-				got.Free()
-				if pr, ok := out.(*pooledReply); ok && (pr.Response.Data != "" || pr.buf != nil) {
-					errs <- fmt.Errorf("request %d: the released reply still points at its buffer", id)
 					return
 				}
 			}
@@ -250,18 +256,8 @@ func (h *outPayloads) HandleRPC(_ context.Context, s stats.RPCStats) {
 // batch calls each get their own answer, byte for byte; what reaches the
 // stats handler after the send holds no answer's bytes.
 func TestAttackConcurrentCallsThroughGRPC(t *testing.T) {
-	pool := &bufferPool{}
 	sh := &outPayloads{}
-	srv := grpc.NewServer(
-		grpc.InitialWindowSize(streamWindow),
-		grpc.InitialConnWindowSize(connWindow),
-		grpc.ReadBufferSize(ioBuffer),
-		grpc.WriteBufferSize(ioBuffer),
-		grpc.NumStreamWorkers(2),
-		grpc.ChainUnaryInterceptor(UnaryInterceptor),
-		grpc.StatsHandler(sh),
-		experimental.BufferPool(pool),
-		grpc.ForceServerCodecV2(codec{pool}))
+	srv := grpc.NewServer(append(serverOptions(), grpc.StatsHandler(sh))...)
 	pb.RegisterBackendServer(srv, backendStub{})
 	lis := bufconn.Listen(1 << 20)
 	go srv.Serve(lis)
@@ -273,32 +269,16 @@ func TestAttackConcurrentCallsThroughGRPC(t *testing.T) {
 	defer conn.Close()
 	client := pb.NewBackendClient(conn)
 
-	const workers, rounds = 8, 25
-	var wg sync.WaitGroup
-	errs := make(chan error, workers)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			for r := 0; r < rounds; r++ {
-				id := w*rounds + r
-				reply, err := client.HandleRequest(context.Background(), &pb.HandleRequestArgs{Request: &pb.Request{Path: fmt.Sprintf("decrypt/%d", id), Data: "{}"}})
-				if err != nil {
-					errs <- err
-					return
-				}
-				if reply.Response.Data != attackAnswer(id) {
-					errs <- fmt.Errorf("call %d got another answer's bytes or a corrupted answer (%d bytes)", id, len(reply.Response.Data))
-					return
-				}
-			}
-		}(w)
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+	concurrently(t, 8, 25, func(id int) error {
+		reply, err := client.HandleRequest(context.Background(), &pb.HandleRequestArgs{Request: &pb.Request{Path: fmt.Sprintf("decrypt/%d", id), Data: "{}"}})
+		if err != nil {
+			return err
+		}
+		if reply.Response.Data != attackAnswer(id) {
+			return fmt.Errorf("call %d got another answer's bytes or a corrupted answer (%d bytes)", id, len(reply.Response.Data))
+		}
+		return nil
+	})
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	require.NotEmpty(t, sh.seen, "no answer went out pooled")

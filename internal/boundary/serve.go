@@ -28,6 +28,31 @@ const (
 	ioBuffer     = 256 << 10
 )
 
+// serverOptions are what Serve adds to go-plugin's gRPC server options: the
+// message size limits ServeMultiplex sets, the transport's sizes, the
+// interceptor, and a buffer pool with the codec that uses it.
+func serverOptions() []grpc.ServerOption {
+	pool := &bufferPool{}
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(math.MaxInt32),
+		grpc.MaxSendMsgSize(math.MaxInt32),
+		// A batch request is hundreds of KB: windows that take one
+		// whole, so Vault sends it without waiting for window updates,
+		// and buffers that read and write it in few calls.
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(connWindow),
+		grpc.ReadBufferSize(ioBuffer),
+		grpc.WriteBufferSize(ioBuffer),
+		// Calls run on long-lived goroutines, whose stacks have grown
+		// already, rather than on a new one each; when all are busy gRPC
+		// starts one as it would without.
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
+		grpc.ChainUnaryInterceptor(UnaryInterceptor),
+		experimental.BufferPool(pool),
+		grpc.ForceServerCodecV2(codec{pool}),
+	}
+}
+
 // Serve serves factory's backend to Vault as the SDK's plugin.ServeMultiplex
 // does (the same protocol versions, multiplexing, logger, message size
 // limits, mlock and handshake), with UnaryInterceptor on the gRPC server. It
@@ -51,24 +76,7 @@ func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSP
 		Logger:           logger,
 		TLSProvider:      tlsProvider,
 		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
-			pool := &bufferPool{}
-			opts = append(opts,
-				grpc.MaxRecvMsgSize(math.MaxInt32),
-				grpc.MaxSendMsgSize(math.MaxInt32),
-				// A batch request is hundreds of KB: windows that take one
-				// whole, so Vault sends it without waiting for window
-				// updates, and buffers that read and write it in few calls.
-				grpc.InitialWindowSize(streamWindow),
-				grpc.InitialConnWindowSize(connWindow),
-				grpc.ReadBufferSize(ioBuffer),
-				grpc.WriteBufferSize(ioBuffer),
-				// Calls run on long-lived goroutines, whose stacks have
-				// grown already, rather than on a new one each; when
-				// all are busy gRPC starts one as it would without.
-				grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
-				grpc.ChainUnaryInterceptor(UnaryInterceptor),
-				experimental.BufferPool(pool),
-				grpc.ForceServerCodecV2(codec{pool}))
+			opts = append(opts, serverOptions()...)
 			return goplugin.DefaultGRPCServer(opts)
 		},
 	})
