@@ -20,6 +20,9 @@ func TestNumbersFit(t *testing.T) {
 		`["1e400"]`, `[{"1e400":"x"}]`, `["\"1e400"]`, `["\\", 1e400]`, `["\\\"", 5]`,
 		`["a\"b", "c\\\\", 1e999]`, `["\u0022 1e999"]`, `[{"x":"` + tooLong + `"}]`,
 		`[true, false, null, "x", 7]`,
+		// Out-of-range look-alikes at every offset into a string, so that
+		// a jump that lands short of the closing quote reads one.
+		`["a1e400"]`, `["ab1e400"]`, `["abc1e400"]`, `["abcd1e400"]`, `[{"k":"ab-1e999"}]`,
 	} {
 		var v interface{}
 		want := json.Unmarshal([]byte(text), &v) == nil
