@@ -159,6 +159,32 @@ func TestOAEPFallsBackToSHA1OnRefusedHashes(t *testing.T) {
 	}
 }
 
+// A blob relabelled with a hash the token refuses is not authentic
+// (Failed, and said so), whichever way the token refuses it:
+// CKR_ARGUMENTS_BAD (SoftHSM2 2.6) or CKR_MECHANISM_PARAM_INVALID.
+func TestOAEPBlobNamingARefusedHashOnEitherRefusal(t *testing.T) {
+	shim, label := newShim(t)
+	tok := openShim(t, shim, label, 0)
+	k := sealKeysFor(RSAOAEP)
+	require.NoError(t, tok.EnsureSealKeys(k, true))
+	aad := []byte("aad")
+	for _, words := range [][]string{nil, {p11shim.OAEPParamInvalid}} {
+		shim.Set(words...)
+		blob, err := tok.Seal(k, []byte("secret"), aad)
+		require.NoError(t, err, "%q", words)
+		for _, h := range oaepHashes {
+			if h.id == blob[0] {
+				continue
+			}
+			got, err := tok.Open(k, append([]byte{h.id}, blob[1:]...), aad)
+			require.Equal(t, Failed, KindOf(err), "%q, relabelled with hash %d: %v", words, h.id, err)
+			require.Contains(t, err.Error(), "do not authenticate", "%q: the refusal is named as the blob's", words)
+			require.Nil(t, got)
+		}
+	}
+	shim.Set()
+}
+
 // The key-wrap mechanism of aes-kwp is asked of the token once per module
 // generation: a token listing CKM_AES_KEY_WRAP_KWP for wrap and unwrap gets
 // it (variant 2), one whose KWP cannot unwrap gets CKM_AES_KEY_WRAP_PAD
