@@ -9,18 +9,7 @@ import (
 // goroutines: the session pool and handle cache around C_EncryptInit and
 // C_Encrypt.
 func BenchmarkEncryptGCM(b *testing.B) {
-	tok, err := Open(Config{Library: softhsmLib, TokenLabel: "token-a", PIN: testPIN})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer tok.Close()
-	if has, _ := tok.HasKey("kek-bench"); !has {
-		if err := tok.GenerateKey("kek-bench"); err != nil {
-			b.Fatal(err)
-		}
-	}
-	pt := make([]byte, 128)
-	_, _ = rand.Read(pt)
+	tok, pt := benchToken(b)
 	b.SetParallelism(8) // 16 goroutines on 2 cores
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
@@ -39,18 +28,7 @@ func BenchmarkEncryptGCM(b *testing.B) {
 // (one session, handle lookup and deadline per run); ns/op and ops/s are
 // per item, for comparison with BenchmarkEncryptGCM in the same run.
 func BenchmarkEncryptGCMBatch(b *testing.B) {
-	tok, err := Open(Config{Library: softhsmLib, TokenLabel: "token-a", PIN: testPIN})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer tok.Close()
-	if has, _ := tok.HasKey("kek-bench"); !has {
-		if err := tok.GenerateKey("kek-bench"); err != nil {
-			b.Fatal(err)
-		}
-	}
-	pt := make([]byte, 128)
-	_, _ = rand.Read(pt)
+	tok, pt := benchToken(b)
 	b.SetParallelism(8)
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
@@ -75,4 +53,23 @@ func BenchmarkEncryptGCMBatch(b *testing.B) {
 		flush()
 	})
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "ops/s")
+}
+
+// benchToken opens token-a for a benchmark (closed when it ends), with an
+// AES key labelled kek-bench, and returns 128 random bytes to encrypt.
+func benchToken(b *testing.B) (*Token, []byte) {
+	b.Helper()
+	tok, err := Open(Config{Library: softhsmLib, TokenLabel: "token-a", PIN: testPIN})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(tok.Close)
+	if has, _ := tok.HasKey("kek-bench"); !has {
+		if err := tok.GenerateKey("kek-bench"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	pt := make([]byte, 128)
+	_, _ = rand.Read(pt)
+	return tok, pt
 }
