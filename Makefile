@@ -87,12 +87,14 @@ dev-stop:
 clean:
 	rm -f $(BIN)/$(PLUGIN)
 
-# bench builds the plugin, the floor plugin and the load tool, then runs the
-# load against built-in transit, the floor and the plugin on one Vault.
+# bench builds the plugin, the floor plugin, the wire plugin (batches only)
+# and the load tool, then runs the load against built-in transit, the floor,
+# the wire plugin and the plugin on one Vault.
 .PHONY: bench
 bench: build vault
 	go build -o $(BIN)/vault-plugin-floor ./bench/floor
-	go run ./cmd/hsm-transit-load -vault $(VAULT) -plugin $(BIN)/$(PLUGIN) -floor $(BIN)/vault-plugin-floor $(BENCH_FLAGS)
+	go build -o $(BIN)/vault-plugin-wire ./bench/wire
+	go run ./cmd/hsm-transit-load -vault $(VAULT) -plugin $(BIN)/$(PLUGIN) -floor $(BIN)/vault-plugin-floor -wire $(BIN)/vault-plugin-wire $(BENCH_FLAGS)
 
 # bench-envelope measures the envelope CLI against age (Debian package age)
 # and against the plugin's transit/encrypt in batches, 3 interleaved rounds

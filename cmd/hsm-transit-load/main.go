@@ -1,10 +1,11 @@
 // Command hsm-transit-load measures hsm-transit against Vault's built-in
-// transit and against a floor plugin, on one Vault server it starts itself:
+// transit and against a floor plugin (and, for batches of 1000, a plugin
+// that only moves the bytes, bench/wire), on one Vault server it starts itself:
 // the same loads against each mount, interleaved, over several rounds. It
 // prints requests/s, items/s, p50 and p99 and the ratios, and writes them as
 // Markdown and as an SVG chart.
 //
-//	go run ./cmd/hsm-transit-load -vault bin/vault -plugin bin/vault-plugin-secrets-hsm-transit -floor bin/vault-plugin-floor
+//	go run ./cmd/hsm-transit-load -vault bin/vault -plugin bin/vault-plugin-secrets-hsm-transit -floor bin/vault-plugin-floor -wire bin/vault-plugin-wire
 package main
 
 import (
@@ -31,6 +32,7 @@ import (
 
 type options struct {
 	vault, plugin, floor string
+	wire                 string
 	duration             time.Duration
 	rounds               int
 	out                  string
@@ -48,6 +50,7 @@ func main() {
 	flag.StringVar(&o.vault, "vault", "bin/vault", "vault binary")
 	flag.StringVar(&o.plugin, "plugin", "bin/vault-plugin-secrets-hsm-transit", "hsm-transit plugin binary")
 	flag.StringVar(&o.floor, "floor", "bin/vault-plugin-floor", "floor plugin binary")
+	flag.StringVar(&o.wire, "wire", "", "the plugin that only moves the bytes (bench/wire), measured on batches of 1000 if given")
 	flag.DurationVar(&o.duration, "duration", 1500*time.Millisecond, "duration of each load on each mount, per round")
 	flag.IntVar(&o.rounds, "rounds", 8, "rounds; each runs every load on every mount")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for results.md and ratios.svg")
@@ -63,7 +66,7 @@ func main() {
 	}
 }
 
-func run(o options) error {
+func run(o options) (err error) {
 	dir, err := os.MkdirTemp("", "hsm-transit-load-")
 	if err != nil {
 		return err
@@ -74,6 +77,12 @@ func run(o options) error {
 		return err
 	}
 	defer v.Stop()
+	defer func() {
+		if err != nil {
+			// What Vault logged (at warn and above) says why.
+			fmt.Fprintf(os.Stderr, "hsm-transit-load: Vault's log:\n%s\n", v.LogSince(0))
+		}
+	}()
 	if err := v.setup(); err != nil {
 		return err
 	}
@@ -173,9 +182,17 @@ func data(out map[string]interface{}, err error) (map[string]interface{}, error)
 	return d, nil
 }
 
-// setup mounts built-in transit, the plugin (sealed by SoftHSM2) and the
-// floor, and creates the keys.
+// setup mounts built-in transit, the plugin (sealed by SoftHSM2), the
+// floor and the wire plugin if it is given, and creates the keys.
 func (v *vault) setup() error {
+	if v.o.wire != "" {
+		if err := v.RegisterPlugin(v.o.wire, vaultproc.Plugin{Name: "wire"}); err != nil {
+			return fmt.Errorf("registering %s: %w", v.o.wire, err)
+		}
+		if _, err := v.Call("POST", "sys/mounts/wire", map[string]interface{}{"type": "wire"}); err != nil {
+			return err
+		}
+	}
 	if err := v.RegisterPlugin(v.o.plugin, vaultproc.Plugin{Name: "hsm-transit"}); err != nil {
 		return fmt.Errorf("registering %s: %w", v.o.plugin, err)
 	}
@@ -291,6 +308,13 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 	}
 	all := []string{"builtin", "plugin", "floor"}
 	both := []string{"builtin", "plugin"}
+	// Batches of 1000 also on the wire plugin, which answers a batch of
+	// 1000 to any batch (its decrypt batch is the floor's).
+	batches := all
+	if o.wire != "" {
+		batches = append(all[:len(all):len(all)], "wire")
+		ctBatch["wire"] = ctBatch["floor"]
+	}
 	loads := []load{
 		{name: "encrypt, 1 item", workers: 8, items: 1, mounts: all, request: func(m string) (string, interface{}) {
 			return m + "/encrypt/bench", map[string]interface{}{"plaintext": pt}
@@ -301,10 +325,10 @@ func runLoads(o options, v *vault, loop *rawLoop) ([]result, rawResult, error) {
 		{name: "encrypt, batch of 100", workers: 4, items: 100, mounts: all, request: func(m string) (string, interface{}) {
 			return m + "/encrypt/bench", batch100
 		}},
-		{name: "encrypt, batch of 1000", workers: 2, items: 1000, mounts: all, request: func(m string) (string, interface{}) {
+		{name: "encrypt, batch of 1000", workers: 2, items: 1000, mounts: batches, request: func(m string) (string, interface{}) {
 			return m + "/encrypt/bench", batch1000
 		}},
-		{name: "decrypt, batch of 1000", workers: 2, items: 1000, mounts: all, request: func(m string) (string, interface{}) {
+		{name: "decrypt, batch of 1000", workers: 2, items: 1000, mounts: batches, request: func(m string) (string, interface{}) {
 			return m + "/decrypt/bench", ctBatch[m]
 		}},
 		{name: "datakey", workers: 8, items: 1, mounts: both, request: func(m string) (string, interface{}) {
@@ -420,11 +444,12 @@ func runOne(v *vault, l load, mount string, d time.Duration) (sample, error) {
 				req.Header.Set("X-Vault-Token", v.Token)
 				resp, err := v.HTTP.Do(req)
 				if err == nil {
+					if resp.StatusCode != 200 {
+						head, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+						err = fmt.Errorf("%s: status %d: %s", path, resp.StatusCode, head)
+					}
 					_, _ = io.Copy(io.Discard, resp.Body)
 					resp.Body.Close()
-					if resp.StatusCode != 200 {
-						err = fmt.Errorf("%s: status %d", path, resp.StatusCode)
-					}
 				}
 				if err != nil {
 					mu.Lock()

@@ -30,8 +30,9 @@ const (
 
 // serverOptions are what Serve adds to go-plugin's gRPC server options: the
 // message size limits ServeMultiplex sets, the transport's sizes, the
-// interceptor, and a buffer pool with the codec that uses it.
-func serverOptions() []grpc.ServerOption {
+// interceptors (outer ones, then UnaryInterceptor), and a buffer pool with
+// the codec that uses it.
+func serverOptions(outer ...grpc.UnaryServerInterceptor) []grpc.ServerOption {
 	pool := &bufferPool{}
 	return []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(math.MaxInt32),
@@ -47,7 +48,7 @@ func serverOptions() []grpc.ServerOption {
 		// already, rather than on a new one each; when all are busy gRPC
 		// starts one as it would without.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
-		grpc.ChainUnaryInterceptor(UnaryInterceptor),
+		grpc.ChainUnaryInterceptor(append(outer[:len(outer):len(outer)], UnaryInterceptor)...),
 		experimental.BufferPool(pool),
 		grpc.ForceServerCodecV2(codec{pool}),
 	}
@@ -55,9 +56,10 @@ func serverOptions() []grpc.ServerOption {
 
 // Serve serves factory's backend to Vault as the SDK's plugin.ServeMultiplex
 // does (the same protocol versions, multiplexing, logger, message size
-// limits, mlock and handshake), with UnaryInterceptor on the gRPC server. It
-// returns when Vault stops the plugin.
-func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSProviderFunc) error {
+// limits, mlock and handshake), with UnaryInterceptor on the gRPC server,
+// after the outer interceptors if any (the plugin has none; bench/wire
+// uses one). It returns when Vault stops the plugin.
+func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSProviderFunc, outer ...grpc.UnaryServerInterceptor) error {
 	backend := func(multiplex bool) goplugin.PluginSet {
 		return goplugin.PluginSet{plugin.BackendPluginName: &plugin.GRPCBackendPlugin{
 			Factory:             factory,
@@ -76,7 +78,7 @@ func Serve(factory logical.Factory, logger hclog.Logger, tlsProvider plugin.TLSP
 		Logger:           logger,
 		TLSProvider:      tlsProvider,
 		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
-			opts = append(opts, serverOptions()...)
+			opts = append(opts, serverOptions(outer...)...)
 			return goplugin.DefaultGRPCServer(opts)
 		},
 	})
