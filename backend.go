@@ -84,7 +84,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 	if err != nil {
 		return nil, err
 	}
-	if err := b.Setup(ctx, conf); err != nil {
+	if err := b.Setup(ctx, withReplicationCache(conf)); err != nil {
 		return nil, err
 	}
 	registerBackend(b)
