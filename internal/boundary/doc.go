@@ -44,7 +44,8 @@
 //   - Transport: flow-control windows that take a whole batch request, so
 //     Vault sends it without waiting for window updates; larger read and
 //     write buffers; and calls served by long-lived goroutines
-//     (grpc.NumStreamWorkers), whose stacks have grown already. Together
+//     (grpc.NumStreamWorkers, 32 of them: Vault sends as many calls at once
+//     as it has requests), whose stacks have grown already. Together
 //     with the pooled answers, about 7% less plugin CPU per item on
 //     batches of 1000 (load tool, three runs against the previous build).
 //
@@ -74,6 +75,12 @@
 //     field with mapstructure's weak decoding, which lifts a value that is
 //     not a list (RawBatch) into a list of one; if it refused it, every
 //     batch would be refused (the root package's boundary tests would fail);
+//   - framework/backend.go, Backend.HandleRequest: the replication state it
+//     reads is still used only to forward operations marked
+//     ForwardPerformanceStandby or ForwardPerformanceSecondary; the root
+//     package caches it for a second (replication.go), which is harmless
+//     only while that holds and no operation is marked so
+//     (TestNoOperationForwardsByReplicationState checks the marks);
 //
 // then update sdkChecked and serveSHA256. When google.golang.org/grpc is
 // upgraded, re-check that its proto codec still marshals and unmarshals as
