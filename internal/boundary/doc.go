@@ -81,6 +81,13 @@
 //     package caches it for a second (replication.go), which is harmless
 //     only while that holds and no operation is marked so
 //     (TestNoOperationForwardsByReplicationState checks the marks);
+//   - plugin/grpc_system.go: the system view Setup gets
+//     (newGRPCSystemViewFromSetupArgs) still has no method beyond
+//     logical.SystemView that the framework looks for by a type assertion
+//     on Backend.System() (today only GetRandomReader does, for
+//     entropy.Sourcer, which the gRPC client lacks): replicationCache
+//     embeds logical.SystemView only, so it would hide such a method and
+//     the feature behind it would stop without a word;
 //
 // then update sdkChecked and serveSHA256. When google.golang.org/grpc is
 // upgraded, re-check that its proto codec still marshals and unmarshals as

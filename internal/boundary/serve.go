@@ -34,6 +34,9 @@ const (
 // worker per core, make bench's 8 concurrent single items started most
 // calls on a new goroutine, whose stack then grew (runtime.newstack, 6% of
 // the plugin's CPU on single items, pprof). An idle worker costs its stack.
+// Two workers are held for the process's life by go-plugin's own streams
+// (the broker's StartStream and StreamStdio, which Vault's client opens at
+// once): with one worker per core on two cores, no call ever ran on one.
 func streamWorkers() uint32 { return uint32(max(32, runtime.GOMAXPROCS(0))) }
 
 // serverOptions are what Serve adds to go-plugin's gRPC server options: the
