@@ -242,6 +242,20 @@ func (b *backend) invalidate(ctx context.Context, key string) {
 	}
 }
 
+// mustNotWrite reports whether this node must leave storage and the HSM to
+// another: a DR secondary, a performance standby, or a performance
+// secondary for a mount that is replicated (not local). Built-in transit's
+// periodic function checks the same before auto-rotating.
+func (b *backend) mustNotWrite() bool {
+	sys := b.System()
+	if sys == nil {
+		return false
+	}
+	rs := sys.ReplicationState()
+	return rs.HasState(consts.ReplicationDRSecondary|consts.ReplicationPerformanceStandby) ||
+		(!sys.LocalMount() && rs.HasState(consts.ReplicationPerformanceSecondary))
+}
+
 // readOnlyNode reports whether this node serves reads only (a performance
 // standby), where the plugin must not write storage.
 func (b *backend) readOnlyNode() bool {
@@ -266,8 +280,15 @@ func (b *backend) clean(_ context.Context) {
 }
 
 // periodic is Vault's periodic callback (about once a minute). Keys rotate
-// only while the root key is unsealed.
+// only while the root key is unsealed. A node that must not write does none
+// of it: Vault runs the callback on performance standbys and secondaries
+// too, and their storage refuses writes only after the HSM has been
+// changed (a scheduled destruction destroys a key's HSM objects first, an
+// auto-rotation of an HSM-resident key creates its new object first).
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
+	if b.mustNotWrite() {
+		return nil
+	}
 	s, err := b.seal.View(ctx, req.Storage)
 	if err != nil {
 		return nil
@@ -358,15 +379,6 @@ func (b *backend) autoRotateKeys(ctx context.Context, s logical.Storage) error {
 		return nil
 	}
 	b.nextAutoRotate = time.Now().Add(b.autoRotateEvery)
-
-	// Replicated secondaries and standbys must not write.
-	if sys := b.System(); sys != nil {
-		rs := sys.ReplicationState()
-		if rs.HasState(consts.ReplicationDRSecondary|consts.ReplicationPerformanceStandby) ||
-			(!sys.LocalMount() && rs.HasState(consts.ReplicationPerformanceSecondary)) {
-			return nil
-		}
-	}
 
 	names, err := s.List(ctx, policyPrefix)
 	if err != nil {

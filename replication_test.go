@@ -204,3 +204,52 @@ func TestNoOperationForwardsByReplicationState(t *testing.T) {
 	}
 	require.NotZero(t, checked)
 }
+
+// TestPeriodicChangesNothingOnNodesThatMustNotWrite: the attacker is no
+// one, the failure is the node's role. Vault runs the periodic callback on
+// performance standbys and secondaries too, where storage refuses writes
+// only after the HSM was changed: a due destruction of an HSM-resident key
+// destroyed its objects on the token every node shares, then had its
+// storage delete refused. On a node that must not write, the callback
+// writes nothing and the key and its objects stay; on one that may, the
+// same callback destroys them (the control that shows the key was due).
+func TestPeriodicChangesNothingOnNodesThatMustNotWrite(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		state   consts.ReplicationState
+		local   bool
+		destroy bool
+	}{
+		{"performance standby", consts.ReplicationPerformanceStandby, false, false},
+		{"DR secondary", consts.ReplicationDRSecondary, false, false},
+		{"performance secondary", consts.ReplicationPerformanceSecondary, false, false},
+		{"performance secondary, local mount", consts.ReplicationPerformanceSecondary, true, true},
+		{"performance primary", consts.ReplicationPerformancePrimary, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, sys := startCountingBackend(t, tc.local)
+			e.mustWrite(t, "keys/k", map[string]interface{}{"hsm": true})
+			e.mustWrite(t, "keys/k/schedule-deletion", nil)
+			require.NotEmpty(t, tokenLabels(t, e, testToken, "k"))
+			// Due now: the schedule's time moved into the past.
+			lc, err := e.b.lifecycle.get(context.Background(), e.sealed(t), "k")
+			require.NoError(t, err)
+			lc.mu.Lock()
+			lc.DeletionTime = time.Now().Add(-time.Minute)
+			lc.mu.Unlock()
+
+			sys.state.Store(uint32(tc.state))
+			ageSample(t, mountCache(t, e.b), time.Second)
+			rec := &writeRecorder{Storage: e.storage}
+			require.NoError(t, e.b.periodic(context.Background(), &logical.Request{Storage: rec}))
+			if tc.destroy {
+				requireStatus(t, e.read(t, "keys/k"), 404, "")
+				require.Empty(t, tokenLabels(t, e, testToken, "k"))
+				return
+			}
+			require.Empty(t, rec.take(), "storage written")
+			require.NotEmpty(t, tokenLabels(t, e, testToken, "k"), "the HSM objects were destroyed")
+			requireStatus(t, e.read(t, "keys/k"), 200, "")
+		})
+	}
+}
