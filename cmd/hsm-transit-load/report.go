@@ -125,7 +125,7 @@ func writeTables(w io.Writer, results []result, raw rawResult) {
 		if wr, ok := find(results, load, "wire"); ok {
 			if wgot, wbound, wshare, ok := ofBound(wr, o); ok {
 				fmt.Fprintf(w, "  - the wire plugin (bench/wire: both bodies received, none decoded, a canned answer of the same size sent) used %.1f µs of CPU per item "+
-					"and reached %.2fx against a bound of %.2fx on its mount, i.e. %.2f of its bound: the most any plugin on this transport can reach\n",
+					"and reached %.2fx against a bound of %.2fx on its mount, i.e. %.2f of its bound: what a plugin doing no work of its own reaches on this transport\n",
 					perItem(wr, wr.cpu.plugins), wgot, wbound, wshare)
 			}
 		}
