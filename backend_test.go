@@ -347,13 +347,7 @@ func TestAutoRotate(t *testing.T) {
 
 	// Age every key's latest version by two hours.
 	for _, name := range []string{"due", "fresh", "never"} {
-		p, unlock, err := e.b.readPolicy(context.Background(), e.sealed(t), name, true)
-		require.NoError(t, err)
-		entry := p.Keys["1"]
-		entry.CreationTime = entry.CreationTime.Add(-2 * time.Hour)
-		p.Keys["1"] = entry
-		require.NoError(t, p.Persist(context.Background(), e.sealed(t)))
-		unlock()
+		ageVersion1(t, e, name, 2*time.Hour)
 	}
 
 	require.NoError(t, e.b.periodic(context.Background(), &logical.Request{Storage: e.storage}))
@@ -383,4 +377,17 @@ func TestUnknownPathIs404(t *testing.T) {
 	e := getTestBackend(t)
 	r := e.write(t, "nope/x", nil)
 	require.Equal(t, 404, r.status)
+}
+
+// ageVersion1 makes a software key's version 1 d older, as if it had
+// been created d earlier (auto-rotation's clock).
+func ageVersion1(t *testing.T, e *testEnv, name string, d time.Duration) {
+	t.Helper()
+	p, unlock, err := e.b.readPolicy(context.Background(), e.sealed(t), name, true)
+	require.NoError(t, err)
+	defer unlock()
+	entry := p.Keys["1"]
+	entry.CreationTime = entry.CreationTime.Add(-d)
+	p.Keys["1"] = entry
+	require.NoError(t, p.Persist(context.Background(), e.sealed(t)))
 }

@@ -142,34 +142,35 @@ func TestReadOnlyNodeWithinASecond(t *testing.T) {
 	require.True(t, host.ReadOnlyNode(), "a performance standby was taken for a writable node a second after Vault said so")
 }
 
+// nodeRoles are the replication roles a node's periodic work is tried
+// on, and whether the node may write there: not on a performance standby,
+// a DR secondary or (for a replicated mount) a performance secondary; yes
+// on a primary and on a secondary's local mount, the controls that show the
+// work was due.
+var nodeRoles = []struct {
+	name   string
+	state  consts.ReplicationState
+	local  bool
+	writes bool
+}{
+	{"performance standby", consts.ReplicationPerformanceStandby, false, false},
+	{"DR secondary", consts.ReplicationDRSecondary, false, false},
+	{"performance secondary", consts.ReplicationPerformanceSecondary, false, false},
+	{"performance secondary, local mount", consts.ReplicationPerformanceSecondary, true, true},
+	{"performance primary", consts.ReplicationPerformancePrimary, false, true},
+}
+
 // TestAutoRotateSkipsNodesThatMustNotWrite: the periodic auto-rotation
 // writes nothing on a performance standby, a DR secondary or (for a
 // replicated mount) a performance secondary, once the cached state is a
 // second old; it still rotates on a primary and on a secondary's local
 // mount.
 func TestAutoRotateSkipsNodesThatMustNotWrite(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		state  consts.ReplicationState
-		local  bool
-		rotate bool
-	}{
-		{"performance standby", consts.ReplicationPerformanceStandby, false, false},
-		{"DR secondary", consts.ReplicationDRSecondary, false, false},
-		{"performance secondary", consts.ReplicationPerformanceSecondary, false, false},
-		{"performance secondary, local mount", consts.ReplicationPerformanceSecondary, true, true},
-		{"performance primary", consts.ReplicationPerformancePrimary, false, true},
-	} {
+	for _, tc := range nodeRoles {
 		t.Run(tc.name, func(t *testing.T) {
 			e, sys := startCountingBackend(t, tc.local)
 			e.mustWrite(t, "keys/due", map[string]interface{}{"auto_rotate_period": "1h"})
-			p, unlock, err := e.b.readPolicy(context.Background(), e.sealed(t), "due", true)
-			require.NoError(t, err)
-			entry := p.Keys["1"]
-			entry.CreationTime = entry.CreationTime.Add(-2 * time.Hour)
-			p.Keys["1"] = entry
-			require.NoError(t, p.Persist(context.Background(), e.sealed(t)))
-			unlock()
+			ageVersion1(t, e, "due", 2*time.Hour)
 
 			// The requests above cached a writable node's state; the
 			// node's role changes, and a second passes.
@@ -177,7 +178,7 @@ func TestAutoRotateSkipsNodesThatMustNotWrite(t *testing.T) {
 			ageSample(t, mountCache(t, e.b), time.Second)
 			require.NoError(t, e.b.periodic(context.Background(), &logical.Request{Storage: e.storage}))
 			want := float64(1)
-			if tc.rotate {
+			if tc.writes {
 				want = 2
 			}
 			require.Equal(t, want, e.read(t, "keys/due").data["latest_version"])
@@ -214,18 +215,7 @@ func TestNoOperationForwardsByReplicationState(t *testing.T) {
 // writes nothing and the key and its objects stay; on one that may, the
 // same callback destroys them (the control that shows the key was due).
 func TestPeriodicChangesNothingOnNodesThatMustNotWrite(t *testing.T) {
-	for _, tc := range []struct {
-		name    string
-		state   consts.ReplicationState
-		local   bool
-		destroy bool
-	}{
-		{"performance standby", consts.ReplicationPerformanceStandby, false, false},
-		{"DR secondary", consts.ReplicationDRSecondary, false, false},
-		{"performance secondary", consts.ReplicationPerformanceSecondary, false, false},
-		{"performance secondary, local mount", consts.ReplicationPerformanceSecondary, true, true},
-		{"performance primary", consts.ReplicationPerformancePrimary, false, true},
-	} {
+	for _, tc := range nodeRoles {
 		t.Run(tc.name, func(t *testing.T) {
 			e, sys := startCountingBackend(t, tc.local)
 			e.mustWrite(t, "keys/k", map[string]interface{}{"hsm": true})
@@ -242,7 +232,7 @@ func TestPeriodicChangesNothingOnNodesThatMustNotWrite(t *testing.T) {
 			ageSample(t, mountCache(t, e.b), time.Second)
 			rec := &writeRecorder{Storage: e.storage}
 			require.NoError(t, e.b.periodic(context.Background(), &logical.Request{Storage: rec}))
-			if tc.destroy {
+			if tc.writes {
 				requireStatus(t, e.read(t, "keys/k"), 404, "")
 				require.Empty(t, tokenLabels(t, e, testToken, "k"))
 				return
