@@ -29,18 +29,8 @@ func (v *countingSystemView) ReplicationState() consts.ReplicationState {
 // asked for the replication state once for all of them, not once each as
 // the framework asks.
 func TestReplicationStateAskedOncePerTTL(t *testing.T) {
-	sys := &countingSystemView{StaticSystemView: *logical.TestSystemView()}
-	conf := logical.TestBackendConfig()
-	conf.Logger = hclog.NewNullLogger()
-	conf.StorageView = nil
-	conf.System = sys
-	conf.BackendUUID = newMountUUID(t)
-	lb, err := Factory(context.Background(), conf)
-	require.NoError(t, err)
-	b := lb.(*backend)
-	storage := &logical.InmemStorage{}
-	require.NoError(t, b.Initialize(context.Background(), &logical.InitializationRequest{Storage: storage}))
-	t.Cleanup(func() { b.Cleanup(context.Background()) })
+	e, sys, conf := newCountingBackend(t, false)
+	b, storage := e.b, e.storage
 	require.Same(t, sys, conf.System, "Factory changed the caller's config")
 
 	before := sys.asked.Load()
@@ -109,9 +99,10 @@ func mountCache(t *testing.T, b *backend) *replicationCache {
 	return c
 }
 
-// startCountingBackend is startBackend (configured, sealed by the test
-// token) with a system view whose replication state the test sets.
-func startCountingBackend(t *testing.T, localMount bool) (*testEnv, *countingSystemView) {
+// newCountingBackend is startBackend with a system view whose replication
+// state the test sets and whose asks it counts; it returns the config
+// Factory was given.
+func newCountingBackend(t *testing.T, localMount bool) (*testEnv, *countingSystemView, *logical.BackendConfig) {
 	t.Helper()
 	sys := &countingSystemView{StaticSystemView: *logical.TestSystemView()}
 	sys.LocalMountVal = localMount
@@ -126,6 +117,14 @@ func startCountingBackend(t *testing.T, localMount bool) (*testEnv, *countingSys
 	e := &testEnv{b: b, storage: &logical.InmemStorage{}, mountUUID: conf.BackendUUID}
 	require.NoError(t, b.Initialize(context.Background(), &logical.InitializationRequest{Storage: e.storage}))
 	t.Cleanup(func() { b.Cleanup(context.Background()) })
+	return e, sys, conf
+}
+
+// startCountingBackend is newCountingBackend, configured and sealed by the
+// test token.
+func startCountingBackend(t *testing.T, localMount bool) (*testEnv, *countingSystemView) {
+	t.Helper()
+	e, sys, _ := newCountingBackend(t, localMount)
 	e.mustWrite(t, "config/seal", testSealConfig())
 	return e, sys
 }
