@@ -245,7 +245,9 @@ func (b *backend) invalidate(ctx context.Context, key string) {
 // mustNotWrite reports whether this node must leave storage and the HSM to
 // another: a DR secondary, a performance standby, or a performance
 // secondary for a mount that is replicated (not local). Built-in transit's
-// periodic function checks the same before auto-rotating.
+// periodic function checks the same before auto-rotating; the periodic
+// callback and the seal's work after an unseal (sealHost.ReadOnlyNode) ask
+// it.
 func (b *backend) mustNotWrite() bool {
 	sys := b.System()
 	if sys == nil {
@@ -254,13 +256,6 @@ func (b *backend) mustNotWrite() bool {
 	rs := sys.ReplicationState()
 	return rs.HasState(consts.ReplicationDRSecondary|consts.ReplicationPerformanceStandby) ||
 		(!sys.LocalMount() && rs.HasState(consts.ReplicationPerformanceSecondary))
-}
-
-// readOnlyNode reports whether this node serves reads only (a performance
-// standby), where the plugin must not write storage.
-func (b *backend) readOnlyNode() bool {
-	sys := b.System()
-	return sys != nil && sys.ReplicationState().HasState(consts.ReplicationPerformanceStandby)
 }
 
 // clean releases the mount's root key, token and cached keys when it is

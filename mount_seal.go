@@ -21,7 +21,7 @@ type sealHost struct{ b *backend }
 
 func (h sealHost) Logger() hclog.Logger { return h.b.Logger() }
 
-func (h sealHost) ReadOnlyNode() bool { return h.b.readOnlyNode() }
+func (h sealHost) ReadOnlyNode() bool { return h.b.mustNotWrite() }
 
 func (h sealHost) DropCachedKeys() { h.b.dropCachedKeys() }
 

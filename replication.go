@@ -23,9 +23,9 @@ const replicationStateTTL = time.Second
 // bench's single-item encrypt), and Vault's side of it and its round trip
 // come on top. No operation of this plugin is marked so
 // (TestNoOperationForwardsByReplicationState), so the framework's check
-// never acts on the state; the plugin's own readers (readOnlyNode, and
-// mustNotWrite, which guards the periodic callback) see a state at most
-// ttl old. The state changes when the node's role does (Vault sets the
+// never acts on the state; the plugin's own reader (mustNotWrite, which
+// guards the periodic callback and the seal's work after an unseal) sees a
+// state at most ttl old. The state changes when the node's role does (Vault sets the
 // mounts up again then), and a write that a stale state lets through on a
 // node that has just become read-only is refused by its storage and
 // forwarded (backend.HandleRequest).

@@ -130,15 +130,21 @@ func startCountingBackend(t *testing.T, localMount bool) (*testEnv, *countingSys
 }
 
 // TestReadOnlyNodeWithinASecond: the seal manager's ReadOnlyNode (through
-// backend.readOnlyNode) sees a performance standby at most a second after
-// Vault reports one, the bound replication.go documents.
+// backend.mustNotWrite, as the periodic callback) sees a node's new role at
+// most a second after Vault reports it, the bound replication.go documents:
+// a node that must not write (nodeRoles) leaves an interrupted migration or
+// root key rotation to the node that may.
 func TestReadOnlyNodeWithinASecond(t *testing.T) {
-	e, sys := startCountingBackend(t, false)
-	host := sealHost{e.b}
-	require.False(t, host.ReadOnlyNode())
-	sys.state.Store(uint32(consts.ReplicationPerformanceStandby))
-	ageSample(t, mountCache(t, e.b), time.Second)
-	require.True(t, host.ReadOnlyNode(), "a performance standby was taken for a writable node a second after Vault said so")
+	for _, tc := range nodeRoles {
+		t.Run(tc.name, func(t *testing.T) {
+			e, sys := startCountingBackend(t, tc.local)
+			host := sealHost{e.b}
+			require.False(t, host.ReadOnlyNode())
+			sys.state.Store(uint32(tc.state))
+			ageSample(t, mountCache(t, e.b), time.Second)
+			require.Equal(t, !tc.writes, host.ReadOnlyNode(), "a second after Vault reported the node's role")
+		})
+	}
 }
 
 // nodeRoles are the replication roles a node's periodic work is tried

@@ -48,7 +48,8 @@ type Host interface {
 	// Logger is where the seal says what it did and why it is sealed.
 	Logger() hclog.Logger
 	// ReadOnlyNode reports a node that must not write storage (a
-	// performance standby): it leaves interrupted work to the active node.
+	// performance standby, a DR secondary, a performance secondary for a
+	// replicated mount): it leaves interrupted work to the node that may.
 	ReadOnlyNode() bool
 	// Unsealed is called under the seal's lock each time the root keyring
 	// comes into memory, with the mount's storage seen through the seal
@@ -624,8 +625,9 @@ func (m *Manager) CurrentToken() *hsm.Token { return m.current.Load() }
 // migration, a root key rotation) and loads what lives in sealed storage.
 // It returns the snapshot now current. m.mu is held.
 func (m *Manager) afterUnseal(ctx context.Context, under logical.Storage, snap *Snapshot) *Snapshot {
-	// A performance standby cannot write: the active node finishes what
-	// was interrupted, and this node hears of it through invalidations.
+	// A node that must not write (a performance standby, a secondary) leaves
+	// what was interrupted to the node that may, and hears of it through
+	// invalidations or replication.
 	writable := !m.host.ReadOnlyNode()
 	if writable && snap.meta.MigrationPending {
 		snap = m.migrateLocked(ctx, under, snap)
